@@ -1,0 +1,119 @@
+"""Array backends: NumPy on the CPU, CuPy on an NVIDIA GPU.
+
+Every op asks `array_module(x)` for the module that owns its data, so the same code
+runs on both devices (the Chainer idea). Devices have two names: "cpu" and "cuda".
+"""
+from __future__ import annotations
+
+import numpy as np
+
+try:  # CuPy is an optional extra (tinymoe[cuda12] / tinymoe[cuda13]).
+    import cupy as _cupy
+except Exception:  # ImportError, or a CuPy that finds no CUDA driver.
+    _cupy = None
+
+DEVICES = ("cpu", "cuda")
+
+
+def cuda_available() -> bool:
+    """True when CuPy is installed and sees at least one GPU."""
+    if _cupy is None:
+        return False
+    try:
+        return _cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+def cupy():
+    """The cupy module, or a clear error naming the extra to install."""
+    if _cupy is None:
+        raise RuntimeError(
+            "device 'cuda' needs CuPy: pip install 'tinymoe[cuda12]' or 'tinymoe[cuda13]'"
+        )
+    return _cupy
+
+
+def is_cupy_array(x) -> bool:
+    return _cupy is not None and isinstance(x, _cupy.ndarray)
+
+
+def array_module(x):
+    """numpy for NumPy arrays (and Python scalars), cupy for CuPy arrays."""
+    return _cupy if is_cupy_array(x) else np
+
+
+def device_of(x) -> str:
+    """'cuda' for a CuPy array, 'cpu' for anything else."""
+    return "cuda" if is_cupy_array(x) else "cpu"
+
+
+def check_device(device) -> str:
+    if device is None:
+        return "cpu"
+    device = str(device)
+    if device.startswith("cuda"):
+        return "cuda"
+    if device != "cpu":
+        raise ValueError(f"unknown device {device!r}: expected one of {DEVICES}")
+    return device
+
+
+def module_for(device: str):
+    """The array module that holds data on `device`."""
+    return cupy() if check_device(device) == "cuda" else np
+
+
+def to_device(array, device: str):
+    """Copy `array` to `device` ("cpu" or "cuda"); no copy when it is already there."""
+    device = check_device(device)
+    if device == "cuda":
+        return cupy().asarray(array)
+    if is_cupy_array(array):
+        return _cupy.asnumpy(array)
+    return np.asarray(array)
+
+
+def to_numpy(array) -> np.ndarray:
+    return to_device(array, "cpu")
+
+
+# ---------------------------------------------------------------- random numbers
+# One generator per device, both seeded by manual_seed, so parameter init and
+# dropout masks are reproducible on either device.
+_cpu_rng = np.random.default_rng(0)
+_gpu_rng = None
+_seed = 0
+
+
+def manual_seed(seed: int) -> None:
+    """Seed tinymoe's generators on every device (init, dropout, noisy routing)."""
+    global _cpu_rng, _gpu_rng, _seed
+    _seed = int(seed)
+    _cpu_rng = np.random.default_rng(_seed)
+    _gpu_rng = None  # re-created lazily from the same seed
+
+
+def rng(device: str = "cpu"):
+    """The generator for `device`: numpy.random.Generator or cupy.random.Generator."""
+    global _gpu_rng
+    if check_device(device) == "cpu":
+        return _cpu_rng
+    if _gpu_rng is None:
+        _gpu_rng = cupy().random.default_rng(_seed)
+    return _gpu_rng
+
+
+def get_rng_state() -> dict:
+    """The CPU generator's state as plain JSON-able data (for checkpoints)."""
+    return {"seed": _seed, "bit_generator": _cpu_rng.bit_generator.state}
+
+
+def set_rng_state(state: dict) -> None:
+    global _seed
+    _seed = int(state["seed"])
+    _cpu_rng.bit_generator.state = state["bit_generator"]
+
+
+def default_float_dtype():
+    return np.float32
