@@ -1,0 +1,87 @@
+"""Softmax, log-softmax and the fused, stable cross-entropy."""
+from ... import backend
+from ..function import Function, op_error
+
+
+def _log_softmax(xp, x, axis):
+    # log softmax(x)_i = x_i - m - log sum_j e^(x_j - m),  m = max_j x_j (no overflow)
+    shifted = x - x.max(axis=axis, keepdims=True)
+    return shifted - xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
+
+
+class Softmax(Function):
+    """p_i = e^{x_i} / sum_j e^{x_j};  dL/dx_i = p_i (g_i - sum_j g_j p_j)"""
+
+    @staticmethod
+    def forward(ctx, x, axis=-1):
+        xp = backend.array_module(x)
+        e = xp.exp(x - x.max(axis=axis, keepdims=True))
+        p = e / e.sum(axis=axis, keepdims=True)
+        ctx.axis = axis
+        ctx.save(p)
+        return p
+
+    @staticmethod
+    def backward(ctx, grad):
+        (p,) = ctx.saved
+        return p * (grad - (grad * p).sum(axis=ctx.axis, keepdims=True))
+
+
+class LogSoftmax(Function):
+    """y_i = x_i - logsumexp(x);  dL/dx_i = g_i - softmax(x)_i sum_j g_j"""
+
+    @staticmethod
+    def forward(ctx, x, axis=-1):
+        y = _log_softmax(backend.array_module(x), x, axis)
+        ctx.axis = axis
+        ctx.save(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved
+        xp = backend.array_module(y)
+        return grad - xp.exp(y) * grad.sum(axis=ctx.axis, keepdims=True)
+
+
+class CrossEntropy(Function):
+    """loss_n = -log softmax(z_n)[t_n] = logsumexp(z_n) - z_n[t_n]  for logits z (N, C);
+    dloss_n/dz_n = softmax(z_n) - onehot(t_n).
+
+    Rows whose target is `ignore_index` count for nothing; "mean" divides by the
+    number of counted rows, "sum" does not, "none" returns one loss per row."""
+
+    float_inputs = (0,)
+
+    @staticmethod
+    def forward(ctx, logits, targets, ignore_index=-100, reduction="mean"):
+        xp = backend.array_module(logits)
+        C = logits.shape[-1]
+        z = logits.reshape(-1, C)  # (N, C)
+        t = targets.reshape(-1)  # (N,)
+        valid = t != ignore_index
+        t_safe = xp.where(valid, t, 0)
+        if t.size and (int(t_safe.min()) < 0 or int(t_safe.max()) >= C):
+            raise op_error("cross_entropy", f"targets must be in [0, {C}) or ignore_index, "
+                           f"got min {int(t_safe.min())} max {int(t_safe.max())}")
+        logp = _log_softmax(xp, z, -1)  # (N, C)
+        losses = -xp.take_along_axis(logp, t_safe[:, None], axis=1)[:, 0] * valid
+        count = max(int(valid.sum()), 1) if reduction == "mean" else 1
+        ctx.save(logp, t_safe, valid)
+        ctx.shape, ctx.reduction, ctx.count = logits.shape, reduction, count
+        if reduction == "none":
+            return losses.reshape(targets.shape)
+        total = losses.sum()
+        return total / count if reduction == "mean" else total
+
+    @staticmethod
+    def backward(ctx, grad):
+        logp, t, valid = ctx.saved
+        xp = backend.array_module(logp)
+        dz = xp.exp(logp)  # softmax
+        dz[xp.arange(len(t)), t] -= 1
+        if ctx.reduction == "none":
+            dz *= (grad.reshape(-1) * valid)[:, None]
+        else:
+            dz *= (valid * (grad / ctx.count))[:, None]
+        return dz.reshape(ctx.shape), None

@@ -1,0 +1,191 @@
+"""Elementwise math and activations: exp, log, sqrt, abs, tanh, sigmoid, relu,
+gelu (exact and tanh forms), silu, softplus."""
+import math
+
+from ... import backend
+from ..function import Function
+
+
+class Exp(Function):
+    """y = e^x;  dy/dx = e^x = y"""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = backend.array_module(x).exp(x)
+        ctx.save(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved
+        return grad * y
+
+
+class Log(Function):
+    """y = log x;  dy/dx = 1 / x"""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save(x)
+        return backend.array_module(x).log(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved
+        return grad / x
+
+
+class Sqrt(Function):
+    """y = sqrt(x);  dy/dx = 1 / (2 sqrt(x)) = 1 / (2 y)"""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = backend.array_module(x).sqrt(x)
+        ctx.save(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved
+        return grad / (2 * y)
+
+
+class Abs(Function):
+    """y = |x|;  dy/dx = sign(x)  (0 at x = 0)"""
+
+    @staticmethod
+    def forward(ctx, x):
+        xp = backend.array_module(x)
+        ctx.save(xp.sign(x))
+        return xp.abs(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (sign,) = ctx.saved
+        return grad * sign
+
+
+class Tanh(Function):
+    """y = tanh x;  dy/dx = 1 - y^2"""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = backend.array_module(x).tanh(x)
+        ctx.save(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved
+        return grad * (1 - y * y)
+
+
+def _sigmoid(xp, x):
+    # 1 / (1 + e^-x), written to never overflow: e^-|x| <= 1.
+    e = xp.exp(-xp.abs(x))
+    return xp.where(x >= 0, 1 / (1 + e), e / (1 + e))
+
+
+class Sigmoid(Function):
+    """y = 1 / (1 + e^-x);  dy/dx = y (1 - y)"""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = _sigmoid(backend.array_module(x), x)
+        ctx.save(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved
+        return grad * y * (1 - y)
+
+
+class Relu(Function):
+    """y = max(x, 0);  dy/dx = 1 where x > 0, else 0"""
+
+    @staticmethod
+    def forward(ctx, x):
+        mask = x > 0
+        ctx.save(mask)
+        return x * mask
+
+    @staticmethod
+    def backward(ctx, grad):
+        (mask,) = ctx.saved
+        return grad * mask
+
+
+class Gelu(Function):
+    """GELU (Hendrycks & Gimpel 2016).
+
+    exact:  y = x Phi(x),  Phi(x) = (1 + erf(x / sqrt 2)) / 2
+            dy/dx = Phi(x) + x phi(x),  phi(x) = exp(-x^2 / 2) / sqrt(2 pi)
+    tanh:   y = x/2 (1 + tanh(u)),  u = sqrt(2/pi) (x + 0.044715 x^3)
+            dy/dx = (1 + tanh u)/2 + x/2 (1 - tanh^2 u) sqrt(2/pi) (1 + 3 * 0.044715 x^2)
+    """
+
+    @staticmethod
+    def forward(ctx, x, approximate="none"):
+        xp = backend.array_module(x)
+        ctx.approximate = approximate
+        ctx.save(x)
+        if approximate == "tanh":
+            u = math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)
+            return 0.5 * x * (1 + xp.tanh(u))
+        if approximate != "none":
+            raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
+        return 0.5 * x * (1 + _erf(xp, x / math.sqrt(2)))
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved
+        xp = backend.array_module(x)
+        if ctx.approximate == "tanh":
+            c = math.sqrt(2 / math.pi)
+            t = xp.tanh(c * (x + 0.044715 * x**3))
+            return grad * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * c * (1 + 3 * 0.044715 * x * x))
+        cdf = 0.5 * (1 + _erf(xp, x / math.sqrt(2)))
+        pdf = xp.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+        return grad * (cdf + x * pdf)
+
+
+def _erf(xp, x):
+    if xp is backend.np:
+        from scipy.special import erf
+
+        return erf(x).astype(x.dtype, copy=False)
+    import cupyx.scipy.special
+
+    return cupyx.scipy.special.erf(x)
+
+
+class Silu(Function):
+    """y = x sigmoid(x)  (SiLU / swish);  dy/dx = s + x s (1 - s),  s = sigmoid(x)"""
+
+    @staticmethod
+    def forward(ctx, x):
+        s = _sigmoid(backend.array_module(x), x)
+        ctx.save(x, s)
+        return x * s
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, s = ctx.saved
+        return grad * (s * (1 + x * (1 - s)))
+
+
+class Softplus(Function):
+    """y = log(1 + e^x), computed as max(x, 0) + log1p(e^-|x|) (no overflow for large x);
+    dy/dx = sigmoid(x)"""
+
+    @staticmethod
+    def forward(ctx, x):
+        xp = backend.array_module(x)
+        ctx.save(x)
+        return xp.maximum(x, 0) + xp.log1p(xp.exp(-xp.abs(x)))
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved
+        return grad * _sigmoid(backend.array_module(x), x)
