@@ -1,0 +1,134 @@
+"""Expert dispatch / combine in NumPy (or CuPy): the spec every fast kernel is tested against.
+
+A token t picks k experts, expert_index[t, j] for j = 0..k-1; each (t, j) is a *slot*.
+Dispatch groups the slots by expert into one permuted buffer of R rows, so expert e
+owns rows offsets[e] : offsets[e+1] and runs one dense matmul over them; combine
+brings the rows back, weighted by the gates. Memory is O(T k d), not the
+O(T E C) of the one-hot einsum form (GShard; see tinymoe/nn/moe/einsum.py).
+
+Capacity: an expert keeps at most `capacity` slots (None = keep all, "dropless").
+Priority is choice-major, then token order: all first choices in token order, then all
+second choices, ... (GShard, Alg. 1), so dropping is deterministic and the rows of an
+expert are in this priority order. A dropped slot has slot_row = -1 and contributes
+nothing to combine: the token passes through the residual connection only.
+
+A negative expert index marks an empty slot (e.g. a GShard second choice not kept, or
+a token no expert chose under expert-choice routing): it is never dispatched.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ...backend import array_module
+
+
+@dataclass
+class DispatchPlan:
+    counts: object      # (E,)   int64  tokens kept per expert (<= capacity)
+    offsets: object     # (E+1,) int64  first row of each expert in the permuted buffer
+    slot_row: object    # (T, k) int64  row of slot (t, j) in the permuted buffer, -1 if dropped
+    row_token: object   # (R,)   int64  source token of each permuted row
+    row_slot: object    # (R,)   int64  flat slot index t*k + j of each row
+    num_experts: int
+    capacity: int | None
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.row_token.shape[0])
+
+
+def check_expert_index(expert_index, num_experts, capacity, op="make_dispatch_plan"):
+    """Shared argument checks for every implementation."""
+    if expert_index.ndim != 2:
+        raise ValueError(f"{op}: expert_index must be (T, k), got shape {tuple(expert_index.shape)}")
+    if expert_index.dtype.kind not in "iu":
+        raise TypeError(f"{op}: expert_index must be integer, got {expert_index.dtype}")
+    if num_experts < 1:
+        raise ValueError(f"{op}: num_experts must be >= 1, got {num_experts}")
+    if expert_index.size and int(expert_index.max()) >= num_experts:
+        raise ValueError(f"{op}: expert index {int(expert_index.max())} out of range for "
+                         f"num_experts={num_experts}")
+    if capacity is not None and capacity < 0:
+        raise ValueError(f"{op}: capacity must be >= 0 or None, got {capacity}")
+
+
+def make_dispatch_plan(expert_index, num_experts: int, capacity: int | None = None) -> DispatchPlan:
+    """expert_index (T, k) int -> DispatchPlan (see the module docstring)."""
+    xp = array_module(expert_index)
+    check_expert_index(expert_index, num_experts, capacity)
+    T, k = expert_index.shape
+    # Slots in priority order p = j*T + t (choice-major, then token order).
+    expert_p = expert_index.T.reshape(-1).astype(xp.int64)                  # (k*T,)
+    slot_p = (xp.arange(T)[None, :] * k + xp.arange(k)[:, None]).reshape(-1)  # (k*T,) t*k + j
+    real = expert_p >= 0                                                      # empty slots out
+    expert_p, slot_p = expert_p[real], slot_p[real]
+
+    # A stable sort by expert keeps priority order inside each expert's group.
+    order = xp.argsort(expert_p, kind="stable")
+    expert_s, slot_s = expert_p[order], slot_p[order]                        # (S,)
+    wanted = xp.bincount(expert_s, minlength=num_experts)                    # (E,) before capacity
+    group_start = xp.concatenate([xp.zeros(1, xp.int64), xp.cumsum(wanted)[:-1]])
+    rank = xp.arange(expert_s.shape[0]) - group_start[expert_s]              # place in its expert
+
+    counts = wanted if capacity is None else xp.minimum(wanted, capacity)    # (E,)
+    offsets = xp.concatenate([xp.zeros(1, xp.int64), xp.cumsum(counts)])     # (E+1,)
+    keep = rank < counts[expert_s]
+    rows = offsets[expert_s[keep]] + rank[keep]                              # (R,) ascending
+
+    slot_row = xp.full(T * k, -1, dtype=xp.int64)
+    slot_row[slot_s[keep]] = rows
+    row_slot = xp.empty(int(offsets[-1]), dtype=xp.int64)
+    row_slot[rows] = slot_s[keep]
+    return DispatchPlan(counts=counts.astype(xp.int64), offsets=offsets.astype(xp.int64),
+                        slot_row=slot_row.reshape(T, k), row_token=row_slot // k,
+                        row_slot=row_slot, num_experts=num_experts, capacity=capacity)
+
+
+def permute(x, plan: DispatchPlan):
+    """x (T, d) -> xs (R, d): xs[r] = x[row_token[r]]  (gather into expert-contiguous order)."""
+    return x[plan.row_token]
+
+
+def _gather_slots(ys, plan: DispatchPlan):
+    """ys (R, d) -> (T, k, d): the row of every slot, zeros for dropped slots."""
+    xp = array_module(ys)
+    kept = plan.slot_row >= 0                                                 # (T, k)
+    g = ys[xp.where(kept, plan.slot_row, 0)] if ys.shape[0] else \
+        xp.zeros(plan.slot_row.shape + ys.shape[1:], ys.dtype)
+    return g * kept[..., None].astype(ys.dtype)
+
+
+def permute_backward(dxs, plan: DispatchPlan, num_tokens: int):
+    """dxs (R, d) -> dx (T, d): dx[t] = sum of dxs[r] over the rows r of token t (scatter-add).
+
+    Each slot has at most one row, so the scatter-add is a gather over slot_row summed over k.
+    """
+    if plan.slot_row.shape[0] != num_tokens:
+        raise ValueError(f"permute_backward: plan has {plan.slot_row.shape[0]} tokens, "
+                         f"num_tokens={num_tokens}")
+    return _gather_slots(dxs, plan).sum(axis=1)
+
+
+def combine(ys, weights, plan: DispatchPlan):
+    """ys (R, d), weights (T, k) -> out (T, d): out[t] = sum_j weights[t, j] * ys[slot_row[t, j]]."""
+    xp = array_module(ys)
+    if weights.shape != plan.slot_row.shape:
+        raise ValueError(f"combine: weights shape {tuple(weights.shape)} != expert_index shape "
+                         f"{tuple(plan.slot_row.shape)}")
+    if ys.shape[0] != plan.num_rows:
+        raise ValueError(f"combine: ys has {ys.shape[0]} rows, plan has {plan.num_rows}")
+    dtype = xp.result_type(ys.dtype, weights.dtype)
+    return xp.einsum("tk,tkd->td", weights.astype(dtype), _gather_slots(ys, plan).astype(dtype))
+
+
+def combine_backward(dout, ys, weights, plan: DispatchPlan):
+    """-> dys (R, d), dweights (T, k).
+
+    dys[r]        = weights[t, j] * dout[t]         where r = slot_row[t, j]
+    dweights[t,j] = dout[t] . ys[slot_row[t, j]]    (0 for a dropped slot)
+    """
+    xp = array_module(dout)
+    w_row = weights.reshape(-1)[plan.row_slot]                                # (R,)
+    dys = dout[plan.row_token] * w_row[:, None]
+    dweights = xp.einsum("td,tkd->tk", dout, _gather_slots(ys, plan).astype(dout.dtype))
+    return dys.astype(ys.dtype), dweights.astype(weights.dtype)
