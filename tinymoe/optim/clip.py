@@ -1,0 +1,24 @@
+"""Global gradient-norm clipping (Pascanu et al., 2013).
+
+    norm = sqrt(sum over all parameters of sum(grad^2))
+    if norm > max_norm:  grad = grad * max_norm / norm      (every gradient, same factor)
+"""
+from __future__ import annotations
+
+import math
+
+from .. import backend
+
+
+def clip_grad_norm_(params, max_norm: float, eps: float = 1e-6) -> float:
+    """Scale all gradients in place so their joint L2 norm is at most `max_norm`;
+    returns the norm before clipping (a float: log it to spot spikes)."""
+    if max_norm <= 0:
+        raise ValueError(f"clip_grad_norm_: max_norm must be > 0, got {max_norm}")
+    grads = [p.grad for p in params if p.grad is not None]
+    total = math.sqrt(sum(float(backend.array_module(g).vdot(g, g).real) for g in grads))
+    scale = max_norm / (total + eps)
+    if scale < 1.0:
+        for g in grads:
+            g *= scale
+    return total
