@@ -5,6 +5,9 @@ backpropagates without hitting Python's recursion limit.
 """
 from __future__ import annotations
 
+import time
+
+from . import function
 from .tensor import Tensor
 
 
@@ -58,9 +61,15 @@ def backward(root: Tensor, grad, retain_graph: bool = False):
             continue
         if ctx.n_outputs > 1 and any(g is None for g in out_grads):
             out_grads = _fill_missing(ctx, out_grads)
+        start = time.perf_counter() if function._op_hooks else 0.0
         in_grads = ctx.fn.backward(ctx, *out_grads)
         if not isinstance(in_grads, tuple):
             in_grads = (in_grads,)
+        if function._op_hooks:
+            function._run_hooks(
+                ctx.fn.__name__, "backward", tuple(out_grads),
+                tuple(g for g in in_grads if g is not None), {}, time.perf_counter() - start,
+            )
         inputs = ctx.inputs
         if len(in_grads) != len(inputs):
             raise RuntimeError(
