@@ -186,7 +186,7 @@ class Module:
                     targets[dot + name] = (module, name, buf)
 
         missing = [k for k in targets if k not in state_dict]
-        unexpected = [k for k in state_dict if k not in targets]
+        unexpected = sorted(k for k in state_dict if k not in targets)
         mis_shaped = [
             f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(targets[k][2].shape)}"
             for k in targets

@@ -115,5 +115,7 @@ class Optimizer:
         for i, fields in meta["scalars"].items():
             new_state.setdefault(id(params[int(i)]), {}).update(fields)
         for group, saved in zip(self.param_groups, meta["param_groups"]):
-            group.update({k: v for k, v in saved.items() if k != "params"})
+            # JSON turned tuples (betas) into lists: turn them back.
+            group.update({k: tuple(v) if isinstance(v, list) else v
+                          for k, v in saved.items() if k != "params"})
         self.state = new_state
