@@ -1,6 +1,8 @@
 """Shape ops: reshape, transpose, broadcast_to, squeeze/unsqueeze, concat, stack,
 split, pad. None of them changes a value, so each backward just moves the gradient
 back to where the value came from."""
+import itertools
+
 from ... import backend
 from ..function import Function, op_error
 from ._util import sum_to_shape
@@ -68,9 +70,8 @@ class Concat(Function):
 
     @staticmethod
     def backward(ctx, grad):
-        xp = backend.array_module(grad)
-        bounds = xp.cumsum(xp.asarray(ctx.sizes[:-1])).tolist() if len(ctx.sizes) > 1 else []
-        return tuple(xp.split(grad, bounds, axis=ctx.axis))
+        bounds = list(itertools.accumulate(ctx.sizes[:-1]))
+        return tuple(backend.array_module(grad).split(grad, bounds, axis=ctx.axis))
 
 
 class Stack(Function):
@@ -204,10 +205,7 @@ def split(x, sections, axis=0):
         sizes = list(sections)
         if sum(sizes) != n:
             raise op_error("split", f"sizes {sizes} do not add up to {n} (axis {axis} of {x.shape})")
-    bounds, total = [], 0
-    for s in sizes[:-1]:
-        total += s
-        bounds.append(total)
+    bounds = list(itertools.accumulate(sizes[:-1]))
     return list(Split.apply(x, bounds=bounds, axis=axis))
 
 
