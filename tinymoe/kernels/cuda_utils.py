@@ -1,0 +1,64 @@
+"""Warp primitives for Numba CUDA kernels that also run under NUMBA_ENABLE_CUDASIM=1.
+
+On a GPU `shfl_up(v, k)` is one `shfl.sync.up` instruction. Numba's simulator has no
+warp shuffles, so there the same functions trade values through shared memory between
+two block barriers; every thread of the block must then call them together, which our
+kernels do (all threads run every scan, idle rows on zeros).
+"""
+import numpy as np
+from numba import config, cuda
+
+FULL_MASK = 0xFFFFFFFF
+WARP = 32
+
+if not config.ENABLE_CUDASIM:
+
+    @cuda.jit(device=True, inline=True)
+    def shfl_up(v, k):
+        """Value of lane (lane - k); lanes below k keep their own."""
+        return cuda.shfl_up_sync(FULL_MASK, v, k)
+
+    @cuda.jit(device=True, inline=True)
+    def shfl_down(v, k):
+        """Value of lane (lane + k); lanes above 31 - k keep their own."""
+        return cuda.shfl_down_sync(FULL_MASK, v, k)
+
+    @cuda.jit(device=True, inline=True)
+    def shfl_idx(v, src):
+        """Value of lane `src` (a broadcast)."""
+        return cuda.shfl_sync(FULL_MASK, v, src)
+
+    @cuda.jit(device=True, inline=True)
+    def syncwarp():
+        cuda.syncwarp(FULL_MASK)
+
+else:  # the simulator: Python run by one thread per CUDA thread
+
+    @cuda.jit(device=True)
+    def _trade(v, src_lane):
+        buf = cuda.shared.array(1024, np.float64)  # one slot per thread of the block
+        tid = cuda.threadIdx.x + cuda.blockDim.x * (cuda.threadIdx.y + cuda.blockDim.y * cuda.threadIdx.z)
+        cuda.syncthreads()
+        buf[tid] = v
+        cuda.syncthreads()
+        out = buf[tid - tid % WARP + src_lane]
+        cuda.syncthreads()
+        return type(v)(out)
+
+    @cuda.jit(device=True)
+    def shfl_up(v, k):
+        lane = cuda.threadIdx.x % WARP
+        return _trade(v, lane - k if lane >= k else lane)
+
+    @cuda.jit(device=True)
+    def shfl_down(v, k):
+        lane = cuda.threadIdx.x % WARP
+        return _trade(v, lane + k if lane + k < WARP else lane)
+
+    @cuda.jit(device=True)
+    def shfl_idx(v, src):
+        return _trade(v, src)
+
+    @cuda.jit(device=True)
+    def syncwarp():
+        cuda.syncthreads()

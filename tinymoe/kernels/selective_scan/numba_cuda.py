@@ -1,0 +1,434 @@
+"""Fused selective scan, forward and backward, in Numba CUDA (twin of cupy_raw.py).
+
+Mamba's recurrence for one (batch b, channel d) row, per state n (Gu & Dao 2023, eq. 2a, 2b):
+    a_t = exp(delta_t A_n)                      # discretized A (zero-order hold)
+    h_t = a_t h_{t-1} + delta_t B_t u_t         # the scan
+    y_t = sum_n C_t h_t + D u_t,   out_t = y_t * silu(z_t)
+
+Work split (docs/kernels.md draws it):
+- one warp owns one (b, d) row; a block holds `warps` rows of the same b, so they share
+  the B and C tiles staged in shared memory;
+- the row is cut into tiles of 32 * items steps; lane l holds steps l*items .. l*items +
+  items - 1 of the tile in registers (loaded coalesced through shared memory);
+- each lane folds its steps into one affine map h -> P h + Q, a warp scan (5 shuffle
+  rounds) composes the maps of the lanes before it, and a second pass over its items
+  gives every h_t; the last lane's state carries into the next tile.
+Nothing of size (batch, d_inner, L, N) is ever written. The backward recomputes the
+states: a forward pass stores only each tile's starting state, then tiles are walked
+backwards with a reverse scan for dL/dh.
+
+Determinism: dB and dC sum over d. Each block adds its warps in a fixed order in shared
+memory and writes one partial per block; the wrapper sums the partials with xp.sum.
+dA, dD, d delta_bias are summed per row by a fixed shuffle tree, then over batch by xp.sum.
+No float atomics anywhere, so results are identical run to run.
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import numpy as np
+from numba import cuda, from_dtype
+
+from ..cuda_utils import WARP, shfl_down, shfl_idx, shfl_up, syncwarp
+from ...backend import array_module
+
+# Launch shapes, chosen by benchmarks/bench_scan.py on an H100.
+FWD_CONFIG = dict(items=8, warps=8, nchunk=16)
+BWD_CONFIG = dict(items=8, warps=8, nchunk=8)
+
+
+@lru_cache(maxsize=None)
+def _kernels(np_dtype, items, warps, nchunk):
+    """Compile-time constants (items per lane, warps per block, states per B/C chunk)
+    make the per-lane arrays registers; one kernel pair per configuration."""
+    T = from_dtype(np.dtype(np_dtype))
+    ZERO, ONE = np.dtype(np_dtype).type(0), np.dtype(np_dtype).type(1)
+    TILE = WARP * items  # steps per tile
+    ROW = WARP * (items + 1)  # a staged tile, one pad word per lane: no bank conflicts
+
+    @cuda.jit(device=True, inline=True)
+    def stage_in(src, b, d, valid, t0, L, sm, base, lane, dst):
+        """dst[i] = src[b, d, t0 + lane*items + i]: coalesced global reads, then each
+        lane takes its consecutive steps out of shared memory (zero past L)."""
+        for j in range(items):
+            p = j * WARP + lane
+            t = t0 + p
+            sm[base + p + p // items] = src[b, d, t] if (valid and t < L) else ZERO
+        syncwarp()
+        for i in range(items):
+            dst[i] = sm[base + lane * (items + 1) + i]
+        syncwarp()
+
+    @cuda.jit(device=True, inline=True)
+    def stage_out(dst, b, d, valid, t0, L, sm, base, lane, src):
+        """dst[b, d, t0 + lane*items + i] = src[i], written coalesced."""
+        for i in range(items):
+            sm[base + lane * (items + 1) + i] = src[i]
+        syncwarp()
+        for j in range(items):
+            p = j * WARP + lane
+            t = t0 + p
+            if valid and t < L:
+                dst[b, d, t] = sm[base + p + p // items]
+        syncwarp()
+
+    @cuda.jit(device=True, inline=True)
+    def load_bc(B, C, b, n0, nc, t0, L, sm, load_c):
+        """The block stages B[b, n0:n0+nc, tile] (and C) into shared memory, coalesced."""
+        cuda.syncthreads()
+        for p in range(cuda.threadIdx.x, nc * TILE, cuda.blockDim.x):
+            k = p // TILE
+            tl = p % TILE
+            t = t0 + tl
+            s = tl + tl // items
+            sm[k * ROW + s] = B[b, n0 + k, t] if t < L else ZERO
+            if load_c:
+                sm[(nchunk + k) * ROW + s] = C[b, n0 + k, t] if t < L else ZERO
+        cuda.syncthreads()
+
+    @cuda.jit(device=True, inline=True)
+    def scan_up(P, Q, lane):
+        """Inclusive warp scan of the maps h -> P h + Q, lane 0 first; returns the
+        exclusive map (the composition of the lanes before this one)."""
+        k = 1
+        while k < WARP:
+            Pp = shfl_up(P, k)
+            Qp = shfl_up(Q, k)
+            if lane >= k:  # (P, Q) after (Pp, Qp): h -> P (Pp h + Qp) + Q
+                Q = P * Qp + Q
+                P = P * Pp
+            k *= 2
+        Pe = shfl_up(P, 1)
+        Qe = shfl_up(Q, 1)
+        if lane == 0:
+            Pe, Qe = ONE, ZERO
+        return Pe, Qe
+
+    @cuda.jit(device=True, inline=True)
+    def scan_down(P, Q, lane):
+        """The same, lane 31 first (for the reverse-time scan of the backward)."""
+        k = 1
+        while k < WARP:
+            Pn = shfl_down(P, k)
+            Qn = shfl_down(Q, k)
+            if lane + k < WARP:
+                Q = P * Qn + Q
+                P = P * Pn
+            k *= 2
+        Pe = shfl_down(P, 1)
+        Qe = shfl_down(Q, 1)
+        if lane == WARP - 1:
+            Pe, Qe = ONE, ZERO
+        return Pe, Qe
+
+    @cuda.jit(device=True, inline=True)
+    def warp_sum(v):
+        """Fixed-order tree sum over the warp; the total lands in lane 0."""
+        k = WARP // 2
+        while k > 0:
+            v += shfl_down(v, k)
+            k //= 2
+        return v
+
+    @cuda.jit(device=True, inline=True)
+    def softplus(x):
+        return x if x > 20.0 else math.log1p(math.exp(x))
+
+    @cuda.jit(device=True, inline=True)
+    def prepare_delta(dt, sp, b, d, valid, t0, L, lane, delta_bias, has_bias, use_softplus):
+        """delta' = softplus(delta + delta_bias); sp keeps d delta'/d delta = sigmoid."""
+        bias = delta_bias[d] if has_bias else ZERO
+        for i in range(items):
+            x = dt[i] + bias
+            sp[i] = ONE
+            if use_softplus:
+                sp[i] = ONE / (ONE + math.exp(-x))
+                x = softplus(x)
+            if not valid or t0 + lane * items + i >= L:
+                x = ZERO  # past the end: a = 1, delta B u = 0, the identity step
+            dt[i] = x
+
+    @cuda.jit(fastmath=True)
+    def fwd(u, delta, A, B, C, D, z, delta_bias, out, has_D, has_z, has_bias, use_softplus):
+        b = cuda.blockIdx.y
+        w = cuda.threadIdx.x // WARP
+        lane = cuda.threadIdx.x % WARP
+        d = cuda.blockIdx.x * warps + w
+        valid = d < u.shape[1]
+        if not valid:
+            d = 0  # an idle warp still joins every barrier, on zeros
+        L = u.shape[2]
+        N = A.shape[1]
+        sm = cuda.shared.array(0, T)
+        stg = 2 * nchunk * ROW + w * ROW  # this warp's staging row
+        car = 2 * nchunk * ROW + warps * ROW + w * N  # this warp's carried h[n]
+        uu = cuda.local.array(items, T)
+        dt = cuda.local.array(items, T)
+        sp = cuda.local.array(items, T)
+        y = cuda.local.array(items, T)
+        a = cuda.local.array(items, T)
+        bu = cuda.local.array(items, T)
+        for n in range(lane, N, WARP):
+            sm[car + n] = ZERO
+        Dd = D[d] if has_D else ZERO
+        for t0 in range(0, L, TILE):
+            stage_in(u, b, d, valid, t0, L, sm, stg, lane, uu)
+            stage_in(delta, b, d, valid, t0, L, sm, stg, lane, dt)
+            prepare_delta(dt, sp, b, d, valid, t0, L, lane, delta_bias, has_bias, use_softplus)
+            for i in range(items):
+                y[i] = Dd * uu[i]  # the skip connection D u_t
+            for n0 in range(0, N, nchunk):
+                nc = min(nchunk, N - n0)
+                load_bc(B, C, b, n0, nc, t0, L, sm, True)
+                for k in range(nc):
+                    An = A[d, n0 + k]
+                    P, Q = ONE, ZERO  # this lane's steps folded: h_out = P h_in + Q
+                    for i in range(items):
+                        a[i] = math.exp(dt[i] * An)  # a_t = exp(delta_t A_n)
+                        bu[i] = dt[i] * uu[i] * sm[k * ROW + lane * (items + 1) + i]
+                        Q = a[i] * Q + bu[i]
+                        P = P * a[i]
+                    Pe, Qe = scan_up(P, Q, lane)
+                    h = Pe * sm[car + n0 + k] + Qe  # state entering this lane's steps
+                    for i in range(items):
+                        h = a[i] * h + bu[i]  # h_t = a_t h_{t-1} + delta_t B_t u_t
+                        y[i] += sm[(nchunk + k) * ROW + lane * (items + 1) + i] * h
+                    h_last = shfl_idx(h, WARP - 1)
+                    if lane == 0:
+                        sm[car + n0 + k] = h_last
+            if has_z:
+                stage_in(z, b, d, valid, t0, L, sm, stg, lane, a)
+                for i in range(items):
+                    y[i] *= a[i] / (ONE + math.exp(-a[i]))  # y * silu(z)
+            stage_out(out, b, d, valid, t0, L, sm, stg, lane, y)
+
+    @cuda.jit(fastmath=True)
+    def bwd(dout, u, delta, A, B, C, D, z, delta_bias, hs, du, ddelta, dz,
+            dB_part, dC_part, dA_part, dD_part, dbias_part, has_D, has_z, has_bias, use_softplus):
+        b = cuda.blockIdx.y
+        w = cuda.threadIdx.x // WARP
+        lane = cuda.threadIdx.x % WARP
+        d = cuda.blockIdx.x * warps + w
+        valid = d < u.shape[1]
+        if not valid:
+            d = 0
+        L = u.shape[2]
+        N = A.shape[1]
+        ntiles = (L + TILE - 1) // TILE
+        sm = cuda.shared.array(0, T)
+        red = 2 * nchunk * ROW  # (2, warps, ROW): dB, dC terms of each warp; also staging
+        stg = red + w * ROW
+        car = red + 2 * warps * ROW + w * N  # carried h[n] (phase 1)
+        gca = car + warps * N  # carried a_t dL/dh_t[n] (phase 2)
+        dAs = gca + warps * N  # dA[n] of this row
+        uu = cuda.local.array(items, T)
+        dt = cuda.local.array(items, T)
+        sp = cuda.local.array(items, T)
+        dy = cuda.local.array(items, T)
+        go = cuda.local.array(items, T)
+        y = cuda.local.array(items, T)
+        a = cuda.local.array(items, T)
+        bu = cuda.local.array(items, T)
+        hh = cuda.local.array(items, T)
+        dui = cuda.local.array(items, T)
+        ddt = cuda.local.array(items, T)
+        for n in range(lane, N, WARP):
+            sm[car + n] = ZERO
+            sm[gca + n] = ZERO
+            sm[dAs + n] = ZERO
+        Dd = D[d] if has_D else ZERO
+
+        # Phase 1: the forward recurrence, keeping only each tile's starting state.
+        for tile in range(ntiles):
+            t0 = tile * TILE
+            syncwarp()
+            for n in range(lane, N, WARP):
+                if valid:
+                    hs[b, d, tile, n] = sm[car + n]
+            stage_in(u, b, d, valid, t0, L, sm, stg, lane, uu)
+            stage_in(delta, b, d, valid, t0, L, sm, stg, lane, dt)
+            prepare_delta(dt, sp, b, d, valid, t0, L, lane, delta_bias, has_bias, use_softplus)
+            for n0 in range(0, N, nchunk):
+                nc = min(nchunk, N - n0)
+                load_bc(B, C, b, n0, nc, t0, L, sm, False)
+                for k in range(nc):
+                    An = A[d, n0 + k]
+                    P, Q = ONE, ZERO
+                    for i in range(items):
+                        ai = math.exp(dt[i] * An)
+                        Q = ai * Q + dt[i] * uu[i] * sm[k * ROW + lane * (items + 1) + i]
+                        P = P * ai
+                    Pe, Qe = scan_up(P, Q, lane)
+                    h_end = shfl_idx(P * (Pe * sm[car + n0 + k] + Qe) + Q, WARP - 1)
+                    if lane == 0:
+                        sm[car + n0 + k] = h_end
+
+        # Phase 2: tiles last to first; per state, recompute h_t, then reverse-scan
+        # g_t = dL/dh_t = C_t dy_t + a_{t+1} g_{t+1}.
+        dD_acc = ZERO
+        dbias_acc = ZERO
+        for tile in range(ntiles - 1, -1, -1):
+            t0 = tile * TILE
+            stage_in(u, b, d, valid, t0, L, sm, stg, lane, uu)
+            stage_in(delta, b, d, valid, t0, L, sm, stg, lane, dt)
+            prepare_delta(dt, sp, b, d, valid, t0, L, lane, delta_bias, has_bias, use_softplus)
+            stage_in(dout, b, d, valid, t0, L, sm, stg, lane, go)
+            if has_z:
+                stage_in(z, b, d, valid, t0, L, sm, stg, lane, a)
+            for i in range(items):
+                dy[i] = go[i]
+                if has_z:  # out = y silu(z): dL/dy = dout silu(z)
+                    dy[i] = go[i] * a[i] / (ONE + math.exp(-a[i]))
+                y[i] = Dd * uu[i]
+                dui[i] = Dd * dy[i]  # dL/du from the skip D u
+                ddt[i] = ZERO
+                dD_acc += dy[i] * uu[i]  # dL/dD = sum_t dy_t u_t
+            for n0 in range(0, N, nchunk):
+                nc = min(nchunk, N - n0)
+                load_bc(B, C, b, n0, nc, t0, L, sm, True)
+                for k in range(nc):
+                    n = n0 + k
+                    An = A[d, n]
+                    P, Q = ONE, ZERO
+                    for i in range(items):
+                        a[i] = math.exp(dt[i] * An)
+                        bu[i] = dt[i] * uu[i] * sm[k * ROW + lane * (items + 1) + i]
+                        Q = a[i] * Q + bu[i]
+                        P = P * a[i]
+                    Pe, Qe = scan_up(P, Q, lane)
+                    h_in = Pe * (hs[b, d, tile, n] if valid else ZERO) + Qe
+                    h = h_in
+                    for i in range(items):
+                        h = a[i] * h + bu[i]
+                        hh[i] = h
+                        y[i] += sm[(nchunk + k) * ROW + lane * (items + 1) + i] * h
+                    # this lane's reverse map: c_out = a_first g_first = P c_in + Q
+                    Q = ZERO
+                    for i in range(items - 1, -1, -1):
+                        Q = a[i] * (sm[(nchunk + k) * ROW + lane * (items + 1) + i] * dy[i] + Q)
+                    Pe, Qe = scan_down(P, Q, lane)
+                    c = Pe * sm[gca + n] + Qe  # a_{t+1} g_{t+1} entering from the right
+                    dA_acc = ZERO
+                    for i in range(items - 1, -1, -1):
+                        s = lane * (items + 1) + i
+                        Bi = sm[k * ROW + s]
+                        g = sm[(nchunk + k) * ROW + s] * dy[i] + c  # g_t
+                        hp = hh[i - 1] if i > 0 else h_in  # h_{t-1}
+                        dui[i] += g * dt[i] * Bi  # dh_t/du_t = delta_t B_t
+                        ddt[i] += g * (Bi * uu[i] + hp * An * a[i])  # d/d delta_t
+                        dA_acc += g * hp * dt[i] * a[i]  # dL/dA_n
+                        sm[red + w * ROW + s] = g * dt[i] * uu[i]  # dL/dB_t[n] (this row)
+                        sm[red + (warps + w) * ROW + s] = dy[i] * hh[i]  # dL/dC_t[n]
+                        c = a[i] * g
+                    c_first = shfl_idx(c, 0)
+                    dA_acc = warp_sum(dA_acc)
+                    if lane == 0:
+                        sm[gca + n] = c_first
+                        sm[dAs + n] += dA_acc
+                    # the block adds its rows' dB, dC terms in warp order: one partial
+                    cuda.syncthreads()
+                    for p in range(cuda.threadIdx.x, 2 * TILE, cuda.blockDim.x):
+                        which = p // TILE
+                        tl = p % TILE
+                        s = tl + tl // items
+                        acc = ZERO
+                        for w2 in range(warps):
+                            acc += sm[red + (which * warps + w2) * ROW + s]
+                        if t0 + tl < L:
+                            if which == 0:
+                                dB_part[b, cuda.blockIdx.x, n, t0 + tl] = acc
+                            else:
+                                dC_part[b, cuda.blockIdx.x, n, t0 + tl] = acc
+                    cuda.syncthreads()
+            if has_z:  # z again (a[] held exp(delta A) meanwhile)
+                stage_in(z, b, d, valid, t0, L, sm, stg, lane, a)
+            for i in range(items):
+                past_end = t0 + lane * items + i >= L
+                if has_z:  # dL/dz = dout y silu'(z), silu'(z) = s (1 + z (1 - s))
+                    sg = ONE / (ONE + math.exp(-a[i]))
+                    y[i] = go[i] * y[i] * sg * (ONE + a[i] * (ONE - sg))
+                ddt[i] = ZERO if past_end else ddt[i] * sp[i]
+                dbias_acc += ddt[i]
+            stage_out(du, b, d, valid, t0, L, sm, stg, lane, dui)
+            stage_out(ddelta, b, d, valid, t0, L, sm, stg, lane, ddt)
+            if has_z:
+                stage_out(dz, b, d, valid, t0, L, sm, stg, lane, y)
+        dD_acc = warp_sum(dD_acc)
+        dbias_acc = warp_sum(dbias_acc)
+        syncwarp()
+        if valid:
+            if lane == 0:
+                dD_part[b, d] = dD_acc
+                dbias_part[b, d] = dbias_acc
+            for n in range(lane, N, WARP):
+                dA_part[b, d, n] = sm[dAs + n]
+
+    def fwd_smem(N):
+        return (2 * nchunk * ROW + warps * ROW + warps * N) * np.dtype(np_dtype).itemsize
+
+    def bwd_smem(N):
+        return (2 * nchunk * ROW + 2 * warps * ROW + 3 * warps * N) * np.dtype(np_dtype).itemsize
+
+    return fwd, bwd, fwd_smem, bwd_smem
+
+
+# ---------------------------------------------------------------- array-level API
+def _prepare(u, delta, A, B, C, D, z, delta_bias):
+    """Contiguous arrays of one float dtype, placeholders for absent inputs."""
+    xp = array_module(u)
+    if u.ndim != 3 or delta.shape != u.shape or A.ndim != 2 or A.shape[0] != u.shape[1] \
+            or B.shape != (u.shape[0], A.shape[1], u.shape[2]) or C.shape != B.shape:
+        raise ValueError(
+            f"selective_scan: expected u, delta (batch, d_inner, L), A (d_inner, N), B, C "
+            f"(batch, N, L); got u {u.shape}, delta {delta.shape}, A {A.shape}, B {B.shape}, C {C.shape}")
+    dtype = np.result_type(u.dtype, np.float32)
+    if dtype not in (np.float32, np.float64):
+        raise TypeError(f"selective_scan: float32 or float64 inputs expected, got {u.dtype}")
+    dummy = xp.zeros(1, dtype)
+    c = lambda x: dummy if x is None else xp.ascontiguousarray(x, dtype=dtype)  # noqa: E731
+    return xp, dtype, [c(x) for x in (u, delta, A, B, C, D, z, delta_bias)]
+
+
+def selective_scan_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                       delta_softplus=False, config=None):
+    """out (batch, d_inner, L); see the module docstring."""
+    xp, dtype, arrs = _prepare(u, delta, A, B, C, D, z, delta_bias)
+    cfg = dict(FWD_CONFIG, **(config or {}))
+    fwd, _, fwd_smem, _ = _kernels(np.dtype(dtype).str, cfg["items"], cfg["warps"], cfg["nchunk"])
+    batch, d_inner, L = u.shape
+    out = xp.empty((batch, d_inner, L), dtype)
+    grid = ((d_inner + cfg["warps"] - 1) // cfg["warps"], batch)
+    fwd[grid, cfg["warps"] * WARP, 0, fwd_smem(A.shape[1])](
+        *arrs, out, D is not None, z is not None, delta_bias is not None, bool(delta_softplus))
+    return out
+
+
+def selective_scan_bwd(dout, u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                       delta_softplus=False, config=None):
+    """(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias); None for absent inputs."""
+    xp, dtype, arrs = _prepare(u, delta, A, B, C, D, z, delta_bias)
+    if dout.shape != u.shape:
+        raise ValueError(f"selective_scan_bwd: dout {dout.shape} must match u {u.shape}")
+    cfg = dict(BWD_CONFIG, **(config or {}))
+    _, bwd, _, bwd_smem = _kernels(np.dtype(dtype).str, cfg["items"], cfg["warps"], cfg["nchunk"])
+    batch, d_inner, L = u.shape
+    N = A.shape[1]
+    tile = WARP * cfg["items"]
+    blocks = (d_inner + cfg["warps"] - 1) // cfg["warps"]
+    hs = xp.empty((batch, d_inner, (L + tile - 1) // tile, N), dtype)  # tile-start states
+    du, ddelta = xp.empty_like(arrs[0]), xp.empty_like(arrs[0])
+    dz = xp.empty_like(arrs[0]) if z is not None else arrs[6]
+    dB_part = xp.empty((batch, blocks, N, L), dtype)
+    dC_part = xp.empty((batch, blocks, N, L), dtype)
+    dA_part = xp.empty((batch, d_inner, N), dtype)
+    dD_part = xp.empty((batch, d_inner), dtype)
+    dbias_part = xp.empty((batch, d_inner), dtype)
+    bwd[(blocks, batch), cfg["warps"] * WARP, 0, bwd_smem(N)](
+        xp.ascontiguousarray(dout, dtype=dtype), *arrs, hs, du, ddelta, dz,
+        dB_part, dC_part, dA_part, dD_part, dbias_part,
+        D is not None, z is not None, delta_bias is not None, bool(delta_softplus))
+    return (du, ddelta, dA_part.sum(axis=0), dB_part.sum(axis=1), dC_part.sum(axis=1),
+            dD_part.sum(axis=0) if D is not None else None,
+            dz if z is not None else None,
+            dbias_part.sum(axis=0) if delta_bias is not None else None)
