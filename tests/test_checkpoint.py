@@ -113,6 +113,13 @@ def test_save_without_optimizer_then_asking_for_one(tmp_path):
         load_checkpoint(path, model, opt)
 
 
+def test_extra_must_be_json(tmp_path):
+    model, _, _ = fresh(0)
+    with pytest.raises(TypeError, match="save_checkpoint: config and extra must be JSON data.*float32"):
+        save_checkpoint(tmp_path / "x.safetensors", model, extra={"loss": np.float32(1.0)})
+    assert not os.path.exists(tmp_path / "x.safetensors")
+
+
 def test_wrong_model_names_file_and_keys(saved):
     path, _, _ = saved
 
@@ -148,9 +155,13 @@ def test_every_flipped_byte_is_detected(tmp_path):
     tinymoe.manual_seed(0)
     model = Linear(3, 2)
     opt = AdamW(model.parameters())
+    for p in model.parameters():
+        p.grad = np.ones_like(p.data)
+    opt.step()  # so the file holds optimizer moments too
     path = tmp_path / "small.safetensors"
     save_checkpoint(path, model, opt, step=1)
     data = bytearray(path.read_bytes())
+    assert "optim.state.0.exp_avg" in safetensors.numpy.load(bytes(data))
     bad = tmp_path / "flipped.safetensors"
     for i in range(len(data)):
         flipped = bytearray(data)

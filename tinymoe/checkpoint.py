@@ -48,15 +48,18 @@ def save_checkpoint(path, model, optimizer=None, step: int = 0, extra: dict | No
     config = getattr(model, "config", None)
     if dataclasses.is_dataclass(config):
         config = dataclasses.asdict(config)
-    metadata = {
-        "format": FORMAT,
-        "step": json.dumps(int(step)),
-        "rng_state": json.dumps(backend.get_rng_state()),
-        "model_class": type(model).__name__,
-        "config": json.dumps(config),
-        "optimizer": json.dumps(optim_meta),
-        "extra": json.dumps(extra),
-    }
+    try:
+        metadata = {
+            "format": FORMAT,
+            "step": json.dumps(int(step)),
+            "rng_state": json.dumps(backend.get_rng_state()),
+            "model_class": type(model).__name__,
+            "config": json.dumps(config),
+            "optimizer": json.dumps(optim_meta),
+            "extra": json.dumps(extra),
+        }
+    except TypeError as err:  # e.g. a NumPy float in `extra` or in the config
+        raise TypeError(f"save_checkpoint: config and extra must be JSON data: {err}") from None
     tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     metadata["checksum"] = _checksum(tensors, metadata)
 
