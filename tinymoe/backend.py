@@ -81,17 +81,24 @@ def to_numpy(array) -> np.ndarray:
 # ---------------------------------------------------------------- random numbers
 # One generator per device, both seeded by manual_seed, so parameter init and
 # dropout masks are reproducible on either device.
+#
+# The CPU generator's state is plain data (saved in checkpoints as is). CuPy's
+# generator state cannot be read out, so the GPU generator is instead re-keyed from
+# (seed, epoch) every time the state is saved: a run that saves and goes on, and a
+# run resumed from that save, continue from the same freshly keyed generator.
 _cpu_rng = np.random.default_rng(0)
 _gpu_rng = None
 _seed = 0
+_gpu_epoch = 0
 
 
 def manual_seed(seed: int) -> None:
     """Seed tinymoe's generators on every device (init, dropout, noisy routing)."""
-    global _cpu_rng, _gpu_rng, _seed
+    global _cpu_rng, _gpu_rng, _seed, _gpu_epoch
     _seed = int(seed)
     _cpu_rng = np.random.default_rng(_seed)
-    _gpu_rng = None  # re-created lazily from the same seed
+    _gpu_rng = None  # re-created lazily from (seed, epoch)
+    _gpu_epoch = 0
 
 
 def rng(device: str = "cpu"):
@@ -100,18 +107,27 @@ def rng(device: str = "cpu"):
     if check_device(device) == "cpu":
         return _cpu_rng
     if _gpu_rng is None:
-        _gpu_rng = cupy().random.default_rng(_seed)
+        key = int(np.random.SeedSequence([_seed, _gpu_epoch]).generate_state(1)[0])
+        _gpu_rng = cupy().random.default_rng(key)
     return _gpu_rng
 
 
 def get_rng_state() -> dict:
-    """The CPU generator's state as plain JSON-able data (for checkpoints)."""
-    return {"seed": _seed, "bit_generator": _cpu_rng.bit_generator.state}
+    """The generators' state as plain JSON-able data (for checkpoints).
+
+    Side effect: the GPU generator is re-keyed (see above), so that resuming from
+    this state reproduces what the running process draws next, on both devices."""
+    global _gpu_rng, _gpu_epoch
+    _gpu_epoch += 1
+    _gpu_rng = None
+    return {"seed": _seed, "gpu_epoch": _gpu_epoch, "bit_generator": _cpu_rng.bit_generator.state}
 
 
 def set_rng_state(state: dict) -> None:
-    global _seed
+    global _seed, _gpu_rng, _gpu_epoch
     _seed = int(state["seed"])
+    _gpu_epoch = int(state.get("gpu_epoch", 0))
+    _gpu_rng = None
     _cpu_rng.bit_generator.state = state["bit_generator"]
 
 
