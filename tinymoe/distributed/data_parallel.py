@@ -1,0 +1,69 @@
+"""Data parallelism: every rank holds the same parameters and sees different data.
+
+After backward, rank r holds the gradient of its own loss L_r. The step must follow
+the gradient of the global loss L = mean_r L_r, so
+
+    g = (1/W) sum_r dL_r/dtheta          (all_reduce, op="mean")
+
+and every rank takes the same step from the same parameters: they stay identical.
+
+Expert-parallel parameters are different: each rank holds *other* experts, and the
+reverse all-to-all already summed every rank's contribution into the owner's gradient,
+sum_r dL_r/dtheta_e. They need no all-reduce, only the same 1/W.
+
+All gradients travel in one flat buffer (one "bucket"): one all-reduce instead of one
+per parameter, as PyTorch's DistributedDataParallel does.
+"""
+from __future__ import annotations
+
+import hashlib
+
+from tinymoe.backend import array_module, to_numpy
+
+
+def is_expert_parallel(p) -> bool:
+    """True for parameters sharded by expert parallelism (set by ExpertParallelMoE)."""
+    return getattr(p, "expert_parallel", False)
+
+
+def all_reduce_gradients(parameters, comm=None) -> None:
+    """Turn each rank's local gradients into the gradient of the mean loss over ranks, in place.
+    A missing gradient (None) counts as zero, so ranks stay in step."""
+    import tinymoe.distributed as dist
+
+    comm = comm if comm is not None else dist.get_world()
+    params = [p for p in parameters if p.requires_grad]
+    W = comm.world_size
+    for p in params:
+        if is_expert_parallel(p) and p.grad is not None:
+            p.grad = p.grad / W                                   # (1/W) sum_r dL_r/dtheta_e
+    shared = [p for p in params if not is_expert_parallel(p)]
+    if not shared:
+        return
+    xp = array_module(shared[0].data)
+    bucket = xp.concatenate([(p.grad if p.grad is not None else xp.zeros_like(p.data)).ravel()
+                             for p in shared])                    # one flat buffer
+    bucket = comm.all_reduce(bucket, op="mean")                   # (1/W) sum_r g_r
+    start = 0
+    for p in shared:
+        p.grad = bucket[start:start + p.data.size].reshape(p.data.shape).astype(p.data.dtype, copy=False)
+        start += p.data.size
+
+
+def broadcast_parameters(parameters, comm=None, root: int = 0) -> None:
+    """Copy root's values of the (non-expert) parameters to every rank, so all start equal."""
+    import tinymoe.distributed as dist
+
+    comm = comm if comm is not None else dist.get_world()
+    for p in parameters:
+        if not is_expert_parallel(p):
+            p.data[...] = comm.broadcast(p.data, root=root)
+
+
+def checksum(parameters) -> str:
+    """SHA-256 of the (non-expert) parameters' bytes: equal on two ranks iff their values are identical."""
+    h = hashlib.sha256()
+    for p in parameters:
+        if not is_expert_parallel(p):
+            h.update(to_numpy(p.data).tobytes())
+    return h.hexdigest()
