@@ -92,3 +92,59 @@ def mamba_state_bytes(n_layers: int, d_inner: int, d_state: int, d_conv: int,
     """What Mamba carries between generated tokens: the SSM state (d_inner, N) and the
     last d_conv - 1 inputs of the convolution, per layer; independent of the length."""
     return float(n_layers * batch * d_inner * (d_state + d_conv - 1) * bytes_per_value)
+
+
+def tinymoe_gpt_activation_bytes(config, batch: int, seq_len: int, bytes_per_value: int = 4) -> dict:
+    """Activations a training step of tinymoe's dense GPT keeps for the backward, in bytes.
+
+    `config` is a `tinymoe.models.GPTConfig` (any object with its fields). Counted from
+    what the ops keep: every op's input Tensors (the graph holds them) and its saved
+    arrays. With T = batch * seq_len tokens, per block:
+      residual input x, LayerNorm xhat and output (x2)               3 T d
+      qkv projection (H + 2 Hkv) d_head                              T w_qkv
+      attention probabilities P (the O(L^2) term)                    B H L^2
+      attention output, its head-merged copy, projection output      3 T d
+      residual sum, LayerNorm xhat and output                        3 T d
+      MLP: fc1 output and GELU output (SwiGLU: fc1, sigmoid, silu,
+      fc3, product)                                                  2 T f  (5 T f)
+      fc2 output                                                     T d
+      LayerNorm 1 / rstd (x2)                                        2 T
+    plus the embeddings (token lookup T d, positions L d), the last residual, final
+    LayerNorm (2 T d), logits and log-probabilities (2 T V).
+    """
+    c = config
+    if getattr(c, "num_experts", 0):
+        raise ValueError("tinymoe_gpt_activation_bytes: MoE layers are not modeled; "
+                         f"got num_experts={c.num_experts} (use a dense config)")
+    if c.activation not in ("gelu", "swiglu"):
+        raise ValueError(f"tinymoe_gpt_activation_bytes: activation must be 'gelu' or "
+                         f"'swiglu', got {c.activation!r}")
+    B, L, d, f, V = batch, seq_len, c.d_model, c.d_ff, c.vocab_size
+    T = B * L
+    H = c.n_head
+    Hkv = H if c.n_kv_head is None else c.n_kv_head
+    w_qkv = (H + 2 * Hkv) * (d // H)
+    mlp = (5 if c.activation == "swiglu" else 2) * T * f
+    dropout = 2 * 2 * T * d if c.dropout > 0 else 0          # mask scale + output, 2 sites
+    per_layer = 10 * T * d + T * w_qkv + B * H * L * L + mlp + 2 * T + dropout
+    head = T * d + L * d + T * d + 2 * T * d + 2 * T * V
+    return {
+        "per_layer": per_layer * bytes_per_value,
+        "attention_scores_per_layer": B * H * L * L * bytes_per_value,
+        "layers": c.n_layer * per_layer * bytes_per_value,
+        "embeddings_and_head": head * bytes_per_value,
+        "total": (c.n_layer * per_layer + head) * bytes_per_value,
+    }
+
+
+def training_step_bytes(n_params: int, activation_bytes: float,
+                        layout: StateLayout = FP32_ADAM) -> dict:
+    """Peak memory of one training step, estimated as model states + activations."""
+    parts = {
+        "params": n_params * layout.params,
+        "grads": n_params * layout.grads,
+        "optimizer": n_params * layout.optimizer,
+        "activations": activation_bytes,
+    }
+    parts["total"] = sum(parts.values())
+    return parts
