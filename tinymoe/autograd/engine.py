@@ -14,13 +14,16 @@ from .tensor import Tensor
 def _topological_order(root_ctx):
     """Graph nodes (Contexts) reachable from `root_ctx`, each after all its parents."""
     order = []
-    visited = {id(root_ctx)}
-    stack = [(root_ctx, False)]
+    visited = set()  # expanded nodes; marked when expanded, not when pushed, so that a
+    stack = [(root_ctx, False)]  # node reached twice still lands after all its consumers
     while stack:
         ctx, parents_done = stack.pop()
         if parents_done:
             order.append(ctx)
             continue
+        if id(ctx) in visited:
+            continue
+        visited.add(id(ctx))
         if ctx.freed:
             raise RuntimeError(
                 f"backward: the graph through {ctx.fn.__name__} was already freed by an "
@@ -30,7 +33,6 @@ def _topological_order(root_ctx):
         stack.append((ctx, True))
         for x in ctx.inputs:
             if isinstance(x, Tensor) and x._ctx is not None and id(x._ctx) not in visited:
-                visited.add(id(x._ctx))
                 stack.append((x._ctx, False))
     return order
 
