@@ -178,3 +178,20 @@ def test_gpu_times_come_from_cuda_events():
         layer(x).sum().backward()
     assert all(r.seconds >= 0 for r in prof.records)
     assert records(prof, "LinearFunction", "forward")[0].flops == 2 * 128 * 64 * 64 + 128 * 64
+
+
+def test_model_level_op_rules_hand_counts():
+    z = np.zeros
+    # causal attention: B=2, Hkv=1, G=3 query heads, Lq=Lk=5, d=4: 2 matmuls + 6 per score
+    q, k, out = z((2, 1, 3, 5, 4)), z((2, 1, 1, 5, 4)), z((2, 1, 3, 5, 4))
+    scores = 2 * 3 * 5 * 5
+    assert op_flops("CausalAttention", "forward", (q, k, k), (out,), {}) == scores * (2 * 4 + 2 * 4 + 6)
+    assert op_flops("CausalAttention", "backward", (out,), (q, k, k), {}) == scores * (4 * 4 * 2 + 5)
+    # grouped linear: R=7 rows, E=3 experts of (4 -> 6)
+    xs, W, ys = z((7, 4)), z((3, 4, 6)), z((7, 6))
+    assert op_flops("GroupedLinear", "forward", (xs, W, None), (ys,), {}) == 2 * 7 * 4 * 6
+    assert op_flops("GroupedLinear", "backward", (ys,), (xs, W), {}) == 2 * (2 * 7 * 4 * 6)
+    # selective scan: batch 2, 3 channels, L=5, N=4 states
+    u, A = z((2, 3, 5)), z((3, 4))
+    assert op_flops("SelectiveScan", "forward", (u, u, A, z((2, 4, 5)), z((2, 4, 5))), (u,), {}) \
+        == 2 * 3 * 5 * (7 * 4 + 8)

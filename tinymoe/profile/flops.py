@@ -77,7 +77,7 @@ DATA_MOVEMENT = {
     "Reshape", "Transpose", "BroadcastTo", "Concat", "Stack", "Split", "Pad", "GetItem",
     "Gather", "Embedding", "ToDevice", "Cast", "Where", "TopK",
 }
-_SCATTER_IN_BACKWARD = {"GetItem", "Gather", "Embedding", "BroadcastTo"}
+_SCATTER_IN_BACKWARD = {"GetItem", "Gather", "Embedding", "BroadcastTo", "Permute"}
 
 
 def _matmul(phase, inputs, outputs, params):
@@ -204,8 +204,59 @@ def _data_movement(name):
     return rule
 
 
+# ------------------------------------------------- tinymoe's model-level ops
+def _causal_attention(phase, inputs, outputs, params):
+    """softmax(Q K^T * scale + M) V: two matmuls over the (Lq, Lk) scores, 6 FLOPs per
+    score for scale, max, subtract, exp, sum, divide. Backward (dQ, dK, dV all needed):
+    dV = P^T dO, dP = dO V^T, dQ = dS K, dK = dS^T Q and 5 per score for dS."""
+    if phase == "forward":
+        q, k, out = inputs[0], inputs[1], outputs[0]
+        scores = _size(out) // out.shape[-1] * k.shape[-2]
+        return scores * (2 * q.shape[-1] + 2 * out.shape[-1] + 6)
+    (g,) = inputs
+    d, Lk = outputs[0].shape[-1], outputs[-1].shape[-2]
+    scores = _size(g) // g.shape[-1] * Lk
+    return scores * (2 * g.shape[-1] * 2 + 2 * d * 2 + 5)
+
+
+def _selective_scan(phase, inputs, outputs, params):
+    """7 FLOPs per (channel, state, step) and 8 per (channel, step), as counted in
+    tinymoe.accounting.arithmetic; the backward recomputes the states (1x) and runs the
+    reverse recurrence with its gradient sums (about 2x): counted as 3x the forward."""
+    from ..accounting.arithmetic import SCAN_FLOPS_PER_CHANNEL, SCAN_FLOPS_PER_STATE
+
+    u = inputs[0]
+    if phase == "backward":                       # dout has u's shape; A's grad is (d, N)
+        n_state = next((d.shape[-1] for d in outputs if d.ndim == 2), 16)
+        return 3 * _size(u) * (SCAN_FLOPS_PER_STATE * n_state + SCAN_FLOPS_PER_CHANNEL)
+    n_state = inputs[2].shape[-1]
+    return _size(u) * (SCAN_FLOPS_PER_STATE * n_state + SCAN_FLOPS_PER_CHANNEL)
+
+
+def _grouped_linear(phase, inputs, outputs, params):
+    """Each expert's rows times its weight: 2 R in out, like one big linear."""
+    if phase == "forward":
+        xs, out = inputs[0], outputs[0]
+        return 2 * _size(out) * xs.shape[-1]
+    (g,) = inputs
+    return sum(2 * _size(g) * (d.shape[-2] if d.ndim == 3 else d.shape[-1]) for d in outputs)
+
+
+def _combine(phase, inputs, outputs, params):
+    """out[t] = sum_j w[t, j] ys[row]: a multiply-add per (t, j, feature)."""
+    if phase == "forward":
+        weights, out = inputs[1], outputs[0]
+        return 2 * _size(weights) * out.shape[-1]
+    (g,) = inputs
+    k = next((d.shape[-1] for d in outputs if d.ndim == 2 and d.shape[0] == g.shape[0]), 1)
+    return 3 * _size(g) * k                       # dys = w g, dw = g . ys
+
+
 RULES = {"MatMul": _matmul, "LinearFunction": _linear, "Conv1dCausal": _conv1d,
          "Gelu": _gelu, "ScatterAdd": _scatter_add, "IndexAdd": _scatter_add}
+RULES.update({"CausalAttention": _causal_attention, "SelectiveScan": _selective_scan,
+              "GroupedLinear": _grouped_linear, "Combine": _combine,
+              "Permute": _data_movement("Permute"), "AllToAll": _data_movement("AllToAll")})
 RULES.update({name: _elementwise(name) for name in ELEMENTWISE})
 RULES.update({name: _reduction(name) for name in REDUCTION})
 RULES.update({name: _norm(name) for name in NORM})
@@ -233,7 +284,8 @@ def op_bytes(op, phase, inputs, outputs):
     forward: every array input is read once, every output written once; an output
     that is a view of an input (reshape, transpose, basic slicing) moves nothing.
     backward: the upstream gradients are read, plus arrays the size of the input
-    gradients (the saved inputs have those shapes); the input gradients are written.
+    gradients (the saved inputs have those shapes); the input gradients are written
+    (nothing when they are views of the upstream gradients).
     """
     ins, outs = _arrays(inputs), _arrays(outputs)
     if phase == "forward":
@@ -241,7 +293,10 @@ def op_bytes(op, phase, inputs, outputs):
         if not moved:
             return 0, 0
         return sum(int(x.nbytes) for x in ins), sum(int(o.nbytes) for o in moved)
-    written = sum(int(d.nbytes) for d in outs)
+    moved = [d for d in outs if not any(_is_view(d, g) for g in ins)]
+    if not moved:                                 # reshape / transpose of the gradient
+        return 0, 0
+    written = sum(int(d.nbytes) for d in moved)
     return sum(int(g.nbytes) for g in ins) + written, written
 
 
