@@ -1,0 +1,117 @@
+"""Causal multi-head self-attention with grouped K/V heads (MHA, GQA, MQA) and a KV cache.
+
+    Attention(Q, K, V) = softmax(Q K^T / sqrt(d_head) + M) V        (Vaswani et al. 2017, eq. 1)
+
+M is the causal mask (-inf above the diagonal). n_heads query heads share n_kv_heads
+key/value heads (Ainslie et al. 2023): n_kv_heads = n_heads is MHA, 1 is MQA (Shazeer
+2019), anything in between is GQA; a group of G = n_heads / n_kv_heads query heads reads
+the same K, V. The KV cache stores past keys and values so generating a token costs one
+query against the cache instead of recomputing the whole prefix.
+"""
+from __future__ import annotations
+
+import math
+
+from .. import backend
+from ..autograd.function import Function, op_error
+from ..autograd.ops import sum_to_shape
+from . import functional as F
+from .linear import Linear
+from .module import Module
+
+
+class CausalAttention(Function):
+    """out = P V,  P = softmax(S),  S = Q K^T * scale + M   (queries = the last Lq of Lk positions)
+    dV = P^T dO;  dP = dO V^T;  dS = P * (dP - rowsum(dP * P));  dQ = dS K * scale;  dK = dS^T Q * scale
+
+    Shapes: q (B, Hkv, G, Lq, d), k, v (B, Hkv, 1, Lk, d): the group axis G broadcasts, and
+    the K/V gradients are summed over it (sum_to_shape)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        xp = backend.array_module(q)
+        Lq, Lk = q.shape[-2], k.shape[-2]
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        s = (q @ xp.swapaxes(k, -1, -2)) * scale                              # (B, Hkv, G, Lq, Lk)
+        future = xp.arange(Lk)[None, :] > xp.arange(Lq)[:, None] + (Lk - Lq)  # (Lq, Lk) masked
+        s[..., future] = -xp.inf
+        s -= s.max(axis=-1, keepdims=True)
+        p = xp.exp(s, out=s)
+        p /= p.sum(axis=-1, keepdims=True)                                    # softmax
+        ctx.save(q, k, v, p)
+        ctx.scale = scale
+        return p @ v                                                          # (B, Hkv, G, Lq, d)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, p = ctx.saved
+        xp = backend.array_module(grad)
+        dv = sum_to_shape(xp.swapaxes(p, -1, -2) @ grad, v.shape)
+        dp = grad @ xp.swapaxes(v, -1, -2)                                    # (B, Hkv, G, Lq, Lk)
+        ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True))                  # softmax backward
+        ds *= ctx.scale
+        dq = ds @ k
+        dk = sum_to_shape(xp.swapaxes(ds, -1, -2) @ q, k.shape)
+        return dq, dk, dv
+
+
+class KVCache:
+    """Keys and values of the positions seen so far, one (k, v) pair per layer.
+
+    k, v: (B, Hkv, 1, S, d_head) arrays (no gradient: generation runs under no_grad)."""
+
+    def __init__(self, n_layers: int):
+        self.layers = [None] * n_layers
+
+    @property
+    def length(self) -> int:
+        kv = self.layers[0]
+        return 0 if kv is None else kv[0].shape[-2]
+
+    def update(self, layer: int, k, v):
+        """Append the new positions' k, v; return all of them."""
+        if self.layers[layer] is not None:
+            xp = backend.array_module(k)
+            old_k, old_v = self.layers[layer]
+            k, v = xp.concatenate([old_k, k], axis=-2), xp.concatenate([old_v, v], axis=-2)
+        self.layers[layer] = (k, v)
+        return k, v
+
+
+class MultiHeadAttention(Module):
+    """Causal self-attention: x (B, L, d_model) -> (B, L, d_model)."""
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None,
+                 bias: bool = False, dropout: float = 0.0, layer_index: int = 0):
+        super().__init__()
+        n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+        if d_model % n_heads:
+            raise ValueError(f"MultiHeadAttention: d_model={d_model} is not divisible by "
+                             f"n_heads={n_heads}")
+        if n_kv_heads < 1 or n_heads % n_kv_heads:
+            raise ValueError(f"MultiHeadAttention: n_heads={n_heads} must be a multiple of "
+                             f"n_kv_heads={n_kv_heads}")
+        self.n_heads, self.n_kv_heads, self.d_head = n_heads, n_kv_heads, d_model // n_heads
+        self.dropout, self.layer_index = dropout, layer_index
+        # One projection for q, k, v: (H + 2 Hkv) heads of d_head.
+        self.qkv = Linear(d_model, (n_heads + 2 * n_kv_heads) * self.d_head, bias=bias)
+        self.proj = Linear(n_heads * self.d_head, d_model, bias=bias)
+
+    def forward(self, x, cache: KVCache | None = None):
+        B, L, _ = x.shape
+        H, Hkv, dh = self.n_heads, self.n_kv_heads, self.d_head
+        G = H // Hkv
+        qkv = self.qkv(x).reshape(B, L, Hkv, G + 2, dh)                      # per kv group: G q heads, k, v
+        qkv = qkv.transpose(0, 2, 3, 1, 4)                                    # (B, Hkv, G+2, L, dh)
+        q, k, v = qkv.split([G, 1, 1], axis=2)                             # (B, Hkv, G|1|1, L, dh)
+        if cache is not None:
+            k_all, v_all = cache.update(self.layer_index, k.data, v.data)     # (B, Hkv, 1, S, dh)
+            y = CausalAttention.apply(q, k_all, v_all)
+        else:
+            y = CausalAttention.apply(q, k, v)                                # (B, Hkv, G, L, dh)
+        y = y.transpose(0, 3, 1, 2, 4).reshape(B, L, H * dh)                 # heads side by side
+        y = self.proj(y)
+        return F.dropout(y, self.dropout, self.training)
+
+    def extra_repr(self):
+        return f"n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, d_head={self.d_head}"
