@@ -28,6 +28,10 @@ def test_all_to_all_uneven_and_empty_chunks(pool):
         pool.run(selftest.check_all_to_all, seed)
 
 
+def test_large_messages_through_the_mailboxes(pool):
+    pool.run(selftest.check_large_messages)
+
+
 def test_all_reduce_ops(pool):
     pool.run(selftest.check_all_reduce)
 
@@ -202,5 +206,6 @@ def test_mpi_selftest_with_mpiexec():
     out = subprocess.run([mpiexec(), "-n", "2", sys.executable, "-m", "tinymoe.distributed.selftest",
                           "--backend", "mpi"], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stdout + out.stderr
-    for check in ("check_all_to_all", "check_all_reduce", "check_broadcast"):
+    for check in ("check_all_to_all", "check_large_messages", "check_all_reduce", "check_broadcast", "check_all_to_all_grad",
+                  "check_expert_parallel", "check_data_parallel"):
         assert f"selftest mpi x2: {check} ok" in out.stdout, out.stdout

@@ -12,7 +12,7 @@ import argparse
 
 import numpy as np
 
-from tinymoe.backend import to_numpy
+from tinymoe.backend import to_device, to_numpy
 
 
 def _chunk(seed, sender, receiver, row_shape, dtype):
@@ -23,7 +23,6 @@ def _chunk(seed, sender, receiver, row_shape, dtype):
 
 
 def check_all_to_all(comm, seed=0, device="cpu"):
-    from tinymoe.backend import to_device
     for row_shape, dtype in [((3,), np.float32), ((), np.int64), ((2, 5), np.float64)]:
         send = [to_device(_chunk(seed, comm.rank, j, row_shape, dtype), device) for j in range(comm.world_size)]
         recv = comm.all_to_all(send)
@@ -40,8 +39,23 @@ def check_all_to_all(comm, seed=0, device="cpu"):
         assert all(np.array_equal(to_numpy(a), to_numpy(b)) for a, b in zip(again, recv))
 
 
+def check_large_messages(comm, device="cpu"):
+    """Arrays past the toy backend's eager limit (through its mailboxes): mixed sizes, the
+    mailbox growing, two all-to-alls back to back (the second must wait for "read")."""
+    W, r = comm.world_size, comm.rank
+    for rnd, rows in enumerate([20_000, 3_000, 50_000, 50_000]):           # float64 rows of 1: 24 KB .. 400 KB
+        def chunk(sender, receiver):
+            g = np.random.default_rng([rnd, sender, receiver])
+            return g.standard_normal(int(g.integers(rows // 2, rows)))
+        recv = comm.all_to_all([to_device(chunk(r, j), device) for j in range(W)])
+        for i in range(W):
+            assert np.array_equal(to_numpy(recv[i]), chunk(i, r)), f"rank {r}: round {rnd}, wrong chunk from {i}"
+    big = to_device(np.arange(100_000, dtype=np.float32) * (r + 1), device)
+    assert np.array_equal(to_numpy(comm.broadcast(big, root=0)), np.arange(100_000, dtype=np.float32))
+    assert np.allclose(to_numpy(comm.all_reduce(big)), np.arange(100_000) * W * (W + 1) / 2)
+
+
 def check_all_reduce(comm, device="cpu"):
-    from tinymoe.backend import to_device
     n, r = comm.world_size, comm.rank
     x = to_device(np.arange(6, dtype=np.float64).reshape(2, 3) + 10 * r, device)
     base = np.arange(6, dtype=np.float64).reshape(2, 3)
@@ -54,7 +68,6 @@ def check_all_reduce(comm, device="cpu"):
 
 
 def check_broadcast(comm, device="cpu"):
-    from tinymoe.backend import to_device
     root = comm.world_size - 1
     x = to_device(np.full((2, 2), comm.rank, np.float32), device)
     got = to_numpy(comm.broadcast(x, root=root))
@@ -62,7 +75,114 @@ def check_broadcast(comm, device="cpu"):
     comm.barrier()
 
 
-CHECKS = [check_all_to_all, check_all_reduce, check_broadcast]
+def check_all_to_all_grad(comm, eps=1e-6, device="cpu"):
+    """AllToAll's backward (the reverse all-to-all) against finite differences of the
+    global loss L = sum_r L_r. Ranks take turns: rank k perturbs each entry of its input
+    while the others hold still (so all ranks run the same number of all-to-alls)."""
+    import tinymoe
+    from tinymoe.distributed.all_to_all import all_to_all
+
+    W, r, R = comm.world_size, comm.rank, 4
+    g = np.random.default_rng([7, r])
+    send_rows = np.bincount(g.integers(0, W, R), minlength=W)               # uneven, zeros likely
+    x = tinymoe.tensor(g.standard_normal((R, 3)), requires_grad=True, device=device)
+    y, recv_rows = all_to_all(x, send_rows, comm)
+    w = tinymoe.tensor(g.standard_normal(y.shape), device=device)
+    (y * w).sum().backward()
+    analytic, x0 = to_numpy(x.grad), to_numpy(x.data)
+
+    def global_loss(xd):
+        with tinymoe.no_grad():
+            yd, _ = all_to_all(tinymoe.tensor(xd, device=device), send_rows, comm, recv_rows)
+            local = (yd * w).sum().data.reshape(1)
+        return float(to_numpy(comm.all_reduce(local))[0])
+
+    for k in range(W):
+        numeric = np.zeros_like(x0)
+        for i in range(x0.size):
+            plus, minus = x0.copy(), x0.copy()
+            if r == k:
+                plus.flat[i] += eps
+                minus.flat[i] -= eps
+            numeric.flat[i] = (global_loss(plus) - global_loss(minus)) / (2 * eps)
+        if r == k:
+            err = np.abs(numeric - analytic).max()
+            assert err < 1e-7, f"rank {r}: AllToAll gradient differs from finite differences by {err:.2e}"
+
+
+def _moe_layer(seed, E, router, capacity_factor, shared, device):
+    import tinymoe
+    from tinymoe.nn.moe import MoELayer
+
+    tinymoe.manual_seed(seed)
+    return MoELayer(6, 5, num_experts=E, top_k=2 if router != "switch" else 1, router=router,
+                    capacity_factor=capacity_factor, num_shared_experts=shared).to(device, dtype=np.float64)
+
+
+def check_expert_parallel(comm, E=None, router="topk", capacity_factor=1.0, shared=0, tol=1e-10, device="cpu"):
+    """ExpertParallelMoE == MoELayer: outputs, token and gate gradients on each rank; expert
+    gradients = the sum over ranks of the single-process ones (every rank's tokens meet them)."""
+    import tinymoe
+    from tinymoe.distributed.expert_parallel import ExpertParallelMoE
+
+    W, r = comm.world_size, comm.rank
+    E = E or 2 * W
+    ref = _moe_layer(0, E, router, capacity_factor, shared, device)
+    ep = ExpertParallelMoE(_moe_layer(0, E, router, capacity_factor, shared, device), comm)
+    g = np.random.default_rng([11, r])
+    T = 3 + 2 * r                                                           # uneven token counts
+    xd, w = g.standard_normal((T, 6)), g.standard_normal((T, 6))
+    results = []
+    for layer in (ref, ep):
+        x = tinymoe.tensor(xd, requires_grad=True, device=device)
+        out = layer(x)
+        loss = (out * tinymoe.tensor(w, device=device)).sum()
+        if layer.aux_loss is not None:
+            loss = loss + layer.aux_loss
+        loss.backward()
+        results.append((to_numpy(out.data), to_numpy(x.grad),
+                        {n: to_numpy(p.grad) for n, p in layer.named_parameters() if p.grad is not None}))
+    (out_ref, gx_ref, gp_ref), (out_ep, gx_ep, gp_ep) = results
+    assert np.abs(out_ep - out_ref).max() < tol, f"rank {r}: outputs differ by {np.abs(out_ep - out_ref).max():.2e}"
+    assert np.abs(gx_ep - gx_ref).max() < tol, f"rank {r}: input gradients differ"
+    for name, grad in gp_ep.items():
+        want = gp_ref[name]
+        if name.startswith("experts."):
+            want = to_numpy(comm.all_reduce(want))[ep.first:ep.last]        # sum_r dL_r/dW_e, my experts
+        assert grad.shape == want.shape, f"rank {r}: {name} grad {grad.shape} vs {want.shape}"
+        err = np.abs(grad - want).max()
+        assert err < tol, f"rank {r}: gradient of {name} differs by {err:.2e}"
+    return ep.last_stats
+
+
+def check_data_parallel(comm, steps=3, device="cpu"):
+    """Gradient all-reduce keeps the ranks' parameters identical (SHA-256 of the bytes),
+    although every rank starts from its own random init (broadcast) and sees its own data."""
+    import tinymoe
+    from tinymoe import nn
+    from tinymoe.distributed.data_parallel import all_reduce_gradients, broadcast_parameters, checksum
+    from tinymoe.optim import SGD
+
+    tinymoe.manual_seed(100 + comm.rank)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)).to(device)
+    broadcast_parameters(model.parameters(), comm)
+    opt = SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for step in range(steps):
+        g = np.random.default_rng([step, comm.rank])
+        x, t = g.standard_normal((5, 4)).astype(np.float32), g.standard_normal((5, 2)).astype(np.float32)
+        loss = ((model(tinymoe.tensor(x, device=device)) - tinymoe.tensor(t, device=device)) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        all_reduce_gradients(model.parameters(), comm)
+        opt.step()
+    mine = checksum(model.parameters())
+    root = bytes(to_numpy(comm.broadcast(np.frombuffer(mine.encode(), np.uint8).copy(), root=0))).decode()
+    assert mine == root, f"rank {comm.rank}: parameters differ from rank 0's after {steps} steps"
+    return {n: to_numpy(p.data).copy() for n, p in model.named_parameters()}
+
+
+CHECKS = [check_all_to_all, check_large_messages, check_all_reduce, check_broadcast, check_all_to_all_grad, check_expert_parallel,
+          check_data_parallel]
 
 
 def main(argv=None):
@@ -73,16 +193,12 @@ def main(argv=None):
     a = p.parse_args(argv)
     comm = dist.init(a.backend)
     device = "cuda" if comm.backend == "nccl" else "cpu"
-    for check in CHECKS + _layer_checks():
-        check(comm, device=device) if "device" in check.__code__.co_varnames else check(comm)
+    for check in CHECKS:
+        check(comm, device=device)
         comm.barrier()
         if comm.rank == 0:
             print(f"selftest {comm.backend} x{comm.world_size}: {check.__name__} ok", flush=True)
     comm.close()
-
-
-def _layer_checks():
-    return []
 
 
 if __name__ == "__main__":

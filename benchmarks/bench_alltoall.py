@@ -1,0 +1,276 @@
+"""All-to-all bandwidth, and the compute/communication split of an expert-parallel step.
+
+On this machine (CPU):
+    python benchmarks/bench_alltoall.py cpu [--nproc 2] [--plots docs/img]
+  1. all-to-all bandwidth vs message size: toy backend (shared memory + pipes) and MPI
+     (mpich, through mpiexec), with a plain memcpy of the same size for scale;
+  2. one expert-parallel MoE step (forward + backward) on the toy backend, split into
+     time inside all-to-alls and the rest, as the experts' hidden size grows.
+On GPUs, one process per GPU (NCCL):
+    NCCL_NVLS_ENABLE=0 python -m tinymoe.distributed.launch --nproc 2 benchmarks/bench_alltoall.py gpu
+  3. tinymoe's NCCL all-to-all vs torch.distributed.all_to_all_single, side by side in the
+     same processes, and the expert-parallel split on the GPUs.
+Every number is the median of repeated runs, the slowest rank's time, after a warm-up.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+CPU_SIZES = [2 ** k for k in range(10, 27, 2)]        # bytes per peer: 1 KiB .. 64 MiB
+GPU_SIZES = [2 ** k for k in range(10, 29, 2)]        # 1 KiB .. 256 MiB
+
+
+# ---------------------------------------------------------------- timing helpers
+def sync(device):
+    if device == "cuda":
+        import cupy
+        cupy.cuda.get_current_stream().synchronize()
+
+
+def timed(comm, fn, device="cpu", min_time=0.2, min_reps=3):
+    """Median seconds of fn() over repeats, the slowest rank's (all ranks repeat equally often)."""
+    fn()
+    sync(device)
+    comm.barrier()
+    times = []
+    while True:
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+        # every rank must agree on when to stop: decide on rank 0's clock
+        done = len(times) >= min_reps and sum(times) >= min_time
+        done = bool(np.asarray(comm.broadcast(np.array([done], np.int8), root=0)).item()) if device == "cpu" \
+            else bool(comm.bootstrap.broadcast(np.array([done], np.int8), root=0).item())
+        if done:
+            break
+    worst = comm.all_reduce(np.array([np.median(times)]), op="max")
+    return float(np.asarray(worst.get() if hasattr(worst, "get") else worst)[0])
+
+
+class TimedComm:
+    """A communicator that adds up the wall time spent inside all_to_all (synchronizing the GPU)."""
+
+    def __init__(self, comm, device):
+        self.comm, self.device, self.seconds = comm, device, 0.0
+
+    def __getattr__(self, name):
+        return getattr(self.comm, name)
+
+    def all_to_all(self, *args, **kwargs):
+        sync(self.device)
+        start = time.perf_counter()
+        out = self.comm.all_to_all(*args, **kwargs)
+        sync(self.device)
+        self.seconds += time.perf_counter() - start
+        return out
+
+
+# ---------------------------------------------------------------- 1 + 3: bandwidth
+def bandwidth(comm, sizes, device="cpu"):
+    """Per rank: bytes sent to the other ranks / time. Chunks are float32, `size` bytes each."""
+    from tinymoe.backend import module_for
+    xp = module_for(device)
+    rows = []
+    for size in sizes:
+        chunks = [xp.ones(size // 4, xp.float32) for _ in range(comm.world_size)]
+        recv_rows = [size // 4] * comm.world_size
+        t = timed(comm, lambda: comm.all_to_all(chunks, recv_rows=recv_rows), device)
+        rows.append({"bytes_per_peer": size, "seconds": t, "GB_per_s": (comm.world_size - 1) * size / t / 1e9})
+    return rows
+
+
+def memcpy_bandwidth(sizes):
+    rows = []
+    for size in sizes:
+        a, b = np.ones(size // 4, np.float32), np.empty(size // 4, np.float32)
+        reps, start = 0, time.perf_counter()
+        while reps < 3 or time.perf_counter() - start < 0.1:
+            np.copyto(b, a)
+            reps += 1
+        t = (time.perf_counter() - start) / reps
+        rows.append({"bytes_per_peer": size, "seconds": t, "GB_per_s": size / t / 1e9})
+    return rows
+
+
+def torch_bandwidth(rank, world, sizes):
+    """torch.distributed.all_to_all_single (NCCL), the same sizes, in the same processes."""
+    import torch
+    import torch.distributed as td
+    torch.cuda.set_device(rank % torch.cuda.device_count())
+    if not td.is_initialized():
+        td.init_process_group("nccl", init_method="tcp://127.0.0.1:29533", rank=rank, world_size=world)
+    rows = []
+    for size in sizes:
+        x = torch.ones(world * size // 4, dtype=torch.float32, device="cuda")
+        y = torch.empty_like(x)
+        td.all_to_all_single(y, x)
+        torch.cuda.synchronize()
+        td.barrier()
+        times, reps = [], 0
+        while reps < 3 or sum(times) < 0.2:
+            start = time.perf_counter()
+            td.all_to_all_single(y, x)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+            reps += 1
+            flag = torch.tensor([int(reps >= 3 and sum(times) >= 0.2)], device="cuda")
+            td.broadcast(flag, 0)
+            if flag.item():
+                break
+        t = torch.tensor([float(np.median(times))], device="cuda")
+        td.all_reduce(t, op=td.ReduceOp.MAX)
+        rows.append({"bytes_per_peer": size, "seconds": t.item(), "GB_per_s": (world - 1) * size / t.item() / 1e9})
+    return rows
+
+
+# ---------------------------------------------------------------- 2: compute vs communication
+def ep_split(comm, device, d_model, d_ffs, tokens, num_experts, dtype):
+    """One EP MoE step (forward + backward): total time and the part inside all-to-alls."""
+    import tinymoe
+    from tinymoe.distributed.expert_parallel import ExpertParallelMoE
+    from tinymoe.nn.moe import MoELayer
+
+    rows = []
+    for d_ff in d_ffs:
+        tinymoe.manual_seed(0)
+        timed_comm = TimedComm(comm, device)
+        layer = MoELayer(d_model, d_ff, num_experts=num_experts, top_k=2, capacity_factor=1.25)
+        ep = ExpertParallelMoE(layer.to(device, dtype=dtype), timed_comm)
+        g = np.random.default_rng(comm.rank)
+        x = tinymoe.tensor(g.standard_normal((tokens, d_model)).astype(dtype), requires_grad=True, device=device)
+
+        def step():
+            out = ep(x)
+            (out * out).sum().backward()
+
+        timed_comm.seconds, calls = 0.0, [0]
+
+        def counted():
+            calls[0] += 1
+            step()
+
+        total = timed(comm, counted, device)
+        comm_s = timed_comm.seconds / calls[0]
+        rows.append({"d_ff": d_ff, "step_s": total, "comm_s": comm_s, "comm_fraction": comm_s / total,
+                     "bytes_sent_per_rank": ep.last_stats["bytes_sent"] * 2})   # there and back
+    return rows
+
+
+# ---------------------------------------------------------------- entry points
+def _toy_job(comm, sizes, ep_kw):
+    return {"bandwidth": bandwidth(comm, sizes), "ep": ep_split(comm, "cpu", **ep_kw)}
+
+
+def _mpi_main(sizes):
+    import tinymoe.distributed as dist
+    comm = dist.init("mpi")
+    rows = bandwidth(comm, sizes)
+    if comm.rank == 0:
+        print(json.dumps(rows))
+
+
+CPU_EP = dict(d_model=64, d_ffs=[16, 64, 256, 1024], tokens=512, num_experts=4, dtype=np.float32)
+
+
+def run_cpu(args):
+    from tinymoe.distributed import ToyPool
+    results = {"nproc": args.nproc, "memcpy": memcpy_bandwidth(CPU_SIZES)}
+    with ToyPool(args.nproc) as pool:
+        toy = pool.run(_toy_job, CPU_SIZES, CPU_EP)[0]
+    results["toy"], results["ep_toy"] = toy["bandwidth"], toy["ep"]
+    mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    out = subprocess.run([mpiexec, "-n", str(args.nproc), sys.executable, __file__, "_mpi"],
+                         capture_output=True, text=True, check=True)
+    results["mpi"] = json.loads(out.stdout.strip().splitlines()[-1])
+    report(results)
+    if args.plots:
+        plot(results, args.plots)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+def run_gpu(args):
+    import tinymoe.distributed as dist
+    comm = dist.init("nccl")
+    ours = bandwidth(comm, GPU_SIZES, "cuda")
+    theirs = torch_bandwidth(comm.rank, comm.world_size, GPU_SIZES)
+    ep = ep_split(comm, "cuda", d_model=1024, d_ffs=[256, 1024, 4096, 8192], tokens=4096, num_experts=8,
+                  dtype=np.float32)
+    if comm.rank == 0:
+        import cupy
+        results = {"nproc": comm.world_size, "device": cupy.cuda.runtime.getDeviceProperties(0)["name"].decode(),
+                   "nccl": ours, "torch": theirs, "ep_nccl": ep}
+        report(results)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1)
+        if args.plots:
+            plot(results, args.plots)
+
+
+def report(results):
+    series = [k for k in ("memcpy", "toy", "mpi", "nccl", "torch") if k in results]
+    print(f"all-to-all, {results['nproc']} ranks: GB/s per rank (bytes sent to the others / time)")
+    print("bytes/peer " + "".join(f"{k:>10}" for k in series) + ("   nccl/torch" if "torch" in results else ""))
+    for i, row in enumerate(results[series[0]]):
+        line = f"{row['bytes_per_peer']:>10} " + "".join(f"{results[k][i]['GB_per_s']:>10.3f}" for k in series)
+        if "torch" in results:
+            line += f"   {results['nccl'][i]['GB_per_s'] / results['torch'][i]['GB_per_s']:>8.2f}x"
+        print(line)
+    for key in ("ep_toy", "ep_nccl"):
+        if key in results:
+            print(f"\nexpert-parallel step ({key}): d_ff, step ms, all-to-all ms, communication share")
+            for r in results[key]:
+                print(f"{r['d_ff']:>6} {1e3 * r['step_s']:>9.2f} {1e3 * r['comm_s']:>9.2f} {r['comm_fraction']:>8.1%}")
+
+
+def plot(results, folder):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    os.makedirs(folder, exist_ok=True)
+    gpu = "nccl" in results
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.4))
+    for k in ("memcpy", "toy", "mpi", "nccl", "torch"):
+        if k in results:
+            ax[0].plot([r["bytes_per_peer"] for r in results[k]], [r["GB_per_s"] for r in results[k]], "o-",
+                       label={"memcpy": "one memcpy", "torch": "torch.distributed"}.get(k, k), ms=3)
+    ax[0].set(xscale="log", yscale="log", xlabel="bytes per peer", ylabel="GB/s per rank",
+              title=f"all-to-all, {results['nproc']} ranks" + (f" ({results['device']})" if gpu else " (CPU)"))
+    ax[0].legend()
+    ep = results["ep_nccl" if gpu else "ep_toy"]
+    d = [str(r["d_ff"]) for r in ep]
+    comm_ms = [1e3 * r["comm_s"] for r in ep]
+    rest_ms = [1e3 * (r["step_s"] - r["comm_s"]) for r in ep]
+    ax[1].bar(d, comm_ms, label="all-to-all")
+    ax[1].bar(d, rest_ms, bottom=comm_ms, label="compute (route, experts, combine)")
+    ax[1].set(xlabel="expert hidden size d_ff", ylabel="ms per step (fwd + bwd)",
+              title="expert-parallel step: " + ("NCCL" if gpu else "toy"))
+    ax[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(folder, f"alltoall_{'gpu' if gpu else 'cpu'}.png"), dpi=80)
+
+
+def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "_mpi":
+        return _mpi_main(CPU_SIZES)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("where", choices=["cpu", "gpu"])
+    p.add_argument("--nproc", type=int, default=2, help="ranks for the CPU benchmark")
+    p.add_argument("--plots", default=None, help="folder for the PNG plot (docs/img)")
+    p.add_argument("--json", default=None, help="file for the raw numbers")
+    args = p.parse_args()
+    run_cpu(args) if args.where == "cpu" else run_gpu(args)
+
+
+if __name__ == "__main__":
+    main()
