@@ -69,7 +69,7 @@ def load_stdlib(max_bytes: int = 16_000_000, val_fraction: float = 0.05) -> Corp
                   np.frombuffer(b"".join(val), np.uint8), f"python stdlib ({root})")
 
 
-def load_text_file(path: str, val_fraction: float = 0.1, min_bytes: int = 2) -> Corpus:
+def load_text_file(path: str, val_fraction: float = 0.1) -> Corpus:
     """Any text file: the first (1 - val_fraction) of its bytes train, the rest validate."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"--data: file {path!r} does not exist")
@@ -80,9 +80,7 @@ def load_text_file(path: str, val_fraction: float = 0.1, min_bytes: int = 2) -> 
     if len(data) == 0:
         raise ValueError(f"--data: file {path!r} is empty")
     n_val = max(int(len(data) * val_fraction), 1)
-    corpus = Corpus(data[:-n_val], data[-n_val:], path)
-    check_length(corpus, min_bytes - 1)
-    return corpus
+    return Corpus(data[:-n_val], data[-n_val:], path)  # check_length(corpus, L) before use
 
 
 def load_corpus(data: str | None = None, max_bytes: int = 16_000_000) -> Corpus:

@@ -1,0 +1,144 @@
+"""Command line: `python -m tinymoe <command> ...` (also installed as `tinymoe`).
+
+    python -m tinymoe train                       # the default MoE GPT on the stdlib corpus (CPU)
+    python -m tinymoe train --model gpt --steps 500 --data notes.txt
+    python -m tinymoe train --router switch --experts 16 --top-k 1 --capacity-factor 1.0
+    python -m tinymoe generate --checkpoint runs/moe-gpt/ckpt.safetensors --prompt "def "
+
+Commands live in COMMANDS: name -> (help, add_arguments(parser), run(args)). To add one,
+write those two functions and add a line (or call `register`).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+# train options that become fields of the model config (argparse dest -> config field)
+MODEL_OPTIONS = {
+    "n_layer": "n_layer", "d_model": "d_model", "n_head": "n_head", "n_kv_head": "n_kv_head",
+    "d_ff": "d_ff", "activation": "activation", "dropout": "dropout", "experts": "num_experts",
+    "top_k": "top_k", "router": "router", "moe_every": "moe_every",
+    "capacity_factor": "capacity_factor", "eval_capacity_factor": "eval_capacity_factor",
+    "shared_experts": "num_shared_experts", "aux_loss_weight": "aux_loss_weight",
+    "z_loss_weight": "z_loss_weight",
+}
+# `--quick`: a smoke run in seconds (tests, trying the pipeline)
+QUICK = dict(steps=30, batch_size=4, block_size=32, eval_interval=15, eval_batches=2,
+             log_interval=5, checkpoint_interval=15, sample_tokens=60, max_corpus_bytes=300_000)
+QUICK_MODEL = dict(n_layer=2, d_model=32, n_head=2, d_ff=64)
+
+
+def _factor(text):
+    """A capacity factor: a number, or 'none' for dropless routing."""
+    return None if text.lower() in ("none", "dropless") else float(text)
+
+
+def add_train_arguments(p):
+    from .models import MODELS
+    from .nn.moe import ROUTERS
+    from .train import TrainConfig
+
+    d = TrainConfig()
+    m = p.add_argument_group("model (unset options keep the model's defaults)")
+    m.argument_default = argparse.SUPPRESS  # absent unless given: "none" (None) stays distinct
+    m.add_argument("--model", default=d.model, choices=sorted(MODELS))
+    m.add_argument("--router", choices=list(ROUTERS))
+    m.add_argument("--experts", type=int, help="number of experts (0: dense FFN)")
+    m.add_argument("--top-k", type=int, help="experts per token")
+    m.add_argument("--capacity-factor", type=_factor, help="training capacity factor, or none")
+    m.add_argument("--eval-capacity-factor", type=_factor)
+    m.add_argument("--shared-experts", type=int)
+    m.add_argument("--moe-every", type=int, help="1: MoE in every block, 2: every other")
+    m.add_argument("--aux-loss-weight", type=float)
+    m.add_argument("--z-loss-weight", type=float)
+    for name in ("n-layer", "d-model", "n-head", "n-kv-head", "d-ff"):
+        m.add_argument(f"--{name}", type=int)
+    m.add_argument("--activation", choices=["gelu", "swiglu", "relu"])
+    m.add_argument("--dropout", type=float)
+    t = p.add_argument_group("training")
+    t.add_argument("--data", default=None, help="a text file (default: the Python stdlib sources)")
+    t.add_argument("--device", default=d.device, choices=["cpu", "cuda"])
+    t.add_argument("--out-dir", default=d.out_dir)
+    t.add_argument("--name", default=None, help="run folder under --out-dir (default: the model)")
+    for name, typ in (("steps", int), ("batch-size", int), ("block-size", int), ("lr", float),
+                      ("warmup-steps", int), ("weight-decay", float), ("grad-clip", float),
+                      ("eval-interval", int), ("eval-batches", int), ("log-interval", int),
+                      ("checkpoint-interval", int), ("seed", int), ("time-limit", float),
+                      ("sample-tokens", int)):
+        t.add_argument(f"--{name}", type=typ, default=None)
+    t.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
+    t.add_argument("--quick", action="store_true", help="tiny model, few steps (smoke test)")
+    t.add_argument("--no-progress", action="store_true")
+
+
+def run_train(args):
+    from .train import TrainConfig, train
+
+    fields = {k: v for k, v in vars(args).items()
+              if k in TrainConfig.__dataclass_fields__ and v is not None}
+    model_config = {MODEL_OPTIONS[k]: v for k, v in vars(args).items() if k in MODEL_OPTIONS}
+    if args.quick:
+        fields = {**QUICK, **fields}
+        model_config = {**QUICK_MODEL, **model_config}
+    fields["progress"] = not args.no_progress
+    summary = train(TrainConfig(model_config=model_config, **fields))
+    return 0 if summary else 1
+
+
+def add_generate_arguments(p):
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--prompt", default="def ")
+    p.add_argument("--max-new-tokens", type=int, default=300)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-cache", action="store_true", help="recompute the prefix every token")
+
+
+def run_generate(args):
+    from .backend import manual_seed
+    from .data import decode, encode
+    from .train import load_model
+
+    model = load_model(args.checkpoint)
+    manual_seed(args.seed)
+    ids = model.generate(encode(args.prompt)[None], args.max_new_tokens, args.temperature,
+                         args.top_k, use_cache=not args.no_cache)
+    print(decode(ids[0]))
+    return 0
+
+
+COMMANDS = {
+    "train": ("train a language model", add_train_arguments, run_train),
+    "generate": ("sample text from a checkpoint", add_generate_arguments, run_generate),
+}
+
+
+def register(name, help, add_arguments, run):
+    """Add a subcommand (e.g. `profile`)."""
+    COMMANDS[name] = (help, add_arguments, run)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="tinymoe", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", metavar="command")
+    for name, (help, add_arguments, _) in COMMANDS.items():
+        add_arguments(sub.add_parser(name, help=help))
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return COMMANDS[args.command][2](args)
+    except (ValueError, TypeError, RuntimeError, FileNotFoundError) as err:
+        print(f"tinymoe {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

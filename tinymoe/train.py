@@ -1,0 +1,277 @@
+"""The training loop of the CLI and the examples: every knob is a field of TrainConfig.
+
+    summary = train(TrainConfig(model="moe-gpt", steps=1500))
+
+Each run writes to runs/<name>/: ckpt.safetensors (model + optimizer + step + RNG),
+log.jsonl (one JSON object per logged step), loss.png, expert_load.png, sample.txt.
+Loss is in nats per byte (the tokens are bytes); bits per byte = nats / ln 2.
+Ctrl-C saves a checkpoint and returns; `resume=True` continues from it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import backend
+from .autograd.grad_mode import no_grad
+from .checkpoint import load_checkpoint, save_checkpoint
+from .data import BatchSampler, check_length, decode, encode, eval_batches, load_corpus
+from .models import build_model
+from .nn import functional as F
+from .optim import AdamW, WarmupCosine, clip_grad_norm_
+
+
+@dataclass
+class TrainConfig:
+    model: str = "moe-gpt"
+    model_config: dict = field(default_factory=dict)   # overrides of the model's config
+    data: str | None = None           # a text file; None = the Python stdlib sources
+    out_dir: str = "runs"
+    name: str | None = None           # run folder name (default: the model name)
+    device: str = "cpu"
+    seed: int = 0
+    steps: int = 1000
+    batch_size: int = 16
+    block_size: int = 128
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eval_interval: int = 250
+    eval_batches: int = 8
+    log_interval: int = 10
+    checkpoint_interval: int = 500
+    time_limit: float | None = None   # seconds; stop (and save) when exceeded
+    sample_prompt: str = "def "
+    sample_tokens: int = 400
+    sample_temperature: float = 0.7
+    resume: bool = False
+    max_corpus_bytes: int = 16_000_000
+    progress: bool = True             # tqdm bar
+    plots: bool = True
+
+
+def run_dir(cfg: TrainConfig) -> str:
+    return os.path.join(cfg.out_dir, cfg.name or cfg.model)
+
+
+def make_optimizer(model, cfg: TrainConfig):
+    """AdamW with weight decay on matrices only (not on norms, biases)."""
+    params = list(model.parameters())
+    decay = [p for p in params if p.ndim >= 2]
+    rest = [p for p in params if p.ndim < 2]
+    return AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                  {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+
+
+def evaluate(model, data, cfg: TrainConfig) -> float:
+    """Mean cross-entropy (nats per byte) over fixed validation windows, in eval mode."""
+    model.eval()
+    total, n = 0.0, 0
+    with no_grad():
+        for x, y in eval_batches(data, cfg.batch_size, cfg.block_size, cfg.eval_batches):
+            x, y = backend.to_device(x, cfg.device), backend.to_device(y, cfg.device)
+            logits, _ = model(x)
+            total += float(F.cross_entropy(logits, y).item()) * x.shape[0]
+            n += x.shape[0]
+    model.train()
+    return total / max(n, 1)
+
+
+def expert_load(model) -> dict:
+    """{layer: fraction of routed slots per expert} from the last forward."""
+    out = {}
+    for layer, s in model.stats().items():
+        counts = np.asarray(s["tokens_per_expert"], dtype=np.float64)
+        out[layer] = (counts / max(counts.sum(), 1)).round(4).tolist()
+    return out
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train; returns a summary dict (steps, losses, time, paths)."""
+    out = run_dir(cfg)
+    os.makedirs(out, exist_ok=True)
+    ckpt_path = os.path.join(out, "ckpt.safetensors")
+    log_path = os.path.join(out, "log.jsonl")
+    backend.manual_seed(cfg.seed)
+    corpus = load_corpus(cfg.data, cfg.max_corpus_bytes)
+    check_length(corpus, cfg.block_size)
+    model = build_model(cfg.model, block_size=cfg.block_size, **cfg.model_config).to(cfg.device)
+    optimizer = make_optimizer(model, cfg)
+    sampler = BatchSampler(corpus.train, cfg.batch_size, cfg.block_size, seed=cfg.seed)
+
+    step = 0
+    if cfg.resume:
+        if not os.path.exists(ckpt_path):
+            raise FileNotFoundError(f"train: --resume, but there is no checkpoint at {ckpt_path}")
+        info = load_checkpoint(ckpt_path, model, optimizer)
+        step = info["step"]
+        sampler.load_state_dict(info["extra"]["sampler"])
+    else:
+        open(log_path, "w").close()
+    scheduler = WarmupCosine(optimizer, min(cfg.warmup_steps, cfg.steps), cfg.steps, cfg.min_lr_ratio,
+                             start_step=step)
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump({"train": dataclasses.asdict(cfg),
+                   "model": dataclasses.asdict(model.config)}, f, indent=1)
+
+    def save():
+        save_checkpoint(ckpt_path, model, optimizer, step,
+                        extra={"model_name": cfg.model, "sampler": sampler.state_dict(),
+                               "train_config": dataclasses.asdict(cfg)})
+
+    def log(record):
+        with open(log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    print(f"{cfg.model}: {model.num_parameters():,} parameters | {corpus} | run dir {out}")
+    first_val = evaluate(model, corpus.val, cfg) if step == 0 else None
+    if first_val is not None:
+        log({"step": 0, "val_loss": first_val, "val_bpb": first_val / math.log(2)})
+    bar = _progress(cfg, step)
+    start, tokens, val, interrupted = time.time(), 0, first_val, False
+    try:
+        while step < cfg.steps:
+            t0 = time.time()
+            x, y = sampler()
+            x, y = backend.to_device(x, cfg.device), backend.to_device(y, cfg.device)
+            _, loss = model(x, y)
+            model.zero_grad()
+            loss.backward()
+            grad_norm = clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            tokens += x.size
+            tok_s = x.size / max(time.time() - t0, 1e-9)
+            if step % cfg.log_interval == 0 or step == cfg.steps:
+                record = {"step": step, "loss": model.last_ce, "total_loss": float(loss.item()),
+                          "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                          "tokens_per_s": tok_s, "elapsed_s": time.time() - start}
+                if model.stats():
+                    record["expert_load"] = expert_load(model)
+                    record["dropped_fraction"] = float(np.mean(
+                        [s["dropped_fraction"] for s in model.stats().values()]))
+                if step % cfg.eval_interval == 0 or step == cfg.steps:
+                    val = evaluate(model, corpus.val, cfg)
+                    record.update(val_loss=val, val_bpb=val / math.log(2))
+                log(record)
+            if step % cfg.checkpoint_interval == 0:
+                save()
+            bar.update(1)
+            bar.set_postfix(loss=f"{model.last_ce:.3f}", val=f"{val:.3f}" if val else "-",
+                            tok_s=f"{tok_s:,.0f}")
+            if cfg.time_limit is not None and time.time() - start > cfg.time_limit:
+                print(f"\ntime limit of {cfg.time_limit:.0f} s reached at step {step}")
+                break
+    except KeyboardInterrupt:
+        interrupted = True
+        print(f"\ninterrupted at step {step}: saving {ckpt_path}")
+    finally:
+        bar.close()
+    save()
+    if interrupted:
+        return {"step": step, "interrupted": True, "checkpoint": ckpt_path}
+
+    if val is None or not _last_logged_val(log_path, step):
+        val = evaluate(model, corpus.val, cfg)
+        log({"step": step, "val_loss": val, "val_bpb": val / math.log(2)})
+    sample = decode(model.generate(encode(cfg.sample_prompt)[None], cfg.sample_tokens,
+                                   temperature=cfg.sample_temperature, top_k=None)[0])
+    with open(os.path.join(out, "sample.txt"), "w") as f:
+        f.write(sample)
+    if cfg.plots:
+        plot_run(log_path, out)
+    elapsed = time.time() - start
+    summary = {"step": step, "first_val_loss": first_val, "val_loss": val,
+               "val_bpb": val / math.log(2), "train_seconds": elapsed,
+               "tokens_per_s": tokens / max(elapsed, 1e-9), "checkpoint": ckpt_path,
+               "run_dir": out, "sample": sample, "interrupted": False}
+    print(f"step {step}: val loss {val:.3f} nats/byte ({val / math.log(2):.3f} bits/byte), "
+          f"{elapsed:.0f} s, {summary['tokens_per_s']:,.0f} tokens/s\n--- sample ---\n{sample}")
+    return summary
+
+
+def _last_logged_val(log_path, step) -> bool:
+    with open(log_path) as f:
+        lines = f.read().splitlines()
+    return bool(lines) and json.loads(lines[-1]).get("step") == step and "val_loss" in lines[-1]
+
+
+def _progress(cfg, initial):
+    if cfg.progress:
+        from tqdm import tqdm
+        return tqdm(total=cfg.steps, initial=initial, dynamic_ncols=True, desc="train")
+
+    class _Silent:
+        def update(self, n): pass
+        def set_postfix(self, **kw): pass
+        def close(self): pass
+    return _Silent()
+
+
+def read_log(log_path) -> list[dict]:
+    with open(log_path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_run(log_path, out_dir):
+    """loss.png (train and validation loss vs step) and, for MoE models, expert_load.png
+    (per MoE layer: fraction of slots per expert over steps, a heatmap)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_log(log_path)
+    train_pts = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    val_pts = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+    if train_pts:
+        ax.plot(*zip(*train_pts), label="train", lw=1, alpha=0.8)
+    if val_pts:
+        ax.plot(*zip(*val_pts), "o-", label="validation", ms=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / byte)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "loss.png"))
+    plt.close(fig)
+
+    loads = [r for r in records if "expert_load" in r]
+    if not loads:
+        return
+    layers = list(loads[0]["expert_load"])
+    fig, axes = plt.subplots(1, len(layers), figsize=(2.4 * len(layers) + 1, 2.8), dpi=100,
+                             squeeze=False)
+    steps = [r["step"] for r in loads]
+    for ax, layer in zip(axes[0], layers):
+        grid = np.array([r["expert_load"][layer] for r in loads]).T            # (E, n_logs)
+        im = ax.imshow(grid, aspect="auto", cmap="viridis", origin="lower",
+                       extent=(steps[0], max(steps[-1], steps[0] + 1), -0.5, grid.shape[0] - 0.5),
+                       vmin=0, vmax=max(2.0 / grid.shape[0], float(grid.max())))
+        ax.set_title(layer, fontsize=9)
+        ax.set_xlabel("step")
+    axes[0][0].set_ylabel("expert")
+    fig.colorbar(im, ax=axes[0].tolist(), label="fraction of slots")
+    fig.savefig(os.path.join(out_dir, "expert_load.png"))
+    plt.close(fig)
+
+
+def load_model(checkpoint_path, device: str = "cpu"):
+    """The model saved by `train` in a checkpoint, rebuilt from its config, in eval mode."""
+    info = load_checkpoint(checkpoint_path, restore_rng=False, map_device=device)
+    name = (info["extra"] or {}).get("model_name")
+    if name is None:
+        raise ValueError(f"load_model: {checkpoint_path} was not written by tinymoe.train "
+                         f"(no model name in its metadata)")
+    model = build_model(name, **info["config"]).to(device)
+    model.load_state_dict(info["model_state"])
+    return model.eval()
