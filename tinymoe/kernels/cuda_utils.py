@@ -5,6 +5,8 @@ warp shuffles, so there the same functions trade values through shared memory be
 two block barriers; every thread of the block must then call them together, which our
 kernels do (all threads run every scan, idle rows on zeros).
 """
+import threading
+
 import numpy as np
 from numba import config, cuda
 
@@ -36,14 +38,17 @@ else:  # the simulator: Python run by one thread per CUDA thread
 
     @cuda.jit(device=True)
     def _trade(v, src_lane):
-        buf = cuda.shared.array(1024, np.float64)  # one slot per thread of the block
+        # Two buffers used in turn: one barrier per trade suffices, because a thread
+        # reaching trade k+2 (same buffer as k) has passed trade k+1's barrier, which
+        # every thread reaches only after its reads of trade k.
+        buf = cuda.shared.array((2, 1024), np.float64)  # one slot per thread of the block
+        me = threading.current_thread()
+        k = me.__dict__.get("tinymoe_trades", 0)
+        me.tinymoe_trades = k + 1
         tid = cuda.threadIdx.x + cuda.blockDim.x * (cuda.threadIdx.y + cuda.blockDim.y * cuda.threadIdx.z)
+        buf[k % 2, tid] = v
         cuda.syncthreads()
-        buf[tid] = v
-        cuda.syncthreads()
-        out = buf[tid - tid % WARP + src_lane]
-        cuda.syncthreads()
-        return type(v)(out)
+        return type(v)(buf[k % 2, tid - tid % WARP + src_lane])
 
     @cuda.jit(device=True)
     def shfl_up(v, k):

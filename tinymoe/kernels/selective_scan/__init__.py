@@ -21,6 +21,8 @@ IMPLS = {
     "reference": "tinymoe.kernels.selective_scan.reference",
     "assoc": "tinymoe.kernels.selective_scan.assoc",
     "numba": "tinymoe.kernels.selective_scan.numba_cpu",
+    "numba_cuda": "tinymoe.kernels.selective_scan.numba_cuda",
+    "cupy": "tinymoe.kernels.selective_scan.cupy_raw",
 }
 # What impl=None tries on each device, fastest first (the first that imports wins).
 DEFAULT_IMPLS = {"cpu": ("numba", "reference"), "cuda": ("cupy", "reference")}

@@ -364,13 +364,7 @@ def _kernels(np_dtype, items, warps, nchunk):
             for n in range(lane, N, WARP):
                 dA_part[b, d, n] = sm[dAs + n]
 
-    def fwd_smem(N):
-        return (2 * nchunk * ROW + warps * ROW + warps * N) * np.dtype(np_dtype).itemsize
-
-    def bwd_smem(N):
-        return (2 * nchunk * ROW + 2 * warps * ROW + 3 * warps * N) * np.dtype(np_dtype).itemsize
-
-    return fwd, bwd, fwd_smem, bwd_smem
+    return fwd, bwd
 
 
 # ---------------------------------------------------------------- array-level API
@@ -385,21 +379,47 @@ def _prepare(u, delta, A, B, C, D, z, delta_bias):
     dtype = np.result_type(u.dtype, np.float32)
     if dtype not in (np.float32, np.float64):
         raise TypeError(f"selective_scan: float32 or float64 inputs expected, got {u.dtype}")
-    dummy = xp.zeros(1, dtype)
-    c = lambda x: dummy if x is None else xp.ascontiguousarray(x, dtype=dtype)  # noqa: E731
-    return xp, dtype, [c(x) for x in (u, delta, A, B, C, D, z, delta_bias)]
+    # absent inputs become placeholders of the right rank (the kernel is typed for them)
+    c = lambda x, ndim: xp.zeros((1,) * ndim, dtype) if x is None \
+        else xp.ascontiguousarray(x, dtype=dtype)  # noqa: E731
+    return xp, dtype, [c(x, ndim) for x, ndim in
+                       ((u, 3), (delta, 3), (A, 2), (B, 3), (C, 3), (D, 1), (z, 3), (delta_bias, 1))]
+
+
+SMEM_LIMIT = 48 * 1024  # dynamic shared memory a kernel gets without opting in
+
+
+def fit_config(config, defaults, N, itemsize, bwd):
+    """The launch shape with nchunk (states per B/C chunk) halved until shared memory fits."""
+    cfg = dict(defaults, **(config or {}))
+    while cfg["nchunk"] > 1 and smem_bytes(cfg, N, itemsize, bwd) > SMEM_LIMIT:
+        cfg["nchunk"] //= 2
+    if smem_bytes(cfg, N, itemsize, bwd) > SMEM_LIMIT:
+        raise ValueError(f"selective_scan (GPU kernels): d_state N={N} needs more than "
+                         f"{SMEM_LIMIT} bytes of shared memory; use fewer states or impl='reference'")
+    return cfg
+
+
+def smem_bytes(cfg, N, itemsize, bwd):
+    """B/C chunk + staging (or the backward's dB/dC rows) + per-state carries."""
+    row = WARP * (cfg["items"] + 1)
+    if bwd:
+        return (2 * cfg["nchunk"] * row + 2 * cfg["warps"] * row + 3 * cfg["warps"] * N) * itemsize
+    return (2 * cfg["nchunk"] * row + cfg["warps"] * row + cfg["warps"] * N) * itemsize
 
 
 def selective_scan_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                        delta_softplus=False, config=None):
     """out (batch, d_inner, L); see the module docstring."""
     xp, dtype, arrs = _prepare(u, delta, A, B, C, D, z, delta_bias)
-    cfg = dict(FWD_CONFIG, **(config or {}))
-    fwd, _, fwd_smem, _ = _kernels(np.dtype(dtype).str, cfg["items"], cfg["warps"], cfg["nchunk"])
+    cfg = fit_config(config, FWD_CONFIG, A.shape[1], np.dtype(dtype).itemsize, False)
+    fwd, _ = _kernels(np.dtype(dtype).str, cfg["items"], cfg["warps"], cfg["nchunk"])
     batch, d_inner, L = u.shape
     out = xp.empty((batch, d_inner, L), dtype)
+    if out.size == 0:
+        return out
     grid = ((d_inner + cfg["warps"] - 1) // cfg["warps"], batch)
-    fwd[grid, cfg["warps"] * WARP, 0, fwd_smem(A.shape[1])](
+    fwd[grid, cfg["warps"] * WARP, 0, smem_bytes(cfg, A.shape[1], np.dtype(dtype).itemsize, False)](
         *arrs, out, D is not None, z is not None, delta_bias is not None, bool(delta_softplus))
     return out
 
@@ -410,24 +430,31 @@ def selective_scan_bwd(dout, u, delta, A, B, C, D=None, z=None, delta_bias=None,
     xp, dtype, arrs = _prepare(u, delta, A, B, C, D, z, delta_bias)
     if dout.shape != u.shape:
         raise ValueError(f"selective_scan_bwd: dout {dout.shape} must match u {u.shape}")
-    cfg = dict(BWD_CONFIG, **(config or {}))
-    _, bwd, _, bwd_smem = _kernels(np.dtype(dtype).str, cfg["items"], cfg["warps"], cfg["nchunk"])
+    cfg = fit_config(config, BWD_CONFIG, A.shape[1], np.dtype(dtype).itemsize, True)
+    _, bwd = _kernels(np.dtype(dtype).str, cfg["items"], cfg["warps"], cfg["nchunk"])
     batch, d_inner, L = u.shape
     N = A.shape[1]
     tile = WARP * cfg["items"]
     blocks = (d_inner + cfg["warps"] - 1) // cfg["warps"]
-    hs = xp.empty((batch, d_inner, (L + tile - 1) // tile, N), dtype)  # tile-start states
+    hs = xp.empty((batch, d_inner, max(1, (L + tile - 1) // tile), N), dtype)  # tile-start states
     du, ddelta = xp.empty_like(arrs[0]), xp.empty_like(arrs[0])
     dz = xp.empty_like(arrs[0]) if z is not None else arrs[6]
     dB_part = xp.empty((batch, blocks, N, L), dtype)
     dC_part = xp.empty((batch, blocks, N, L), dtype)
-    dA_part = xp.empty((batch, d_inner, N), dtype)
-    dD_part = xp.empty((batch, d_inner), dtype)
-    dbias_part = xp.empty((batch, d_inner), dtype)
-    bwd[(blocks, batch), cfg["warps"] * WARP, 0, bwd_smem(N)](
+    dA_part = xp.zeros((batch, d_inner, N), dtype)
+    dD_part = xp.zeros((batch, d_inner), dtype)
+    dbias_part = xp.zeros((batch, d_inner), dtype)
+    if u.size == 0:
+        return _sums(du, ddelta, dA_part, dB_part, dC_part, dD_part, dz, dbias_part, D, z, delta_bias)
+    bwd[(blocks, batch), cfg["warps"] * WARP, 0, smem_bytes(cfg, N, np.dtype(dtype).itemsize, True)](
         xp.ascontiguousarray(dout, dtype=dtype), *arrs, hs, du, ddelta, dz,
         dB_part, dC_part, dA_part, dD_part, dbias_part,
         D is not None, z is not None, delta_bias is not None, bool(delta_softplus))
+    return _sums(du, ddelta, dA_part, dB_part, dC_part, dD_part, dz, dbias_part, D, z, delta_bias)
+
+
+def _sums(du, ddelta, dA_part, dB_part, dC_part, dD_part, dz, dbias_part, D, z, delta_bias):
+    """Per-row and per-block partials summed in a fixed order (over batch, over blocks)."""
     return (du, ddelta, dA_part.sum(axis=0), dB_part.sum(axis=1), dC_part.sum(axis=1),
             dD_part.sum(axis=0) if D is not None else None,
             dz if z is not None else None,

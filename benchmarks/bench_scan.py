@@ -1,0 +1,185 @@
+"""Selective scan on the GPU: tinymoe's two fused kernels against the baselines.
+
+    python benchmarks/bench_scan.py [--batch 8 --d-inner 1536 --L 2048 --N 16] [--sweep]
+
+All in one run, float32, Mamba's options (D, delta_bias, delta_softplus; no z):
+- tinymoe `cupy` (CUDA C RawKernel) and `numba_cuda`, forward and forward+backward;
+- tinymoe `reference` on CuPy (a Python loop over L, one set of CuPy ops per step);
+- PyTorch: the same sequential loop in eager mode (autograd for the backward);
+- JAX: `lax.associative_scan` over (a_t, b_t) pairs, jitted (jax.vjp for the backward).
+The floor is the HBM traffic (each input read once, each output written once) over the
+device-to-device copy bandwidth measured here; the table gives each time's fraction of it.
+Timing: CUDA events around back-to-back calls after a warm-up; median of repeats.
+"""
+import argparse
+import os
+import statistics
+import sys
+from pathlib import Path
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # share the GPU with CuPy
+os.environ.setdefault("NUMBA_CUDA_ARRAY_INTERFACE_SYNC", "0")  # no host sync per launch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+import tinymoe  # noqa: E402
+from tinymoe.kernels.selective_scan import cupy_raw, numba_cuda, reference  # noqa: E402
+
+cp = tinymoe.backend.cupy()
+
+
+def gpu_ms(fn, reps=20, rounds=5, warmup=2):
+    """Median over rounds of (event time of `reps` back-to-back calls) / reps, in ms."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(rounds):
+        start, stop = cp.cuda.Event(), cp.cuda.Event()
+        start.record()
+        for _ in range(reps):
+            fn()
+        stop.record()
+        stop.synchronize()
+        times.append(cp.cuda.get_elapsed_time(start, stop) / reps)
+    return statistics.median(times)
+
+
+def copy_bandwidth():
+    """Device-to-device copy, bytes read + written per second."""
+    x = cp.empty(256 * 2**20, cp.float32)  # 1 GiB
+    y = cp.empty_like(x)
+    ms = gpu_ms(lambda: cp.copyto(y, x), reps=10)
+    return 2 * x.nbytes / (ms * 1e-3)
+
+
+def make(batch, d_inner, L, N, seed=0):
+    rng = cp.random.default_rng(seed)
+    f = lambda *s: rng.standard_normal(s, dtype=cp.float32)  # noqa: E731
+    u, delta = f(batch, d_inner, L), f(batch, d_inner, L) * 0.5 - 1.0
+    A = -cp.exp(f(d_inner, N) * 0.5)
+    B, C = f(batch, N, L), f(batch, N, L)
+    D, bias = f(d_inner), cp.abs(f(d_inner)) * 0.1
+    dout = f(batch, d_inner, L)
+    return dout, u, delta, A, B, C, D, bias
+
+
+def torch_loop(args):
+    """PyTorch eager, the sequential recurrence (the common readable recipe)."""
+    import torch
+    dout, u, delta, A, B, C, D, bias = (torch.as_tensor(x, device="cuda") for x in args)
+    leaves = [x.requires_grad_() for x in (u, delta, A, B, C, D, bias)]
+
+    def fwd():
+        dt = torch.nn.functional.softplus(delta + bias[:, None])            # (b, d, L)
+        h = torch.zeros(u.shape[0], u.shape[1], A.shape[1], device="cuda")  # (b, d, N)
+        ys = []
+        for t in range(u.shape[2]):
+            h = torch.exp(dt[:, :, t, None] * A) * h + \
+                (dt[:, :, t] * u[:, :, t])[:, :, None] * B[:, None, :, t]
+            ys.append((h * C[:, None, :, t]).sum(-1))
+        return torch.stack(ys, -1) + D[:, None] * u
+
+    def fwd_bwd():
+        y = fwd()
+        torch.autograd.grad((y * dout).sum(), leaves)
+
+    with torch.no_grad():
+        f_ms = gpu_ms(fwd, reps=1, rounds=3, warmup=1)
+    fb_ms = gpu_ms(fwd_bwd, reps=1, rounds=3, warmup=1)
+    del leaves
+    torch.cuda.empty_cache()
+    return f_ms, fb_ms
+
+
+def jax_assoc(args):
+    """JAX lax.associative_scan over (a_t, b_t), composing h -> a h + b; jitted."""
+    import jax
+    import jax.numpy as jnp
+    dout, u, delta, A, B, C, D, bias = (jnp.asarray(cp.asnumpy(x)) for x in args)
+
+    def scan(u, delta, A, B, C, D, bias):
+        dt = jax.nn.softplus(delta + bias[:, None])                           # (b, d, L)
+        a = jnp.exp(dt[..., None] * A[None, :, None, :])                       # (b, d, L, N)
+        b = (dt * u)[..., None] * jnp.swapaxes(B, 1, 2)[:, None]               # (b, d, L, N)
+        comb = lambda x, y: (x[0] * y[0], y[0] * x[1] + y[1])                 # noqa: E731
+        _, h = jax.lax.associative_scan(comb, (a, b), axis=2)
+        return jnp.einsum("bdln,bnl->bdl", h, C) + D[:, None] * u
+
+    f = jax.jit(scan)
+    g = jax.jit(lambda *xs: jax.vjp(scan, *xs)[1](dout))
+    xs = (u, delta, A, B, C, D, bias)
+
+    def timed(fn):
+        import time
+        fn(*xs)
+        jax.block_until_ready(fn(*xs))
+        ts = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*xs))
+            ts.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(ts)
+
+    f_ms = timed(f)
+    fb_ms = timed(lambda *a: (f(*a), g(*a)))
+    return f_ms, fb_ms
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--d-inner", type=int, default=1536)
+    p.add_argument("--L", type=int, default=2048)
+    p.add_argument("--N", type=int, default=16)
+    p.add_argument("--sweep", action="store_true", help="also time other launch shapes")
+    p.add_argument("--skip-baselines", action="store_true")
+    a = p.parse_args()
+    args = make(a.batch, a.d_inner, a.L, a.N)
+    dout, u, delta, A, B, C, D, bias = args
+    kw = dict(D=D, delta_bias=bias, delta_softplus=True)
+    dev = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
+    bw = copy_bandwidth()
+    big, small = u.nbytes, B.nbytes
+    floor_f = (2 * big + 2 * small + big) / bw * 1e3           # u, delta, B, C in; y out
+    floor_b = (3 * big + 2 * small + 2 * big + 2 * small) / bw * 1e3  # + dout in; du, ddelta, dB, dC out
+    print(f"device {dev}; copy bandwidth {bw / 1e12:.2f} TB/s; sizes batch={a.batch} "
+          f"d_inner={a.d_inner} L={a.L} N={a.N} float32")
+    print(f"HBM floor: forward {floor_f:.3f} ms, backward {floor_b:.3f} ms")
+
+    rows = []
+    ref_out = reference.selective_scan_fwd(u, delta, A, B, C, D, None, bias, True)
+    for name, mod in (("cupy", cupy_raw), ("numba_cuda", numba_cuda)):
+        out = mod.selective_scan_fwd(u, delta, A, B, C, **kw)
+        err = float(cp.linalg.norm(out - ref_out) / cp.linalg.norm(ref_out))
+        f_ms = gpu_ms(lambda: mod.selective_scan_fwd(u, delta, A, B, C, **kw))
+        b_ms = gpu_ms(lambda: mod.selective_scan_bwd(dout, u, delta, A, B, C, **kw))
+        rows.append((f"tinymoe {name}", f_ms, f_ms + b_ms, b_ms, err))
+    if a.sweep:
+        for items, warps in ((4, 8), (8, 4), (16, 4), (16, 8)):
+            cfg = dict(items=items, warps=warps, nchunk=8 if items == 16 else 16)
+            f_ms = gpu_ms(lambda: cupy_raw.selective_scan_fwd(u, delta, A, B, C, config=cfg, **kw))
+            bcfg = dict(items=items, warps=warps, nchunk=4 if items == 16 else 8)
+            b_ms = gpu_ms(lambda: cupy_raw.selective_scan_bwd(dout, u, delta, A, B, C,
+                                                              config=bcfg, **kw))
+            rows.append((f"  cupy items={items} warps={warps}", f_ms, f_ms + b_ms, b_ms, float("nan")))
+    if not a.skip_baselines:
+        f_ms = gpu_ms(lambda: reference.selective_scan_fwd(u, delta, A, B, C, D, None, bias, True),
+                      reps=1, rounds=3, warmup=1)
+        rows.append(("tinymoe reference (CuPy loop)", f_ms, float("nan"), float("nan"), 0.0))
+        for name, fn in (("PyTorch eager loop", torch_loop), ("JAX associative_scan", jax_assoc)):
+            try:
+                f_ms, fb_ms = fn(args)
+                rows.append((name, f_ms, fb_ms, fb_ms - f_ms, float("nan")))
+            except Exception as e:  # a missing framework is reported, not fatal
+                print(f"{name}: skipped ({type(e).__name__}: {e})")
+    best_f = rows[0][1]
+    print(f"\n{'implementation':34s} {'fwd ms':>9s} {'fwd+bwd ms':>11s} {'bwd/fwd':>8s} "
+          f"{'fwd floor%':>10s} {'vs cupy fwd':>11s} {'rel err':>9s}")
+    for name, f, fb, b, err in rows:
+        print(f"{name:34s} {f:9.3f} {fb:11.3f} {b / f:8.2f} {100 * floor_f / f:9.1f}% "
+              f"{f / best_f:10.1f}x {err:9.1e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Fused selective scan, forward and backward, as CuPy RawKernels (CUDA C in selective_scan.cu).
+
+The algorithm is numba_cuda.py's, line for line; this file only compiles the source for
+one configuration (dtype, items per lane, warps per block, states per B/C chunk), sizes
+the shared memory and launches. Inputs and outputs are CuPy arrays.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from ...backend import cupy
+from .numba_cuda import _prepare, _sums, fit_config, smem_bytes
+
+SOURCE = Path(__file__).with_name("selective_scan.cu")
+WARP = 32
+# Launch shapes, chosen by benchmarks/bench_scan.py on an H100.
+FWD_CONFIG = dict(items=8, warps=8, nchunk=16)
+BWD_CONFIG = dict(items=8, warps=8, nchunk=8)
+
+
+def nvcc_options(dtype, items, warps, nchunk):
+    """The -D defines that specialise selective_scan.cu (also used by the compile test)."""
+    ctype = "float" if np.dtype(dtype) == np.float32 else "double"
+    return (f"-Dscalar_t={ctype}", f"-DITEMS={items}", f"-DWARPS={warps}", f"-DNCHUNK={nchunk}")
+
+
+@lru_cache(maxsize=None)
+def _module(dtype, items, warps, nchunk):
+    cp = cupy()
+    return cp.RawModule(code=SOURCE.read_text(), options=("--std=c++17",) +
+                        nvcc_options(dtype, items, warps, nchunk))
+
+
+def _launch(name, cfg, dtype, grid, smem, args):
+    kernel = _module(np.dtype(dtype).str, cfg["items"], cfg["warps"], cfg["nchunk"]).get_function(name)
+    kernel(grid, (cfg["warps"] * WARP,), args, shared_mem=smem)
+
+
+def _flags(D, z, delta_bias, delta_softplus):
+    return tuple(np.bool_(x) for x in (D is not None, z is not None, delta_bias is not None,
+                                       bool(delta_softplus)))
+
+
+def selective_scan_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                       delta_softplus=False, config=None):
+    """out (batch, d_inner, L); CuPy arrays in and out."""
+    xp, dtype, arrs = _prepare(u, delta, A, B, C, D, z, delta_bias)
+    cfg = fit_config(config, FWD_CONFIG, A.shape[1], np.dtype(dtype).itemsize, False)
+    batch, d_inner, L = u.shape
+    N = A.shape[1]
+    out = xp.empty((batch, d_inner, L), dtype)
+    if out.size == 0:
+        return out
+    grid = ((d_inner + cfg["warps"] - 1) // cfg["warps"], batch)
+    smem = smem_bytes(cfg, N, np.dtype(dtype).itemsize, False)
+    _launch("selective_scan_fwd", cfg, dtype, grid, smem,
+            (*arrs, out, np.int32(d_inner), np.int32(L), np.int32(N),
+             *_flags(D, z, delta_bias, delta_softplus)))
+    return out
+
+
+def selective_scan_bwd(dout, u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                       delta_softplus=False, config=None):
+    """(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias); None for absent inputs."""
+    xp, dtype, arrs = _prepare(u, delta, A, B, C, D, z, delta_bias)
+    if dout.shape != u.shape:
+        raise ValueError(f"selective_scan_bwd: dout {dout.shape} must match u {u.shape}")
+    cfg = fit_config(config, BWD_CONFIG, A.shape[1], np.dtype(dtype).itemsize, True)
+    batch, d_inner, L = u.shape
+    N = A.shape[1]
+    tile = WARP * cfg["items"]
+    blocks = (d_inner + cfg["warps"] - 1) // cfg["warps"]
+    hs = xp.empty((batch, d_inner, max(1, (L + tile - 1) // tile), N), dtype)  # tile-start h
+    du, ddelta = xp.empty_like(arrs[0]), xp.empty_like(arrs[0])
+    dz = xp.empty_like(arrs[0]) if z is not None else arrs[6]
+    dB_part = xp.empty((batch, blocks, N, L), dtype)  # every entry written when L > 0
+    dC_part = xp.empty((batch, blocks, N, L), dtype)
+    dA_part = xp.zeros((batch, d_inner, N), dtype)
+    dD_part = xp.zeros((batch, d_inner), dtype)
+    dbias_part = xp.zeros((batch, d_inner), dtype)
+    if u.size:
+        smem = smem_bytes(cfg, N, np.dtype(dtype).itemsize, True)
+        _launch("selective_scan_bwd", cfg, dtype, (blocks, batch), smem,
+                (xp.ascontiguousarray(dout, dtype=dtype), *arrs, hs, du, ddelta, dz,
+                 dB_part, dC_part, dA_part, dD_part, dbias_part,
+                 np.int32(d_inner), np.int32(L), np.int32(N),
+                 *_flags(D, z, delta_bias, delta_softplus)))
+    return _sums(du, ddelta, dA_part, dB_part, dC_part, dD_part, dz, dbias_part, D, z, delta_bias)

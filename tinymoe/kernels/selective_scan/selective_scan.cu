@@ -1,0 +1,361 @@
+// Fused selective scan, forward and backward, in CUDA C (twin of numba_cuda.py; the
+// same algorithm line for line, see that file's docstring and docs/kernels.md).
+//
+//   a_t = exp(delta_t A_n);  h_t = a_t h_{t-1} + delta_t B_t u_t;  y_t = C_t . h_t + D u_t
+//
+// One warp owns one (b, d) row; a block holds WARPS rows of the same b, sharing the B, C
+// tiles in shared memory. A tile is 32 * ITEMS steps; lane l holds ITEMS consecutive
+// steps in registers, folds them into one affine map h -> P h + Q, and a warp scan of the
+// maps gives each lane its incoming state. No float atomics: results are deterministic.
+//
+// Compile-time constants (given with -D by cupy_raw.py): scalar_t, ITEMS, WARPS, NCHUNK.
+
+#ifndef scalar_t
+#define scalar_t float
+#endif
+#ifndef ITEMS
+#define ITEMS 8
+#endif
+#ifndef WARPS
+#define WARPS 8
+#endif
+#ifndef NCHUNK
+#define NCHUNK 16
+#endif
+
+#define WARP 32
+#define TILE (WARP * ITEMS)          // steps per tile
+#define ROW (WARP * (ITEMS + 1))     // a staged tile, one pad word per lane (no bank conflicts)
+#define FULL 0xffffffffu
+
+__device__ __forceinline__ float fexp(float x) { return __expf(x); }
+__device__ __forceinline__ double fexp(double x) { return exp(x); }
+__device__ __forceinline__ float flog1p(float x) { return log1pf(x); }
+__device__ __forceinline__ double flog1p(double x) { return log1p(x); }
+
+// dst[i] = src[row, t0 + lane*ITEMS + i]: coalesced global reads, then each lane takes its
+// consecutive steps out of shared memory (zero past L).
+__device__ __forceinline__ void stage_in(const scalar_t* __restrict__ src, bool valid, int t0,
+                                         int L, scalar_t* sm, int lane, scalar_t* dst) {
+#pragma unroll
+    for (int j = 0; j < ITEMS; ++j) {
+        int p = j * WARP + lane, t = t0 + p;
+        sm[p + p / ITEMS] = (valid && t < L) ? src[t] : scalar_t(0);
+    }
+    __syncwarp();
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) dst[i] = sm[lane * (ITEMS + 1) + i];
+    __syncwarp();
+}
+
+// dst[row, t0 + lane*ITEMS + i] = src[i], written coalesced.
+__device__ __forceinline__ void stage_out(scalar_t* __restrict__ dst, bool valid, int t0, int L,
+                                          scalar_t* sm, int lane, const scalar_t* src) {
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) sm[lane * (ITEMS + 1) + i] = src[i];
+    __syncwarp();
+#pragma unroll
+    for (int j = 0; j < ITEMS; ++j) {
+        int p = j * WARP + lane, t = t0 + p;
+        if (valid && t < L) dst[t] = sm[p + p / ITEMS];
+    }
+    __syncwarp();
+}
+
+// The block stages B[b, n0:n0+nc, tile] (and C) into shared memory.
+__device__ __forceinline__ void load_bc(const scalar_t* __restrict__ Bb,
+                                        const scalar_t* __restrict__ Cb, int n0, int nc, int t0,
+                                        int L, scalar_t* sm, bool load_c) {
+    __syncthreads();
+    for (int p = threadIdx.x; p < nc * TILE; p += blockDim.x) {
+        int k = p / TILE, tl = p % TILE, t = t0 + tl, s = tl + tl / ITEMS;
+        long off = (long)(n0 + k) * L + t;
+        sm[k * ROW + s] = t < L ? Bb[off] : scalar_t(0);
+        if (load_c) sm[(NCHUNK + k) * ROW + s] = t < L ? Cb[off] : scalar_t(0);
+    }
+    __syncthreads();
+}
+
+// Inclusive warp scan of maps h -> P h + Q (lane 0 first); returns the exclusive map.
+__device__ __forceinline__ void scan_up(scalar_t P, scalar_t Q, int lane, scalar_t& Pe,
+                                        scalar_t& Qe) {
+#pragma unroll
+    for (int k = 1; k < WARP; k *= 2) {
+        scalar_t Pp = __shfl_up_sync(FULL, P, k), Qp = __shfl_up_sync(FULL, Q, k);
+        if (lane >= k) { Q = P * Qp + Q; P = P * Pp; }  // (P,Q) after (Pp,Qp)
+    }
+    Pe = __shfl_up_sync(FULL, P, 1);
+    Qe = __shfl_up_sync(FULL, Q, 1);
+    if (lane == 0) { Pe = 1; Qe = 0; }
+}
+
+// The same, lane 31 first (reverse time, for the backward).
+__device__ __forceinline__ void scan_down(scalar_t P, scalar_t Q, int lane, scalar_t& Pe,
+                                          scalar_t& Qe) {
+#pragma unroll
+    for (int k = 1; k < WARP; k *= 2) {
+        scalar_t Pn = __shfl_down_sync(FULL, P, k), Qn = __shfl_down_sync(FULL, Q, k);
+        if (lane + k < WARP) { Q = P * Qn + Q; P = P * Pn; }
+    }
+    Pe = __shfl_down_sync(FULL, P, 1);
+    Qe = __shfl_down_sync(FULL, Q, 1);
+    if (lane == WARP - 1) { Pe = 1; Qe = 0; }
+}
+
+// Fixed-order tree sum over the warp; the total lands in lane 0.
+__device__ __forceinline__ scalar_t warp_sum(scalar_t v) {
+#pragma unroll
+    for (int k = WARP / 2; k > 0; k /= 2) v += __shfl_down_sync(FULL, v, k);
+    return v;
+}
+
+// delta' = softplus(delta + delta_bias) (or delta + delta_bias); sp = d delta'/d delta.
+__device__ __forceinline__ void prepare_delta(scalar_t* dt, scalar_t* sp, bool valid, int t0,
+                                              int L, int lane, scalar_t bias, bool softplus) {
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+        scalar_t x = dt[i] + bias;
+        sp[i] = 1;
+        if (softplus) {
+            sp[i] = scalar_t(1) / (scalar_t(1) + fexp(-x));
+            x = x > scalar_t(20) ? x : flog1p(fexp(x));
+        }
+        if (!valid || t0 + lane * ITEMS + i >= L) x = 0;  // past the end: the identity step
+        dt[i] = x;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(WARPS * WARP)
+selective_scan_fwd(const scalar_t* __restrict__ u, const scalar_t* __restrict__ delta,
+                   const scalar_t* __restrict__ A, const scalar_t* __restrict__ B,
+                   const scalar_t* __restrict__ C, const scalar_t* __restrict__ D,
+                   const scalar_t* __restrict__ z, const scalar_t* __restrict__ delta_bias,
+                   scalar_t* __restrict__ out, int d_inner, int L, int N, bool has_D,
+                   bool has_z, bool has_bias, bool softplus) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    scalar_t* sm = reinterpret_cast<scalar_t*>(smem_raw);
+    const int b = blockIdx.y, w = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    int d = blockIdx.x * WARPS + w;
+    const bool valid = d < d_inner;
+    if (!valid) d = 0;  // an idle warp still joins every barrier, on zeros
+    const long row = ((long)b * d_inner + d) * L;
+    const scalar_t* Bb = B + (long)b * N * L;
+    const scalar_t* Cb = C + (long)b * N * L;
+    scalar_t* stg = sm + 2 * NCHUNK * ROW + w * ROW;            // this warp's staging row
+    scalar_t* car = sm + 2 * NCHUNK * ROW + WARPS * ROW + w * N;  // carried h[n]
+    scalar_t uu[ITEMS], dt[ITEMS], sp[ITEMS], y[ITEMS], a[ITEMS], bu[ITEMS];
+    for (int n = lane; n < N; n += WARP) car[n] = 0;
+    const scalar_t Dd = has_D ? D[d] : scalar_t(0);
+    const scalar_t bias = has_bias ? delta_bias[d] : scalar_t(0);
+    for (int t0 = 0; t0 < L; t0 += TILE) {
+        stage_in(u + row, valid, t0, L, stg, lane, uu);
+        stage_in(delta + row, valid, t0, L, stg, lane, dt);
+        prepare_delta(dt, sp, valid, t0, L, lane, bias, softplus);
+#pragma unroll
+        for (int i = 0; i < ITEMS; ++i) y[i] = Dd * uu[i];  // the skip D u_t
+        for (int n0 = 0; n0 < N; n0 += NCHUNK) {
+            const int nc = min(NCHUNK, N - n0);
+            load_bc(Bb, Cb, n0, nc, t0, L, sm, true);
+            for (int k = 0; k < nc; ++k) {
+                const scalar_t An = A[(long)d * N + n0 + k];
+                const scalar_t* Bs = sm + k * ROW + lane * (ITEMS + 1);
+                const scalar_t* Cs = sm + (NCHUNK + k) * ROW + lane * (ITEMS + 1);
+                scalar_t P = 1, Q = 0;  // this lane's steps folded: h_out = P h_in + Q
+#pragma unroll
+                for (int i = 0; i < ITEMS; ++i) {
+                    a[i] = fexp(dt[i] * An);            // a_t = exp(delta_t A_n)
+                    bu[i] = dt[i] * uu[i] * Bs[i];      // delta_t B_t u_t
+                    Q = a[i] * Q + bu[i];
+                    P = P * a[i];
+                }
+                scalar_t Pe, Qe;
+                scan_up(P, Q, lane, Pe, Qe);
+                scalar_t h = Pe * car[n0 + k] + Qe;     // state entering this lane's steps
+#pragma unroll
+                for (int i = 0; i < ITEMS; ++i) {
+                    h = a[i] * h + bu[i];               // h_t = a_t h_{t-1} + delta_t B_t u_t
+                    y[i] += Cs[i] * h;                  // y_t += C_t[n] h_t[n]
+                }
+                const scalar_t h_last = __shfl_sync(FULL, h, WARP - 1);
+                if (lane == 0) car[n0 + k] = h_last;
+            }
+        }
+        if (has_z) {
+            stage_in(z + row, valid, t0, L, stg, lane, a);
+#pragma unroll
+            for (int i = 0; i < ITEMS; ++i) y[i] *= a[i] / (scalar_t(1) + fexp(-a[i]));  // silu
+        }
+        stage_out(out + row, valid, t0, L, stg, lane, y);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(WARPS * WARP)
+selective_scan_bwd(const scalar_t* __restrict__ dout, const scalar_t* __restrict__ u,
+                   const scalar_t* __restrict__ delta, const scalar_t* __restrict__ A,
+                   const scalar_t* __restrict__ B, const scalar_t* __restrict__ C,
+                   const scalar_t* __restrict__ D, const scalar_t* __restrict__ z,
+                   const scalar_t* __restrict__ delta_bias, scalar_t* __restrict__ hs,
+                   scalar_t* __restrict__ du, scalar_t* __restrict__ ddelta,
+                   scalar_t* __restrict__ dz, scalar_t* __restrict__ dB_part,
+                   scalar_t* __restrict__ dC_part, scalar_t* __restrict__ dA_part,
+                   scalar_t* __restrict__ dD_part, scalar_t* __restrict__ dbias_part,
+                   int d_inner, int L, int N, bool has_D, bool has_z, bool has_bias,
+                   bool softplus) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    scalar_t* sm = reinterpret_cast<scalar_t*>(smem_raw);
+    const int b = blockIdx.y, w = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    int d = blockIdx.x * WARPS + w;
+    const bool valid = d < d_inner;
+    if (!valid) d = 0;
+    const int ntiles = (L + TILE - 1) / TILE;
+    const long row = ((long)b * d_inner + d) * L;
+    const scalar_t* Bb = B + (long)b * N * L;
+    const scalar_t* Cb = C + (long)b * N * L;
+    scalar_t* red = sm + 2 * NCHUNK * ROW;  // (2, WARPS, ROW): dB, dC terms; also staging
+    scalar_t* stg = red + w * ROW;
+    scalar_t* car = red + 2 * WARPS * ROW + w * N;  // carried h[n] (phase 1)
+    scalar_t* gca = car + WARPS * N;                // carried a_{t+1} g_{t+1}[n] (phase 2)
+    scalar_t* dAs = gca + WARPS * N;                // dA[n] of this row
+    scalar_t* hs_row = hs + ((long)b * d_inner + d) * ntiles * N;
+    scalar_t uu[ITEMS], dt[ITEMS], sp[ITEMS], dy[ITEMS], go[ITEMS], y[ITEMS], a[ITEMS],
+        bu[ITEMS], hh[ITEMS], dui[ITEMS], ddt[ITEMS];
+    for (int n = lane; n < N; n += WARP) { car[n] = 0; gca[n] = 0; dAs[n] = 0; }
+    const scalar_t Dd = has_D ? D[d] : scalar_t(0);
+    const scalar_t bias = has_bias ? delta_bias[d] : scalar_t(0);
+
+    // Phase 1: the forward recurrence, keeping only each tile's starting state.
+    for (int tile = 0; tile < ntiles; ++tile) {
+        const int t0 = tile * TILE;
+        __syncwarp();
+        for (int n = lane; n < N; n += WARP)
+            if (valid) hs_row[(long)tile * N + n] = car[n];
+        stage_in(u + row, valid, t0, L, stg, lane, uu);
+        stage_in(delta + row, valid, t0, L, stg, lane, dt);
+        prepare_delta(dt, sp, valid, t0, L, lane, bias, softplus);
+        for (int n0 = 0; n0 < N; n0 += NCHUNK) {
+            const int nc = min(NCHUNK, N - n0);
+            load_bc(Bb, Cb, n0, nc, t0, L, sm, false);
+            for (int k = 0; k < nc; ++k) {
+                const scalar_t An = A[(long)d * N + n0 + k];
+                const scalar_t* Bs = sm + k * ROW + lane * (ITEMS + 1);
+                scalar_t P = 1, Q = 0;
+#pragma unroll
+                for (int i = 0; i < ITEMS; ++i) {
+                    const scalar_t ai = fexp(dt[i] * An);
+                    Q = ai * Q + dt[i] * uu[i] * Bs[i];
+                    P = P * ai;
+                }
+                scalar_t Pe, Qe;
+                scan_up(P, Q, lane, Pe, Qe);
+                const scalar_t h_end = __shfl_sync(FULL, P * (Pe * car[n0 + k] + Qe) + Q, WARP - 1);
+                if (lane == 0) car[n0 + k] = h_end;
+            }
+        }
+    }
+
+    // Phase 2: tiles last to first; per state, recompute h_t, then reverse-scan
+    // g_t = dL/dh_t = C_t dy_t + a_{t+1} g_{t+1}.
+    scalar_t dD_acc = 0, dbias_acc = 0;
+    for (int tile = ntiles - 1; tile >= 0; --tile) {
+        const int t0 = tile * TILE;
+        stage_in(u + row, valid, t0, L, stg, lane, uu);
+        stage_in(delta + row, valid, t0, L, stg, lane, dt);
+        prepare_delta(dt, sp, valid, t0, L, lane, bias, softplus);
+        stage_in(dout + row, valid, t0, L, stg, lane, go);
+        if (has_z) stage_in(z + row, valid, t0, L, stg, lane, a);
+#pragma unroll
+        for (int i = 0; i < ITEMS; ++i) {
+            // out = y silu(z): dL/dy = dout silu(z)
+            dy[i] = has_z ? go[i] * a[i] / (scalar_t(1) + fexp(-a[i])) : go[i];
+            y[i] = Dd * uu[i];
+            dui[i] = Dd * dy[i];      // dL/du from the skip D u
+            ddt[i] = 0;
+            dD_acc += dy[i] * uu[i];  // dL/dD = sum_t dy_t u_t
+        }
+        for (int n0 = 0; n0 < N; n0 += NCHUNK) {
+            const int nc = min(NCHUNK, N - n0);
+            load_bc(Bb, Cb, n0, nc, t0, L, sm, true);
+            for (int k = 0; k < nc; ++k) {
+                const int n = n0 + k;
+                const scalar_t An = A[(long)d * N + n];
+                const scalar_t* Bs = sm + k * ROW + lane * (ITEMS + 1);
+                const scalar_t* Cs = sm + (NCHUNK + k) * ROW + lane * (ITEMS + 1);
+                scalar_t P = 1, Q = 0, Pe, Qe;
+#pragma unroll
+                for (int i = 0; i < ITEMS; ++i) {
+                    a[i] = fexp(dt[i] * An);
+                    bu[i] = dt[i] * uu[i] * Bs[i];
+                    Q = a[i] * Q + bu[i];
+                    P = P * a[i];
+                }
+                scan_up(P, Q, lane, Pe, Qe);
+                const scalar_t h_in = Pe * (valid ? hs_row[(long)tile * N + n] : scalar_t(0)) + Qe;
+                scalar_t h = h_in;
+#pragma unroll
+                for (int i = 0; i < ITEMS; ++i) {
+                    h = a[i] * h + bu[i];
+                    hh[i] = h;
+                    y[i] += Cs[i] * h;
+                }
+                // this lane's reverse map: c_out = a_first g_first = P c_in + Q
+                Q = 0;
+#pragma unroll
+                for (int i = ITEMS - 1; i >= 0; --i) Q = a[i] * (Cs[i] * dy[i] + Q);
+                scan_down(P, Q, lane, Pe, Qe);
+                scalar_t c = Pe * gca[n] + Qe;  // a_{t+1} g_{t+1} entering from the right
+                scalar_t dA_acc = 0;
+#pragma unroll
+                for (int i = ITEMS - 1; i >= 0; --i) {
+                    const int s = lane * (ITEMS + 1) + i;
+                    const scalar_t g = Cs[i] * dy[i] + c;               // g_t
+                    const scalar_t hp = i > 0 ? hh[i > 0 ? i - 1 : 0] : h_in;  // h_{t-1}
+                    dui[i] += g * dt[i] * Bs[i];                        // delta_t B_t
+                    ddt[i] += g * (Bs[i] * uu[i] + hp * An * a[i]);     // d h_t / d delta_t
+                    dA_acc += g * hp * dt[i] * a[i];                    // dL/dA_n
+                    red[w * ROW + s] = g * dt[i] * uu[i];               // dL/dB_t[n], this row
+                    red[(WARPS + w) * ROW + s] = dy[i] * hh[i];         // dL/dC_t[n], this row
+                    c = a[i] * g;
+                }
+                const scalar_t c_first = __shfl_sync(FULL, c, 0);
+                dA_acc = warp_sum(dA_acc);
+                if (lane == 0) { gca[n] = c_first; dAs[n] += dA_acc; }
+                // the block adds its rows' dB, dC terms in warp order: one partial per block
+                __syncthreads();
+                for (int p = threadIdx.x; p < 2 * TILE; p += blockDim.x) {
+                    const int which = p / TILE, tl = p % TILE, s = tl + tl / ITEMS;
+                    scalar_t acc = 0;
+#pragma unroll
+                    for (int w2 = 0; w2 < WARPS; ++w2) acc += red[(which * WARPS + w2) * ROW + s];
+                    if (t0 + tl < L) {
+                        const long off = (((long)b * gridDim.x + blockIdx.x) * N + n) * L + t0 + tl;
+                        (which == 0 ? dB_part : dC_part)[off] = acc;
+                    }
+                }
+                __syncthreads();
+            }
+        }
+        if (has_z) stage_in(z + row, valid, t0, L, stg, lane, a);  // z again
+#pragma unroll
+        for (int i = 0; i < ITEMS; ++i) {
+            if (has_z) {  // dL/dz = dout y silu'(z), silu'(z) = s (1 + z (1 - s))
+                const scalar_t sg = scalar_t(1) / (scalar_t(1) + fexp(-a[i]));
+                y[i] = go[i] * y[i] * sg * (scalar_t(1) + a[i] * (scalar_t(1) - sg));
+            }
+            ddt[i] = (t0 + lane * ITEMS + i >= L) ? scalar_t(0) : ddt[i] * sp[i];
+            dbias_acc += ddt[i];
+        }
+        stage_out(du + row, valid, t0, L, stg, lane, dui);
+        stage_out(ddelta + row, valid, t0, L, stg, lane, ddt);
+        if (has_z) stage_out(dz + row, valid, t0, L, stg, lane, y);
+    }
+    dD_acc = warp_sum(dD_acc);
+    dbias_acc = warp_sum(dbias_acc);
+    __syncwarp();
+    if (valid) {
+        if (lane == 0) {
+            dD_part[(long)b * d_inner + d] = dD_acc;
+            dbias_part[(long)b * d_inner + d] = dbias_acc;
+        }
+        for (int n = lane; n < N; n += WARP) dA_part[((long)b * d_inner + d) * N + n] = dAs[n];
+    }
+}
