@@ -111,3 +111,21 @@ def test_expert_gradients_are_scaled_not_all_reduced():
     p.grad = np.full(3, 8.0, np.float32)
     all_reduce_gradients([p], comm)
     assert np.array_equal(p.grad, np.full(3, 2.0, np.float32))
+
+
+def _gpt_losses(comm):
+    from tinymoe.distributed.expert_parallel import shard_experts
+    from tinymoe.models import build_model
+
+    cfg = dict(vocab_size=32, d_model=16, n_layer=2, n_head=2, d_ff=24, block_size=8, num_experts=2 * comm.world_size)
+    ids = np.random.default_rng(comm.rank).integers(0, 32, (2, 8))
+    tinymoe.manual_seed(5)
+    full = build_model("moe-gpt", **cfg)(ids, ids)[1].item()
+    tinymoe.manual_seed(5)
+    model = shard_experts(build_model("moe-gpt", **cfg), comm)
+    return full, model(ids, ids)[1].item(), sorted(model.stats())
+
+
+def test_shard_experts_in_a_gpt_keeps_its_loss(pool):
+    for full, sharded, layers in pool.run(_gpt_losses):
+        assert abs(full - sharded) < 1e-5 and layers == ["layer0", "layer1"]

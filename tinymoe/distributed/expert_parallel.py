@@ -116,3 +116,15 @@ class ExpertParallelMoE(Module):
                            "bytes_sent": int((send_rows.sum() - send_rows[self.comm.rank]) * xs.shape[1]
                                              * xs.dtype.itemsize)}
         return out.reshape(*shape)
+
+
+def shard_experts(model: Module, comm=None) -> Module:
+    """Replace every MoELayer inside `model` by an ExpertParallelMoE holding this rank's
+    experts (in place; returns the model). Build the model with the same seed on every rank."""
+    from tinymoe.nn.moe import MoELayer
+
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, MoELayer):
+                setattr(module, name, ExpertParallelMoE(child, comm))
+    return model
