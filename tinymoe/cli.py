@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .profile import cli as profile_cli
+
 # train options that become fields of the model config (argparse dest -> config field)
 MODEL_OPTIONS = {
     "n_layer": "n_layer", "d_model": "d_model", "n_head": "n_head", "n_kv_head": "n_kv_head",
@@ -111,6 +113,8 @@ def run_generate(args):
 COMMANDS = {
     "train": ("train a language model", add_train_arguments, run_train),
     "generate": ("sample text from a checkpoint", add_generate_arguments, run_generate),
+    "profile": ("count FLOPs, bytes and time of one training step, per op and module",
+                profile_cli.add_arguments, profile_cli.run),
 }
 
 

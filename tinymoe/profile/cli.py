@@ -10,6 +10,7 @@ roofline.png and modules.png to --out.
 """
 from __future__ import annotations
 
+import argparse
 import os
 
 
@@ -24,7 +25,7 @@ def _value(text):
 
 def _assignment(text):
     if "=" not in text:
-        raise ValueError(f"--set expects key=value, got {text!r}")
+        raise argparse.ArgumentTypeError(f"--set expects key=value, got {text!r}")
     key, value = text.split("=", 1)
     return key.strip(), _value(value.strip())
 

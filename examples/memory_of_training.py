@@ -1,0 +1,65 @@
+"""Memory of training, from the lecture's formulas to a measured tinymoe step.
+
+    python examples/memory_of_training.py
+
+1. model states per parameter: mixed-precision Adam (2 + 2 + 12 = 16 bytes), ZeRO
+   stages for a 7.5B model on 64 GPUs (ZeRO's Figure 1);
+2. activations per layer as the sequence grows (Korthikanti et al.: s b h (34 + 5 a s / h));
+3. the KV cache of generation, MHA vs GQA vs MQA, and Mamba's constant state;
+4. tinymoe's own GPT: the estimate beside the peak that tracemalloc measures.
+Change the knobs below and run again.
+"""
+import numpy as np
+
+from tinymoe.accounting import (
+    FP32_ADAM, MIXED_PRECISION_ADAM, kv_cache_bytes, mamba_state_bytes, model_state_bytes,
+    transformer_activation_bytes,
+)
+from tinymoe.accounting.memory import tinymoe_gpt_activation_bytes, training_step_bytes
+from tinymoe.models import build_model
+from tinymoe.optim import AdamW
+from tinymoe.profile.memory import track_memory
+
+PSI, GPUS = 7.5e9, 64                               # ZeRO's example
+GPT3_LAYER = dict(d_model=12288, n_heads=96)        # one GPT-3 175B layer
+SMALL_GPT = dict(vocab_size=256, n_layer=4, n_head=4, d_model=128, d_ff=512)
+BATCH, SEQ = 8, 128
+
+print("1. model states, 7.5B parameters, mixed-precision Adam, 64 data-parallel GPUs")
+for stage, name in enumerate(["baseline", "ZeRO-1 (P_os)", "ZeRO-2 (P_os+g)", "ZeRO-3 (P_os+g+p)"]):
+    gb = model_state_bytes(PSI, MIXED_PRECISION_ADAM, stage, GPUS) / 1e9
+    print(f"   {name:<20} {gb:8.1f} GB per GPU")
+
+print("\n2. activations of one GPT-3 layer (16-bit), batch 1")
+for s in (512, 2048, 8192):
+    full = transformer_activation_bytes(s, 1, **GPT3_LAYER) / 2**30
+    sel = transformer_activation_bytes(s, 1, **GPT3_LAYER, recompute="selective") / 2**30
+    print(f"   L={s:>5}: {full:7.2f} GiB, with selective recomputation {sel:6.2f} GiB")
+
+print("\n3. generation state for 32 layers, 32 heads of 128, fp16, 4096 tokens")
+for name, kv in (("MHA", 32), ("GQA-8", 8), ("MQA", 1)):
+    print(f"   KV cache {name:<6} {kv_cache_bytes(32, kv, 128, 4096) / 2**30:6.2f} GiB")
+print(f"   Mamba state (d_inner 8192, N 16), any length: "
+      f"{mamba_state_bytes(32, 8192, 16, 4) / 2**20:.1f} MiB")
+
+print(f"\n4. tinymoe GPT {SMALL_GPT}, batch {BATCH} x {SEQ}, AdamW, float32 (CPU)")
+with track_memory("cpu") as mem:
+    model = build_model("gpt", block_size=SEQ, **SMALL_GPT)
+    opt = AdamW(model.parameters(), lr=1e-3)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, SMALL_GPT["vocab_size"], (BATCH, SEQ))
+    for step in range(2):
+        if step == 1:
+            mem.reset_peak()                         # measure the second step only
+        opt.zero_grad()
+        _, loss = model(ids, ids)
+        loss.backward()
+        opt.step()
+    peak = mem.peak
+act = tinymoe_gpt_activation_bytes(model.config, BATCH, SEQ)
+est = training_step_bytes(model.num_parameters(), act["total"], FP32_ADAM)
+for k, v in est.items():
+    print(f"   {k:<12} {v / 1e6:8.2f} MB")
+print(f"   measured peak {peak / 1e6:6.2f} MB   (estimate / measured = {est['total'] / peak:.3f})")
+print(f"   of the activations, attention scores B H L^2: "
+      f"{model.config.n_layer * act['attention_scores_per_layer'] / act['total']:.0%}")
