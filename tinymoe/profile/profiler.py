@@ -76,6 +76,9 @@ class Profiler:
                 profiler._stack.pop()
 
         Module.__call__ = call
+        if backend.cuda_available():                 # GPU ops are timed from here on
+            self._start_event = backend.cupy().cuda.Event()
+            self._start_event.record()
         self._handle = _function.add_op_hook(self._on_op)
         self._wall = time.perf_counter()
         return self
@@ -108,12 +111,8 @@ class Profiler:
         record = Record(event.op, event.phase, module, flops, read, written, event.seconds)
         self.records.append(record)
         arrays = [a for a in event.outputs if backend.is_cupy_array(a)]
-        if arrays:
-            cp = backend.cupy()
-            if self._start_event is None:   # the first GPU op: its time starts here
-                self._start_event = cp.cuda.Event()
-                self._start_event.record()
-            gpu_event = cp.cuda.Event()
+        if arrays and self._start_event is not None:
+            gpu_event = backend.cupy().cuda.Event()
             gpu_event.record()
             self._events.append((record, gpu_event))
 
