@@ -1,0 +1,128 @@
+"""Expert dispatch and combine as CuPy RawKernels (CUDA C in dispatch.cu).
+
+Same algorithm as numba_cuda.py (its docstring explains it); this file compiles
+dispatch.cu once per dtype and launches. Inputs and outputs are CuPy arrays.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from ...backend import cupy
+from .numba_cuda import CHUNK, SLOT_WARPS, THREADS, WARP, _rows2d
+from .reference import DispatchPlan, check_expert_index
+
+SOURCE = Path(__file__).with_name("dispatch.cu")
+
+
+def nvcc_options(dtype):
+    """The -D defines that specialise dispatch.cu (also used by the compile test)."""
+    ctype = "float" if np.dtype(dtype) == np.float32 else "double"
+    return (f"-Dscalar_t={ctype}", f"-DCHUNK={CHUNK}", f"-DSLOT_WARPS={SLOT_WARPS}")
+
+
+@lru_cache(maxsize=None)
+def _kernel(name, dtype="<f4"):
+    return cupy().RawModule(code=SOURCE.read_text(), options=nvcc_options(dtype)).get_function(name)
+
+
+def _float(x):
+    """float32 stays float32; anything else computes in float64."""
+    return x.dtype if x.dtype == np.float32 else np.dtype(np.float64)
+
+
+def make_dispatch_plan(expert_index, num_experts: int, capacity=None) -> DispatchPlan:
+    cp = cupy()
+    check_expert_index(expert_index, num_experts, capacity)
+    T, k = expert_index.shape
+    ei = cp.ascontiguousarray(expert_index, dtype=cp.int64)
+    chunks = max(1, -(-T * k // CHUNK))
+    blocks = -(-chunks // THREADS)
+    dims = (np.int32(T), np.int32(k), np.int32(num_experts), np.int32(chunks))
+    hist = cp.zeros((chunks, num_experts), cp.int64)                       # (chunks, E)
+    if T * k:
+        _kernel("count_chunks")((blocks,), (THREADS,), (ei, *dims, hist))
+    wanted = hist.sum(axis=0)                                               # (E,) histogram
+    counts = wanted if capacity is None else cp.minimum(wanted, capacity)
+    offsets = cp.concatenate([cp.zeros(1, cp.int64), cp.cumsum(counts)])   # (E+1,)
+    start = cp.cumsum(hist, axis=0) - hist       # exclusive scan over chunks: first ranks
+    slot_row = cp.empty((T, k), cp.int64)
+    row_slot = cp.empty(int(offsets[-1]), cp.int64)
+    if T * k:
+        _kernel("assign_rows")((blocks,), (THREADS,),
+                               (ei, *dims, start, counts.astype(cp.int64), offsets, slot_row, row_slot))
+    return DispatchPlan(counts=counts.astype(cp.int64), offsets=offsets, slot_row=slot_row,
+                        row_token=row_slot // k, row_slot=row_slot,
+                        num_experts=num_experts, capacity=capacity)
+
+
+def _permute(x, plan, scale=None):
+    cp = cupy()
+    x2 = _rows2d(x, "permute")
+    dtype = _float(x2)
+    x2 = x2.astype(dtype, copy=False)
+    out = cp.empty((plan.num_rows, x2.shape[1]), dtype)
+    if out.size:
+        s = cp.ones(1, dtype) if scale is None else cp.ascontiguousarray(scale.reshape(-1), dtype)
+        _kernel("permute_rows", dtype.str)((plan.num_rows,), (THREADS,),
+                                           (x2, plan.row_token, s, plan.row_slot,
+                                            np.bool_(scale is not None), np.int32(x2.shape[1]), out))
+    return out.reshape((plan.num_rows,) + x.shape[1:])
+
+
+def _combine(ys, plan, weights, num_tokens, dtype):
+    cp = cupy()
+    y2 = cp.ascontiguousarray(_rows2d(ys, "combine"), dtype)
+    out = cp.empty((num_tokens, y2.shape[1]), dtype)
+    if out.size:
+        w = cp.ones((1, 1), dtype) if weights is None else cp.ascontiguousarray(weights, dtype)
+        _kernel("combine_rows", np.dtype(dtype).str)(
+            (num_tokens,), (THREADS,), (y2, plan.slot_row, np.int32(plan.slot_row.shape[1]), w,
+                                        np.bool_(weights is not None), np.int32(y2.shape[1]), out))
+    return out.reshape((num_tokens,) + ys.shape[1:])
+
+
+def permute(x, plan: DispatchPlan):
+    """x (T, d) -> xs (R, d): xs[r] = x[row_token[r]]."""
+    if x.shape[0] != plan.slot_row.shape[0]:
+        raise ValueError(f"permute: x has {x.shape[0]} tokens, plan has {plan.slot_row.shape[0]}")
+    return _permute(x, plan).astype(x.dtype, copy=False)
+
+
+def permute_backward(dxs, plan: DispatchPlan, num_tokens: int):
+    """dxs (R, d) -> dx (T, d): dx[t] = sum of the rows of token t."""
+    if plan.slot_row.shape[0] != num_tokens:
+        raise ValueError(f"permute_backward: plan has {plan.slot_row.shape[0]} tokens, "
+                         f"num_tokens={num_tokens}")
+    return _combine(dxs, plan, None, num_tokens, _float(dxs)).astype(dxs.dtype, copy=False)
+
+
+def combine(ys, weights, plan: DispatchPlan):
+    """ys (R, d), weights (T, k) -> out (T, d) = sum_j weights[t, j] ys[slot_row[t, j]]."""
+    cp = cupy()
+    if weights.shape != plan.slot_row.shape:
+        raise ValueError(f"combine: weights shape {tuple(weights.shape)} != expert_index shape "
+                         f"{tuple(plan.slot_row.shape)}")
+    if ys.shape[0] != plan.num_rows:
+        raise ValueError(f"combine: ys has {ys.shape[0]} rows, plan has {plan.num_rows}")
+    dtype = cp.result_type(ys.dtype, weights.dtype)
+    return _combine(ys, plan, weights, weights.shape[0], _float(np.empty(0, dtype))).astype(dtype, copy=False)
+
+
+def combine_backward(dout, ys, weights, plan: DispatchPlan):
+    """-> dys (R, d) = weights[slot] dout[token], dweights (T, k) = dout[t] . ys[slot_row]."""
+    cp = cupy()
+    T, k = plan.slot_row.shape
+    dys = _permute(dout, plan, scale=weights).astype(ys.dtype, copy=False)
+    d2 = _rows2d(dout, "combine_backward")
+    dtype = _float(d2)
+    d2 = d2.astype(dtype, copy=False)
+    y2 = cp.ascontiguousarray(_rows2d(ys, "combine_backward"), dtype)
+    dweights = cp.empty((T, k), dtype)
+    if T * k:
+        _kernel("slot_dot", dtype.str)((-(-T * k // SLOT_WARPS),), (SLOT_WARPS * WARP,),
+                                       (d2, y2, plan.slot_row, np.int32(T), np.int32(k),
+                                        np.int32(d2.shape[1]), dweights))
+    return dys, dweights.astype(weights.dtype, copy=False)

@@ -1,0 +1,199 @@
+"""Expert dispatch and combine in Numba CUDA (twin of cupy_raw.py; spec in reference.py).
+
+The plan, for S = k T slots taken in priority order s = j T + t (choice-major, then token):
+1. histogram: thread c counts the experts of its chunk of consecutive slots -> hist (chunks, E)
+2. offsets: counts = min(hist.sum(0), capacity); offsets = exclusive scan of counts; the
+   exclusive scan of hist over chunks gives each chunk its first rank in every expert
+3. rows: thread c walks its chunk in order again; a slot's rank in its expert is its
+   chunk's start plus the same-expert slots before it, kept if rank < capacity
+Ranks come from counting in a fixed order, never from the order in which atomics land, so
+the plan (and which slots are dropped) is the same on every run.
+
+The data movers give one block to one row (threads stride over d, coalesced):
+    permute          xs[r] = x[row_token[r]]                       (scale optional)
+    combine          out[t] = sum_j w[t, j] ys[slot_row[t, j]]      (j in order, no atomics)
+    slot dot         dweights[t, j] = dout[t] . ys[slot_row[t, j]]  (one warp per slot)
+permute_backward is combine with unit weights; combine_backward is permute scaled by the
+gate plus the slot dot.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import cuda
+
+from ...backend import array_module
+from ..cuda_utils import WARP, shfl_down
+from .reference import DispatchPlan, check_expert_index
+
+CHUNK = 64  # slots per thread in the plan kernels
+THREADS = 128  # threads per block of the row kernels
+SLOT_WARPS = 4  # warps per block of the slot-dot kernel
+
+
+@cuda.jit
+def count_chunks(expert_index, hist):
+    """hist[c, e] = slots of chunk c (priority order) that chose expert e."""
+    c = cuda.grid(1)
+    T, k = expert_index.shape
+    if c >= hist.shape[0]:
+        return
+    for s in range(c * CHUNK, min(T * k, (c + 1) * CHUNK)):
+        e = expert_index[s % T, s // T]  # slot s = j T + t
+        if e >= 0:
+            hist[c, e] += 1
+
+
+@cuda.jit
+def assign_rows(expert_index, start, counts, offsets, slot_row, row_slot):
+    """Walk chunk c in priority order: rank = start[c, e]++; keep the slot if rank < counts[e]."""
+    c = cuda.grid(1)
+    T, k = expert_index.shape
+    if c >= start.shape[0]:
+        return
+    for s in range(c * CHUNK, min(T * k, (c + 1) * CHUNK)):
+        t = s % T
+        j = s // T
+        e = expert_index[t, j]
+        slot_row[t, j] = -1
+        if e >= 0:
+            rank = start[c, e]
+            start[c, e] = rank + 1
+            if rank < counts[e]:
+                row = offsets[e] + rank
+                slot_row[t, j] = row
+                row_slot[row] = t * k + j
+
+
+@cuda.jit
+def permute_rows(x, row_token, scale, row_slot, has_scale, out):
+    """out[r] = x[row_token[r]] (* scale[row_slot[r]]): one block per row r."""
+    r = cuda.blockIdx.x
+    src = row_token[r]
+    w = scale[row_slot[r]] if has_scale else scale[0]  # scale is [1] when absent
+    for i in range(cuda.threadIdx.x, x.shape[1], cuda.blockDim.x):
+        out[r, i] = x[src, i] * w
+
+
+@cuda.jit
+def combine_rows(ys, slot_row, weights, has_weights, out):
+    """out[t] = sum_j weights[t, j] ys[slot_row[t, j]] over kept slots, j in order."""
+    t = cuda.blockIdx.x
+    k = slot_row.shape[1]
+    for i in range(cuda.threadIdx.x, out.shape[1], cuda.blockDim.x):
+        acc = out[t, i]  # out starts at zero: the accumulator gets its dtype
+        for j in range(k):
+            r = slot_row[t, j]
+            if r >= 0:
+                acc += (weights[t, j] if has_weights else weights[0, 0]) * ys[r, i]
+        out[t, i] = acc
+
+
+@cuda.jit
+def slot_dot(dout, ys, slot_row, dweights):
+    """dweights[t, j] = dout[t] . ys[slot_row[t, j]]: one warp per slot, fixed-order sum."""
+    slot = cuda.blockIdx.x * SLOT_WARPS + cuda.threadIdx.x // WARP
+    lane = cuda.threadIdx.x % WARP
+    T, k = slot_row.shape
+    t = min(slot // k, T - 1)  # warps past the end compute a dummy and write nothing
+    j = slot % k
+    r = slot_row[t, j]
+    acc = dweights[t, j]  # starts at zero
+    if r >= 0:
+        for i in range(lane, dout.shape[1], WARP):
+            acc += dout[t, i] * ys[r, i]
+    off = WARP // 2
+    while off > 0:  # every warp reaches the shuffles (the simulator needs all threads)
+        acc += shfl_down(acc, off)
+        off //= 2
+    if lane == 0 and slot < T * k:
+        dweights[t, j] = acc
+
+
+# ---------------------------------------------------------------- array-level API
+def make_dispatch_plan(expert_index, num_experts: int, capacity=None) -> DispatchPlan:
+    xp = array_module(expert_index)
+    check_expert_index(expert_index, num_experts, capacity)
+    T, k = expert_index.shape
+    ei = xp.ascontiguousarray(expert_index, dtype=xp.int64)
+    chunks = max(1, -(-T * k // CHUNK))
+    blocks = -(-chunks // THREADS)
+    hist = xp.zeros((chunks, num_experts), xp.int64)  # (chunks, E)
+    count_chunks[blocks, THREADS](ei, hist)
+    wanted = hist.sum(axis=0)  # (E,) the histogram
+    counts = wanted if capacity is None else xp.minimum(wanted, capacity)
+    offsets = xp.concatenate([xp.zeros(1, xp.int64), xp.cumsum(counts)])  # (E+1,)
+    start = xp.cumsum(hist, axis=0) - hist  # exclusive scan over chunks: (chunks, E)
+    slot_row = xp.empty((T, k), xp.int64)
+    row_slot = xp.empty(int(offsets[-1]), xp.int64)
+    if T * k:
+        assign_rows[blocks, THREADS](ei, start, counts, offsets, slot_row, row_slot)
+    return DispatchPlan(counts=counts.astype(xp.int64), offsets=offsets, slot_row=slot_row,
+                        row_token=row_slot // k, row_slot=row_slot,
+                        num_experts=num_experts, capacity=capacity)
+
+
+def _rows2d(x, op):
+    if x.ndim < 1:
+        raise ValueError(f"{op}: expected an array of rows, got shape {tuple(x.shape)}")
+    width = int(np.prod(x.shape[1:]))
+    return array_module(x).ascontiguousarray(x.reshape(x.shape[0], width))
+
+
+def _permute(x, plan, scale=None):
+    xp = array_module(x)
+    x2 = _rows2d(x, "permute")
+    out = xp.empty((plan.num_rows, x2.shape[1]), x2.dtype)
+    if out.size:
+        s = xp.ones(1, x2.dtype) if scale is None else xp.ascontiguousarray(scale.reshape(-1), x2.dtype)
+        permute_rows[plan.num_rows, THREADS](x2, plan.row_token, s, plan.row_slot, scale is not None, out)
+    return out.reshape((plan.num_rows,) + x.shape[1:])
+
+
+def _combine(ys, plan, weights, num_tokens, dtype):
+    xp = array_module(ys)
+    y2 = xp.ascontiguousarray(_rows2d(ys, "combine"), dtype)
+    out = xp.zeros((num_tokens, y2.shape[1]), dtype)
+    if out.size:
+        w = xp.ones((1, 1), dtype) if weights is None else xp.ascontiguousarray(weights, dtype)
+        combine_rows[num_tokens, THREADS](y2, plan.slot_row, w, weights is not None, out)
+    return out.reshape((num_tokens,) + ys.shape[1:])
+
+
+def permute(x, plan: DispatchPlan):
+    """x (T, d) -> xs (R, d): xs[r] = x[row_token[r]]."""
+    if x.shape[0] != plan.slot_row.shape[0]:
+        raise ValueError(f"permute: x has {x.shape[0]} tokens, plan has {plan.slot_row.shape[0]}")
+    return _permute(x, plan)
+
+
+def permute_backward(dxs, plan: DispatchPlan, num_tokens: int):
+    """dxs (R, d) -> dx (T, d): dx[t] = sum of the rows of token t."""
+    if plan.slot_row.shape[0] != num_tokens:
+        raise ValueError(f"permute_backward: plan has {plan.slot_row.shape[0]} tokens, "
+                         f"num_tokens={num_tokens}")
+    return _combine(dxs, plan, None, num_tokens, dxs.dtype)
+
+
+def combine(ys, weights, plan: DispatchPlan):
+    """ys (R, d), weights (T, k) -> out (T, d) = sum_j weights[t, j] ys[slot_row[t, j]]."""
+    xp = array_module(ys)
+    if weights.shape != plan.slot_row.shape:
+        raise ValueError(f"combine: weights shape {tuple(weights.shape)} != expert_index shape "
+                         f"{tuple(plan.slot_row.shape)}")
+    if ys.shape[0] != plan.num_rows:
+        raise ValueError(f"combine: ys has {ys.shape[0]} rows, plan has {plan.num_rows}")
+    return _combine(ys, plan, weights, weights.shape[0], xp.result_type(ys.dtype, weights.dtype))
+
+
+def combine_backward(dout, ys, weights, plan: DispatchPlan):
+    """-> dys (R, d) = weights[slot] dout[token], dweights (T, k) = dout[t] . ys[slot_row]."""
+    xp = array_module(dout)
+    T, k = plan.slot_row.shape
+    dys = _permute(dout, plan, scale=weights).astype(ys.dtype, copy=False)
+    d2 = _rows2d(dout, "combine_backward")
+    y2 = xp.ascontiguousarray(_rows2d(ys, "combine_backward"), d2.dtype)
+    dweights = xp.zeros((T, k), d2.dtype)
+    if T * k:
+        slot_dot[-(-T * k // SLOT_WARPS), SLOT_WARPS * WARP](d2, y2, plan.slot_row, dweights)
+    return dys, dweights.astype(weights.dtype, copy=False)
+
