@@ -1,170 +1,177 @@
-"""The selective scan on the CPU with Numba: one thread per (batch, channel) row.
+"""The selective scan on the CPU: NumPy for the elementwise math, Numba for the recurrence.
 
-Each (b, d) row is an independent recurrence over time with an N-vector state, so
-the forward keeps h in a length-N local array and never builds the (batch, d_inner,
-L, N) tensor. The backward recomputes states: a first pass stores h only at chunk
-boundaries (L / CHUNK vectors), then each chunk is recomputed into a (CHUNK + 1, N)
-buffer and walked in reverse with the gradient recurrence of reference.py:
+Time is cut into chunks of CHUNK steps. For each chunk, NumPy computes the discretized
+dA = exp(delta' A) for (batch, d_inner, CHUNK, N) at once (its exp is vectorized; a
+scalar exp inside the loop would cost most of the time), then a Numba kernel runs
+the recurrence with one thread per (batch, channel) row:
+
+    h_t = dA_t h_{t-1} + delta'_t B_t u_t,    y_t = C_t . h_t
+
+The state h (batch, d_inner, N) is carried from chunk to chunk; no array spans
+(batch, d_inner, L, N). The backward recomputes: a forward pass keeps h only at chunk
+starts (L / CHUNK states, N / CHUNK of u's size), then the chunks are visited in
+reverse; each recomputes its states in a (CHUNK + 1, N) buffer per row and walks
+back with the gradient recurrence of reference.py:
 
     g_t = dA_{t+1} g_{t+1} + dy_t C_t          (g_t = dL/dh_t)
 
-dB and dC sum over channels, so threads own groups of channels and write partial
-sums (batch, groups, L, N) that are added at the end: no two threads write the same
-element, and the extra memory is `groups` (about the thread count) times dB, not
-d_inner times.
+dB and dC sum over channels, so in the backward a thread owns a group of channels and
+writes partial sums (batch, groups, L, N), added at the end: no two threads write the
+same element, and the extra memory is `groups` (about the thread count) times dB.
 """
 from __future__ import annotations
-
-import math
 
 import numba
 import numpy as np
 from numba import njit, prange
 
-CHUNK = 64  # time steps recomputed at once in the backward
+from .reference import effective_delta, silu
 
-
-@njit(cache=True, inline="always")
-def _softplus(x):
-    return max(x, 0.0) + math.log1p(math.exp(-abs(x)))           # log(1 + e^x), stable
-
-
-@njit(cache=True, inline="always")
-def _sigmoid(x):
-    return 1.0 / (1.0 + math.exp(-x))
-
-
-@njit(cache=True, inline="always")
-def _step_size(delta, bias, softplus):
-    x = delta + bias
-    return _softplus(x) if softplus else x                       # delta'
+CHUNK = 64  # time steps discretized (and, in the backward, recomputed) at once
 
 
 @njit(parallel=True, cache=True, fastmath=False)
-def _forward(u, delta, A, Bt, Ct, D, z, delta_bias, has_z, softplus, out):
-    """u, delta, z, out: (b, d, L); A: (d, N); Bt, Ct: (b, L, N); D, delta_bias: (d,)."""
-    batch, d_inner, L = u.shape
-    N = A.shape[1]
+def _forward_chunk(u, delta, dA, Bt, Ct, t0, h, y):
+    """Steps t0 .. t0 + T - 1. u, delta, y: (b, d, L); dA: (b, d, T, N) for this chunk;
+    Bt, Ct: (b, L, N); h: (b, d, N), the state before t0, updated in place."""
+    batch, d_inner, T, N = dA.shape
     for row in prange(batch * d_inner):
         b, d = row // d_inner, row % d_inner
-        h = np.zeros(N, dtype=u.dtype)                           # the state h_t (N,)
-        for t in range(L):
-            dt = _step_size(delta[b, d, t], delta_bias[d], softplus)
-            ut = u[b, d, t]
-            y = 0.0
+        h_row = h[b, d]                                           # (N,) view of the state
+        for i in range(T):
+            t = t0 + i
+            dA_t, B_t, C_t = dA[b, d, i], Bt[b, t], Ct[b, t]      # (N,) views
+            dBu = delta[b, d, t] * u[b, d, t]
+            y_t = 0.0
             for n in range(N):
-                h[n] = math.exp(dt * A[d, n]) * h[n] + dt * Bt[b, t, n] * ut  # h_t
-                y += Ct[b, t, n] * h[n]                          # y_t = C_t . h_t
-            y += D[d] * ut
-            if has_z:
-                y *= z[b, d, t] * _sigmoid(z[b, d, t])           # y * silu(z)
-            out[b, d, t] = y
+                h_row[n] = dA_t[n] * h_row[n] + dBu * B_t[n]      # h_t = dA_t h_{t-1} + delta' B_t u_t
+                y_t += C_t[n] * h_row[n]                          # y_t = C_t . h_t
+            y[b, d, t] = y_t
 
 
 @njit(parallel=True, cache=True, fastmath=False)
-def _backward(dout, u, delta, A, Bt, Ct, D, z, delta_bias, has_z, softplus, groups,
-              du, ddelta, dz, dA_part, dB_part, dC_part, dD_part):
-    """Writes du, ddelta, dz: (b, d, L); partial sums dA_part (b, d, N),
-    dB_part, dC_part (b, groups, L, N), dD_part (b, d). Thread job = (b, group)."""
-    batch, d_inner, L = u.shape
-    N = A.shape[1]
-    n_chunks = (L + CHUNK - 1) // CHUNK
+def _backward_chunk(u, delta, dA, A, Bt, Ct, dy, t0, h_start, g_next, groups,
+                    du, ddelta, dA_part, dB_part, dC_part):
+    """Steps t0 + T - 1 down to t0. h_start (b, d, N): the state before t0.
+    g_next (b, d, N): dA_{t+1} g_{t+1} from the chunk after, updated in place.
+    Writes du, ddelta (b, d, L) for these steps (ddelta w.r.t. delta'), adds into
+    dA_part (b, d, N) and into dB_part, dC_part (b, groups, L, N)."""
+    batch, d_inner, T, N = dA.shape
     for job in prange(batch * groups):
         b, grp = job // groups, job % groups
-        h_start = np.empty((n_chunks, N), dtype=u.dtype)         # h_{t0 - 1} per chunk
-        hs = np.empty((CHUNK + 1, N), dtype=u.dtype)             # h_{t0-1} .. h_{t1-1}
-        g_next = np.empty(N, dtype=u.dtype)                      # dA_{t+1} g_{t+1}
+        hs = np.empty((T + 1, N), dtype=h_start.dtype)            # h_{t0-1} .. h_{t0+T-1}
         for d in range(grp, d_inner, groups):
-            # 1) forward, keeping h only at chunk starts
-            h = hs[0]
-            h[:] = 0.0
-            for t in range(L):
-                if t % CHUNK == 0:
-                    h_start[t // CHUNK] = h
-                dt = _step_size(delta[b, d, t], delta_bias[d], softplus)
+            hs[0] = h_start[b, d]
+            for i in range(T):                                    # recompute the states
+                dBu = delta[b, d, t0 + i] * u[b, d, t0 + i]
+                dA_t, B_t = dA[b, d, i], Bt[b, t0 + i]
                 for n in range(N):
-                    h[n] = math.exp(dt * A[d, n]) * h[n] + dt * Bt[b, t, n] * u[b, d, t]
-            # 2) chunks in reverse: recompute their states, then walk back in time
-            g_next[:] = 0.0
-            for c in range(n_chunks - 1, -1, -1):
-                t0 = c * CHUNK
-                t1 = min(t0 + CHUNK, L)
-                hs[0] = h_start[c]
-                for t in range(t0, t1):
-                    dt = _step_size(delta[b, d, t], delta_bias[d], softplus)
-                    for n in range(N):
-                        hs[t - t0 + 1, n] = (math.exp(dt * A[d, n]) * hs[t - t0, n]
-                                             + dt * Bt[b, t, n] * u[b, d, t])
-                for t in range(t1 - 1, t0 - 1, -1):
-                    i = t - t0 + 1                               # hs[i] = h_t
-                    dt = _step_size(delta[b, d, t], delta_bias[d], softplus)
-                    ut = u[b, d, t]
-                    dy = dout[b, d, t]
-                    if has_z:                                    # out = y silu(z)
-                        y = D[d] * ut
-                        for n in range(N):
-                            y += Ct[b, t, n] * hs[i, n]
-                        s = _sigmoid(z[b, d, t])
-                        dz[b, d, t] = dy * y * s * (1.0 + z[b, d, t] * (1.0 - s))
-                        dy = dy * z[b, d, t] * s
-                    dD_part[b, d] += dy * ut
-                    du_t = dy * D[d]
-                    dd = 0.0
-                    for n in range(N):
-                        dA_n = math.exp(dt * A[d, n])
-                        g = g_next[n] + dy * Ct[b, t, n]         # g_t
-                        g_dA_h = g * dA_n * hs[i - 1, n]
-                        dd += g_dA_h * A[d, n] + g * Bt[b, t, n] * ut
-                        dA_part[b, d, n] += g_dA_h * dt
-                        dB_part[b, grp, t, n] += g * dt * ut
-                        dC_part[b, grp, t, n] += dy * hs[i, n]
-                        du_t += g * dt * Bt[b, t, n]
-                        g_next[n] = g * dA_n
-                    if softplus:                                 # softplus' = sigmoid
-                        dd *= _sigmoid(delta[b, d, t] + delta_bias[d])
-                    ddelta[b, d, t] = dd
-                    du[b, d, t] = du_t
+                    hs[i + 1, n] = dA_t[n] * hs[i, n] + dBu * B_t[n]
+            g_row, dA_row = g_next[b, d], dA_part[b, d]           # (N,) views
+            for i in range(T - 1, -1, -1):                        # walk back in time
+                t = t0 + i
+                dt, ut, dy_t = delta[b, d, t], u[b, d, t], dy[b, d, t]
+                dA_t, B_t, C_t = dA[b, d, i], Bt[b, t], Ct[b, t]
+                dB_t, dC_t = dB_part[b, grp, t], dC_part[b, grp, t]
+                h_prev, h_t = hs[i], hs[i + 1]
+                du_t = 0.0
+                dd = 0.0
+                for n in range(N):
+                    g = g_row[n] + dy_t * C_t[n]                  # g_t = dA_{t+1} g_{t+1} + dy_t C_t
+                    g_dA_h = g * dA_t[n] * h_prev[n]              # dL/d(dA_t) dA_t
+                    dd += g_dA_h * A[d, n] + g * B_t[n] * ut      # dL/d delta'_t
+                    dA_row[n] += g_dA_h * dt                      # dL/dA
+                    dB_t[n] += g * dt * ut                        # dL/dB_t
+                    dC_t[n] += dy_t * h_t[n]                      # dL/dC_t
+                    du_t += g * dt * B_t[n]                       # dL/du_t
+                    g_row[n] = g * dA_t[n]
+                ddelta[b, d, t] = dd
+                du[b, d, t] = du_t
 
 
-def _prepare(u, delta, A, B, C, D, z, delta_bias):
-    """Contiguous arrays of u's dtype; B, C as (b, L, N) so the N loop is contiguous."""
-    dt = u.dtype if u.dtype in (np.float32, np.float64) else np.float64
-    c = lambda x: np.ascontiguousarray(x, dtype=dt)             # noqa: E731
-    d_inner = u.shape[1]
-    D_ = c(D) if D is not None else np.zeros(d_inner, dt)
-    bias = c(delta_bias) if delta_bias is not None else np.zeros(d_inner, dt)
-    z_ = c(z) if z is not None else np.zeros((1, 1, 1), dt)
-    return (c(u), c(delta), c(A), c(B.transpose(0, 2, 1)), c(C.transpose(0, 2, 1)),
-            D_, z_, bias)
+def _discretize_chunk(delta, A, t0, t1, out):
+    """out (b, d, T, N) = exp(delta'[:, :, t0:t1] A): the ZOH of A, vectorized."""
+    np.multiply(delta[:, :, t0:t1, None], A[None, :, None, :], out=out)
+    return np.exp(out, out=out)
+
+
+def _prepare(u, delta, A, B, C, delta_bias, delta_softplus):
+    """Contiguous arrays of one float dtype; B, C as (b, L, N) so the N loop is contiguous;
+    delta' (and d delta'/d delta) computed once, vectorized."""
+    dtype = u.dtype if u.dtype in (np.float32, np.float64) else np.float64
+    c = lambda x: np.ascontiguousarray(x, dtype=dtype)            # noqa: E731
+    delta_eff, ddelta_eff = effective_delta(c(delta), None if delta_bias is None else
+                                            c(delta_bias), delta_softplus)
+    return (c(u), c(delta_eff), ddelta_eff, c(A), c(B.transpose(0, 2, 1)),
+            c(C.transpose(0, 2, 1)))
+
+
+def _scan(u, delta, A, Bt, Ct, h_starts=None):
+    """y (b, d, L) = C . h without D or z; fills h_starts[c] with h before chunk c."""
+    batch, d_inner, L = u.shape
+    h = np.zeros((batch, d_inner, A.shape[1]), u.dtype)
+    y = np.empty_like(u)
+    buf = np.empty((batch, d_inner, min(CHUNK, L), A.shape[1]), u.dtype)
+    for c, t0 in enumerate(range(0, L, CHUNK)):
+        t1 = min(t0 + CHUNK, L)
+        if h_starts is not None:
+            h_starts[c] = h
+        dA = _discretize_chunk(delta, A, t0, t1, buf[:, :, : t1 - t0])
+        _forward_chunk(u, delta, dA, Bt, Ct, t0, h, y)
+    return y
 
 
 def selective_scan_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                        delta_softplus=False):
-    args = _prepare(u, delta, A, B, C, D, z, delta_bias)
-    out = np.empty_like(args[0])
-    _forward(*args, z is not None, bool(delta_softplus), out)
-    return out
+    u_, delta_, _, A_, Bt, Ct = _prepare(u, delta, A, B, C, delta_bias, delta_softplus)
+    y = _scan(u_, delta_, A_, Bt, Ct)
+    if D is not None:
+        y += D[:, None].astype(y.dtype) * u_                      # y_t += D u_t
+    return y * silu(z.astype(y.dtype)) if z is not None else y
 
 
 def selective_scan_bwd(dout, u, delta, A, B, C, D=None, z=None, delta_bias=None,
                        delta_softplus=False):
-    args = _prepare(u, delta, A, B, C, D, z, delta_bias)
-    u_, A_ = args[0], args[2]
+    u_, delta_, ddelta_eff, A_, Bt, Ct = _prepare(u, delta, A, B, C, delta_bias,
+                                                  delta_softplus)
     batch, d_inner, L = u_.shape
     N = A_.shape[1]
+    dtype = u_.dtype
+    dout = np.asarray(dout, dtype)
+    h_starts = np.empty(((L + CHUNK - 1) // CHUNK, batch, d_inner, N), dtype)
+    y = _scan(u_, delta_, A_, Bt, Ct, h_starts)                    # C . h, no D, no z
+
+    dz, dy, dD = None, dout, None
+    if D is not None:
+        D_ = D.astype(dtype)
+        y += D_[:, None] * u_
+    if z is not None:                                             # out = y silu(z)
+        z_ = z.astype(dtype)
+        s = 1.0 / (1.0 + np.exp(-z_))
+        dz = dout * y * s * (1.0 + z_ * (1.0 - s))
+        dy = dout * z_ * s
+    dy = np.ascontiguousarray(dy)
+
     groups = max(1, min(d_inner, numba.get_num_threads()))
-    dout_ = np.ascontiguousarray(dout, dtype=u_.dtype)
     du, ddelta = np.empty_like(u_), np.empty_like(u_)
-    dz = np.empty_like(u_) if z is not None else np.zeros((1, 1, 1), u_.dtype)
-    dA_part = np.zeros((batch, d_inner, N), u_.dtype)
-    dB_part = np.zeros((batch, groups, L, N), u_.dtype)
-    dC_part = np.zeros((batch, groups, L, N), u_.dtype)
-    dD_part = np.zeros((batch, d_inner), u_.dtype)
-    _backward(dout_, *args, z is not None, bool(delta_softplus), groups,
-              du, ddelta, dz, dA_part, dB_part, dC_part, dD_part)
-    dB = dB_part.sum(axis=1).transpose(0, 2, 1)                  # (b, N, L)
-    dC = dC_part.sum(axis=1).transpose(0, 2, 1)
-    return (du, ddelta, dA_part.sum(axis=0), np.ascontiguousarray(dB),
-            np.ascontiguousarray(dC), dD_part.sum(axis=0) if D is not None else None,
-            dz if z is not None else None,
-            ddelta.sum(axis=(0, 2)) if delta_bias is not None else None)
+    dA_part = np.zeros((batch, d_inner, N), dtype)
+    dB_part = np.zeros((batch, groups, L, N), dtype)
+    dC_part = np.zeros((batch, groups, L, N), dtype)
+    g_next = np.zeros((batch, d_inner, N), dtype)
+    buf = np.empty((batch, d_inner, min(CHUNK, L), N), dtype)
+    for c in reversed(range(len(h_starts))):
+        t0 = c * CHUNK
+        t1 = min(t0 + CHUNK, L)
+        dA = _discretize_chunk(delta_, A_, t0, t1, buf[:, :, : t1 - t0])
+        _backward_chunk(u_, delta_, dA, A_, Bt, Ct, dy, t0, h_starts[c], g_next, groups,
+                        du, ddelta, dA_part, dB_part, dC_part)
+
+    if D is not None:
+        du += dy * D_[:, None]                                    # y_t = ... + D u_t
+        dD = (dy * u_).sum(axis=(0, 2))
+    if ddelta_eff is not None:                                    # softplus' = sigmoid
+        ddelta *= ddelta_eff
+    ddelta_bias = ddelta.sum(axis=(0, 2)) if delta_bias is not None else None
+    dB = np.ascontiguousarray(dB_part.sum(axis=1).transpose(0, 2, 1))  # (b, N, L)
+    dC = np.ascontiguousarray(dC_part.sum(axis=1).transpose(0, 2, 1))
+    return du, ddelta, dA_part.sum(axis=0), dB, dC, dD, dz, ddelta_bias

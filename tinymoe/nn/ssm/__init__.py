@@ -10,8 +10,8 @@ mamba.py          MambaBlock, with a recurrent step() for generation
 from .conv import CausalConv1d
 from .lti import DiscreteLTI, LTISystem, car, car_exact_position
 from .mamba import MambaBlock
-from .s4d import S4D
+from .s4d import S4D, S4DBlock
 from .selective_scan import SelectiveScan, selective_scan
 
-__all__ = ["LTISystem", "DiscreteLTI", "car", "car_exact_position", "S4D", "SelectiveScan",
+__all__ = ["LTISystem", "DiscreteLTI", "car", "car_exact_position", "S4D", "S4DBlock", "SelectiveScan",
            "selective_scan", "CausalConv1d", "MambaBlock"]

@@ -24,8 +24,11 @@ import numpy as np
 from ... import backend
 from ...autograd.ops import stack
 from ...autograd.tensor import Tensor
+from .. import functional as F
+from ..linear import Linear
 from ..module import Module
 from ..parameter import Parameter
+from .conv import CausalConv1d
 
 
 class S4D(Module):
@@ -94,3 +97,26 @@ class S4D(Module):
 
     def extra_repr(self):
         return f"d_model={self.d_model}, d_state={self.d_state}, mode={self.mode!r}"
+
+
+class S4DBlock(Module):
+    """MambaBlock with the selection taken out: the same in_proj, causal conv, SiLU
+    gate and out_proj around an S4D layer whose Delta, B, C do not depend on the
+    input. The LTI baseline of the Selective Copying experiment (H3-like)."""
+
+    def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
+                 dtype=None):
+        super().__init__()
+        self.d_inner = d_inner = expand * d_model
+        self.in_proj = Linear(d_model, 2 * d_inner, bias=False, dtype=dtype)
+        self.conv1d = CausalConv1d(d_inner, d_conv, dtype=dtype)
+        self.ssm = S4D(d_inner, d_state, dtype=dtype)
+        self.out_proj = Linear(d_inner, d_model, bias=False, dtype=dtype)
+
+    def forward(self, x):
+        # x (B, L, d_model) -> (B, L, d_model)
+        E = self.d_inner
+        xz = self.in_proj(x)                                      # (B, L, 2E)
+        x_c = F.silu(self.conv1d(xz[:, :, :E].transpose(0, 2, 1))).transpose(0, 2, 1)
+        y = self.ssm(x_c) * F.silu(xz[:, :, E:])                  # (B, L, E)
+        return self.out_proj(y)
