@@ -1,0 +1,141 @@
+"""MambaLM: a language model of residual Mamba blocks (Gu & Dao 2023, Sec. 3.4).
+
+    h_0 = embedding[ids]                                   (B, L, d_model), no positions:
+                                                           the recurrence knows the order
+    h   = h + MambaBlock(RMSNorm(h))                       every layer (pre-norm residual)
+    logits = RMSNorm(h) embedding^T                        tied output embedding
+
+Generation runs the recurrent mode: each layer keeps a conv state (B, d_inner, d_conv)
+and an SSM state (B, d_inner, N), so a new token costs the same time and memory
+however long the text already is (no KV cache that grows).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import backend
+from ..autograd.grad_mode import no_grad
+from ..autograd.tensor import Tensor
+from ..nn import Embedding, Module, ModuleList, RMSNorm
+from ..nn import functional as F
+from ..nn.ssm import MambaBlock, S4DBlock
+from .gpt import _sample
+
+
+@dataclass
+class MambaConfig:
+    vocab_size: int = 256
+    d_model: int = 128
+    n_layer: int = 4
+    d_state: int = 16                   # N, the SSM state size per channel
+    d_conv: int = 4                     # causal conv width
+    expand: int = 2                     # d_inner = expand * d_model
+    dt_rank: int | None = None          # None = ceil(d_model / 16)
+    rms_eps: float = 1e-5
+    scan_impl: str | None = None        # selective-scan kernel; None = fastest for the device
+    mixer: str = "mamba"                # "mamba" (selective S6) | "s4d" (LTI baseline)
+
+
+def _array(x):
+    """The ndarray behind a Tensor (ids and targets may come as either)."""
+    return x.data if isinstance(x, Tensor) else x
+
+
+class ResidualBlock(Module):
+    """x + mixer(norm(x)); the mixer is a MambaBlock (or, in hybrids, any sequence layer)."""
+
+    def __init__(self, d_model: int, mixer: Module, eps: float = 1e-5):
+        super().__init__()
+        self.norm = RMSNorm(d_model, eps)
+        self.mixer = mixer
+
+    def forward(self, x):
+        return x + self.mixer(self.norm(x))                           # (B, L, d)
+
+    def step(self, x_t, state):
+        return x_t + self.mixer.step(self.norm(x_t), state)           # (B, d)
+
+
+class MambaLM(Module):
+    def __init__(self, config: MambaConfig | None = None, **overrides):
+        super().__init__()
+        cfg = self.config = config or MambaConfig(**overrides)
+        if cfg.n_layer < 1:
+            raise ValueError(f"MambaLM: n_layer must be >= 1, got {cfg.n_layer}")
+        self.embedding = Embedding(cfg.vocab_size, cfg.d_model, std=0.02)
+        if cfg.mixer not in ("mamba", "s4d"):
+            raise ValueError(f"MambaLM: mixer must be 'mamba' or 's4d', got {cfg.mixer!r}")
+        self.layers = ModuleList([ResidualBlock(cfg.d_model, self._mixer(cfg), cfg.rms_eps)
+                                  for _ in range(cfg.n_layer)])
+        self.norm_f = RMSNorm(cfg.d_model, cfg.rms_eps)
+        # Mamba's init: out_proj, which writes into the residual stream, scaled by
+        # 1/sqrt(n_layer) so the stream's variance does not grow with depth (GPT-2).
+        for layer in self.layers:
+            layer.mixer.out_proj.weight.data[...] /= math.sqrt(cfg.n_layer)
+
+    @staticmethod
+    def _mixer(cfg):
+        if cfg.mixer == "s4d":
+            return S4DBlock(cfg.d_model, cfg.d_state, cfg.d_conv, cfg.expand)
+        return MambaBlock(cfg.d_model, cfg.d_state, cfg.d_conv, cfg.expand, cfg.dt_rank,
+                          impl=cfg.scan_impl)
+
+    def _logits(self, h):
+        return F.linear(self.norm_f(h), self.embedding.weight)         # (B, L, V), tied
+
+    def forward(self, ids, targets=None):
+        """ids (B, L) int -> logits (B, L, V), mean cross-entropy (or None)."""
+        ids = _array(ids)
+        if ids.ndim != 2:
+            raise ValueError(f"MambaLM: ids must be (B, L), got shape {tuple(ids.shape)}")
+        h = self.embedding(ids)                                        # (B, L, d)
+        for layer in self.layers:
+            h = layer(h)
+        logits = self._logits(h)
+        if targets is None:
+            return logits, None
+        return logits, F.cross_entropy(logits, _array(targets))
+
+    def stats(self) -> dict:
+        return {}
+
+    # ----------------------------------------------------------- recurrent mode
+    def allocate_state(self, batch: int):
+        """One (conv_state, ssm_state) per layer: the whole memory of the model."""
+        return [layer.mixer.allocate_state(batch) for layer in self.layers]
+
+    def step(self, ids_t, state):
+        """One token per sequence: ids_t (B,) -> logits (B, V); `state` updated in place."""
+        with no_grad():
+            h = self.embedding(ids_t)                                  # (B, d)
+            for layer, layer_state in zip(self.layers, state):
+                h = layer.step(h, layer_state)
+            return self._logits(h)
+
+    def generate(self, ids, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None):
+        """Sample max_new_tokens after ids (B, L) with the recurrent step: the prompt is
+        read token by token into the states, then each new token costs O(1)."""
+        if temperature < 0:
+            raise ValueError(f"generate: temperature must be >= 0, got {temperature}")
+        ids = np.asarray(backend.to_numpy(_array(ids)), dtype=np.int64)
+        if ids.ndim == 1:
+            ids = ids[None]
+        if ids.shape[1] < 1:
+            raise ValueError("generate: the prompt needs at least one token")
+        xp = backend.array_module(self.embedding.weight.data)
+        state = self.allocate_state(ids.shape[0])
+        rng = backend.rng("cpu")
+        for t in range(ids.shape[1] - 1):                              # read the prompt
+            self.step(xp.asarray(ids[:, t]), state)
+        out = [ids]
+        last = ids[:, -1]
+        for _ in range(max_new_tokens):
+            logits = self.step(xp.asarray(last), state)                # (B, V)
+            z = backend.to_numpy(logits.data).astype(np.float64)
+            last = _sample(z, temperature, top_k, rng)
+            out.append(last[:, None])
+        return np.concatenate(out, axis=1)
