@@ -187,3 +187,11 @@ def test_cpu_meets_gpu_is_a_clear_error():
     with pytest.raises(RuntimeError, match=r"Add: inputs are on different devices \(cpu float32\(2,\), cuda float32\(2,\)\)"):
         a + b
     assert (a.to("cuda") + b).device == "cuda"
+
+
+def test_diamond_with_paths_of_different_lengths():
+    # s feeds the output directly and through a longer chain: its gradient must wait
+    # for both consumers (a topological-order bug once handed it over too early).
+    x = tinymoe.tensor(np.array([[0.3, -0.7], [1.1, 0.2]]), requires_grad=True)
+    w = tinymoe.tensor(np.array([[0.5, -1.0], [2.0, 0.25]]), requires_grad=True)
+    gradcheck(lambda a, b: (lambda s: s + ((s @ b) * 2).tanh() @ b)(a.tanh()), [x, w])
