@@ -1,10 +1,14 @@
 """Language models, built by name: build_model("gpt" | "moe-gpt" | ..., **config)."""
 from .gpt import GPT, GPTConfig
+from .hybrid import HybridConfig, HybridLM
+from .mamba import MambaConfig, MambaLM
 
 # name -> (model class, config class, defaults that make the variant)
 MODELS = {
     "gpt": (GPT, GPTConfig, {"num_experts": 0}),
     "moe-gpt": (GPT, GPTConfig, {"num_experts": 8}),
+    "mamba": (MambaLM, MambaConfig, {}),
+    "hybrid": (HybridLM, HybridConfig, {}),
 }
 
 
@@ -21,4 +25,5 @@ def build_model(name: str, **config):
     return cls(config_cls(**{**defaults, **config}))
 
 
-__all__ = ["GPT", "GPTConfig", "MODELS", "build_model"]
+__all__ = ["GPT", "GPTConfig", "MambaLM", "MambaConfig", "HybridLM", "HybridConfig", "MODELS",
+           "build_model"]
