@@ -84,7 +84,13 @@ def bandwidth(comm, sizes, device="cpu"):
         recv_rows = [size // 4] * comm.world_size
         t = timed(comm, lambda: comm.all_to_all(chunks, recv_rows=recv_rows), device)
         rows.append({"bytes_per_peer": size, "seconds": t, "GB_per_s": (comm.world_size - 1) * size / t / 1e9})
+        progress(comm.rank, comm.backend, rows[-1])
     return rows
+
+
+def progress(rank, what, row):
+    if rank == 0:
+        print(f"  {what}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.items()), flush=True)
 
 
 def memcpy_bandwidth(sizes):
@@ -128,6 +134,7 @@ def torch_bandwidth(rank, world, sizes):
         t = torch.tensor([float(np.median(times))], device="cuda")
         td.all_reduce(t, op=td.ReduceOp.MAX)
         rows.append({"bytes_per_peer": size, "seconds": t.item(), "GB_per_s": (world - 1) * size / t.item() / 1e9})
+        progress(rank, "torch", rows[-1])
     return rows
 
 
@@ -161,6 +168,7 @@ def ep_split(comm, device, d_model, d_ffs, tokens, num_experts, dtype):
         comm_s = timed_comm.seconds / calls[0]
         rows.append({"d_ff": d_ff, "step_s": total, "comm_s": comm_s, "comm_fraction": comm_s / total,
                      "bytes_sent_per_rank": ep.last_stats["bytes_sent"] * 2})   # there and back
+        progress(comm.rank, "ep", rows[-1])
     return rows
 
 
@@ -199,20 +207,27 @@ def run_cpu(args):
 
 
 def run_gpu(args):
+    import cupy
+
     import tinymoe.distributed as dist
     comm = dist.init("nccl")
-    ours = bandwidth(comm, GPU_SIZES, "cuda")
-    theirs = torch_bandwidth(comm.rank, comm.world_size, GPU_SIZES)
-    ep = ep_split(comm, "cuda", d_model=1024, d_ffs=[256, 1024, 4096, 8192], tokens=4096, num_experts=8,
-                  dtype=np.float32)
+    results = {"nproc": comm.world_size, "device": cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()}
+    sections = {
+        "nccl": lambda: bandwidth(comm, GPU_SIZES, "cuda"),
+        "torch": lambda: torch_bandwidth(comm.rank, comm.world_size, GPU_SIZES),
+        "ep_nccl": lambda: ep_split(comm, "cuda", d_model=1024, d_ffs=[512, 2048, 8192], tokens=4096,
+                                    num_experts=8, dtype=np.float32),
+    }
+    for name, section in sections.items():  # results are written after each section
+        start = time.perf_counter()
+        results[name] = section()
+        if comm.rank == 0:
+            print(f"[{name} done in {time.perf_counter() - start:.0f} s]", flush=True)
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(results, f, indent=1)
     if comm.rank == 0:
-        import cupy
-        results = {"nproc": comm.world_size, "device": cupy.cuda.runtime.getDeviceProperties(0)["name"].decode(),
-                   "nccl": ours, "torch": theirs, "ep_nccl": ep}
         report(results)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(results, f, indent=1)
         if args.plots:
             plot(results, args.plots)
 

@@ -162,7 +162,7 @@ def _launch(tmp_path, body, nproc, *args, timeout=60):
 
 def test_launcher_runs_the_selftest():
     out = subprocess.run([sys.executable, "-m", "tinymoe.distributed.launch", "--nproc", "3", "-m",
-                          "tinymoe.distributed.selftest"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+                          "tinymoe.distributed.selftest", "--backend", "toy"], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert "selftest toy x3: check_all_to_all ok" in out.stdout
 
@@ -209,3 +209,24 @@ def test_mpi_selftest_with_mpiexec():
     for check in ("check_all_to_all", "check_large_messages", "check_all_reduce", "check_broadcast", "check_all_to_all_grad",
                   "check_expert_parallel", "check_data_parallel"):
         assert f"selftest mpi x2: {check} ok" in out.stdout, out.stdout
+
+
+def test_launcher_passes_sigterm_on(tmp_path):
+    import signal
+
+    body = ("import os, time, tinymoe.distributed as dist\ncomm = dist.init()\n"
+            f"p = r'{tmp_path}/pid%d' % comm.rank\nopen(p + '.tmp', 'w').write(str(os.getpid()))\n"
+            "os.rename(p + '.tmp', p)\ntime.sleep(60)\n")
+    (tmp_path / "worker.py").write_text(body)
+    launcher = subprocess.Popen([sys.executable, "-m", "tinymoe.distributed.launch", "--nproc", "2",
+                                 str(tmp_path / "worker.py")], cwd=ROOT)
+    deadline = time.monotonic() + 30
+    while len(list(tmp_path.glob("pid[0-9]"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pids = [int(p.read_text()) for p in tmp_path.glob("pid[0-9]")]
+    assert len(pids) == 2
+    launcher.send_signal(signal.SIGTERM)
+    assert launcher.wait(30) == 143
+    for pid in pids:  # the workers are gone too (no orphans)
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)

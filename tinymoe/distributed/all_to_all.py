@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from tinymoe.autograd import Function, Tensor
-from tinymoe.backend import array_module
+from tinymoe.backend import array_module, to_numpy
 
 
 def _split(x, rows):
@@ -45,7 +45,7 @@ def exchange_counts(comm, send_rows) -> np.ndarray:
     send_rows (world,) int -> recv_rows (world,) int64, recv_rows[i] = rows rank i sends us."""
     send_rows = np.asarray(send_rows, np.int64)
     got = comm.all_to_all([send_rows[j:j + 1] for j in range(comm.world_size)], recv_rows=[1] * comm.world_size)
-    return np.concatenate([np.asarray(g).reshape(1) for g in got]).astype(np.int64)
+    return np.concatenate([to_numpy(g).reshape(1) for g in got]).astype(np.int64)
 
 
 def all_to_all(x: Tensor, send_rows, comm=None, recv_rows=None):

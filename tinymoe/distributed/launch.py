@@ -28,17 +28,18 @@ def parse_args(argv=None):
     p.add_argument("--nproc", type=int, required=True, help="number of processes (ranks)")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
                    help="seconds a rank waits for a peer before raising (default %(default)s)")
-    p.add_argument("-m", dest="module", default=None, help="run a module (like python -m) instead of a script")
+    p.add_argument("-m", dest="module", nargs=argparse.REMAINDER,
+                   help="run a module (like python -m) instead of a script: -m module args...")
     p.add_argument("script", nargs="?", help="the script to run in every process")
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
     a = p.parse_args(argv)
     if a.nproc < 1:
         p.error(f"--nproc must be at least 1, got {a.nproc}")
-    if a.module is None and a.script is None:
+    if a.module:  # with -m, everything after the module's name is its arguments
+        a.module, a.args = a.module[0], a.module[1:]
+    elif a.script is None:
         p.error("give a script (or -m module) to run")
-    if a.module is not None and a.script is not None:
-        a.args = [a.script] + a.args  # with -m, everything after the module is its arguments
-    elif a.script is not None and not os.path.isfile(a.script):
+    elif not os.path.isfile(a.script):
         p.error(f"script {a.script!r} not found")
     return a
 
@@ -114,6 +115,8 @@ def stop(procs, grace: float = 5.0) -> None:
 def main(argv=None) -> int:
     a = parse_args(argv)
     procs, joined = start_workers(a)
+    # `kill` / `timeout` send SIGTERM to the launcher: pass it on, leave no orphans behind
+    signal.signal(signal.SIGTERM, lambda *_: (stop(procs), sys.exit(143)))
     try:
         return watch(procs, joined)
     except KeyboardInterrupt:

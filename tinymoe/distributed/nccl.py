@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 
-from tinymoe.backend import cupy, to_device
+from tinymoe.backend import cupy, to_device, to_numpy
 from tinymoe.distributed.communicator import Communicator
 
 try:
@@ -39,9 +39,19 @@ class NCCLCommunicator(Communicator):
         local_rank = int(os.environ.get("TINYMOE_LOCAL_RANK", os.environ.get("MPI_LOCALRANKID", self.rank)))
         self.device = cp.cuda.Device(local_rank % cp.cuda.runtime.getDeviceCount())
         self.device.use()
-        uid = np.array(nccl.get_unique_id() if self.rank == 0 else [0] * nccl.NCCL_UNIQUE_ID_BYTES, np.int16)
-        uid = bootstrap.broadcast(uid, root=0)  # rank 0's id, through the host communicator
-        self.comm = nccl.NcclCommunicator(self.world_size, tuple(int(b) for b in uid), self.rank)
+        self.comm = nccl.NcclCommunicator(self.world_size, self._shared_unique_id(), self.rank)
+
+    def _shared_unique_id(self):
+        """Rank 0's NCCL id (128 bytes), sent to everybody through the host communicator.
+        CuPy 14 gives bytes, older CuPy a tuple of signed chars: byte 128 says which."""
+        raw = np.zeros(129, np.uint8)
+        if self.rank == 0:
+            uid = nccl.get_unique_id()
+            is_bytes = isinstance(uid, bytes)
+            raw[:128] = np.frombuffer(uid if is_bytes else np.array(uid, np.int8).tobytes(), np.uint8)
+            raw[128] = is_bytes
+        raw = to_numpy(self.bootstrap.broadcast(raw, root=0))
+        return raw[:128].tobytes() if raw[128] else tuple(raw[:128].view(np.int8).tolist())
 
     def _stream(self):
         return cupy().cuda.get_current_stream().ptr
