@@ -129,3 +129,23 @@ def _gpt_losses(comm):
 def test_shard_experts_in_a_gpt_keeps_its_loss(pool):
     for full, sharded, layers in pool.run(_gpt_losses):
         assert abs(full - sharded) < 1e-5 and layers == ["layer0", "layer1"]
+
+
+def _clipped_norms(comm):
+    from tinymoe.distributed.data_parallel import clip_grad_norm_
+
+    shared, expert = nn.Parameter(np.ones(4)), nn.Parameter(np.ones(3))
+    expert.expert_parallel = True
+    shared.grad = np.full(4, 1.0)                         # equal on all ranks (after the all-reduce)
+    expert.grad = np.full(3, float(comm.rank + 1))        # each rank holds other experts
+    norm = clip_grad_norm_([shared, expert], 1.0, comm)
+    return norm, shared.grad.copy()
+
+
+def test_clip_grad_norm_uses_the_global_norm(pool):
+    W = pool.world_size
+    want = np.sqrt(4 + 3 * sum((r + 1) ** 2 for r in range(W)))
+    out = pool.run(_clipped_norms)
+    for norm, shared_grad in out:
+        assert abs(norm - want) < 1e-9
+        assert np.allclose(shared_grad, np.full(4, 1.0 / want), rtol=1e-5)   # scaled alike on all ranks

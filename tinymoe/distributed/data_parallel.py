@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import hashlib
 
+import numpy as np
+
 from tinymoe.backend import array_module, to_numpy
 
 
@@ -67,3 +69,24 @@ def checksum(parameters) -> str:
         if not is_expert_parallel(p):
             h.update(to_numpy(p.data).tobytes())
     return h.hexdigest()
+
+
+def clip_grad_norm_(parameters, max_norm: float, comm=None) -> float:
+    """Clip by the norm of the WHOLE model's gradient, the same on every rank.
+
+    After all_reduce_gradients the shared gradients are equal on all ranks, but each rank
+    holds other experts: ||g||^2 = ||g_shared||^2 + sum_r ||g_experts of r||^2. Clipping by
+    a local norm would scale the shared gradients differently on each rank, and the ranks
+    would drift apart. Returns the norm before clipping."""
+    import tinymoe.distributed as dist
+
+    comm = comm if comm is not None else dist.get_world()
+    params = [p for p in parameters if p.grad is not None]
+    shared = sum(float((p.grad.astype("float64") ** 2).sum()) for p in params if not is_expert_parallel(p))
+    mine = sum(float((p.grad.astype("float64") ** 2).sum()) for p in params if is_expert_parallel(p))
+    experts = float(to_numpy(comm.all_reduce(np.array([mine]), op="sum"))[0])
+    norm = (shared + experts) ** 0.5
+    if norm > max_norm:
+        for p in params:
+            p.grad = p.grad * (max_norm / (norm + 1e-6))
+    return norm
