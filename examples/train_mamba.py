@@ -45,7 +45,7 @@ def main():
                                 d_state=D_STATE))
     print(f"{model.num_parameters() / 1e6:.2f}M parameters; corpus {corpus}")
     opt = AdamW(model.parameters(), lr=LR, weight_decay=0.1)
-    schedule = WarmupCosine(opt, WARMUP, args.steps)
+    schedule = WarmupCosine(opt, min(WARMUP, args.steps), args.steps)
     sample = BatchSampler(corpus.train, BATCH, BLOCK, seed=SEED)
     start = time.perf_counter()
     for step in range(1, args.steps + 1):
