@@ -27,6 +27,10 @@ import tinymoe  # noqa: E402
 from tinymoe.kernels.selective_scan import cupy_raw, numba_cuda, reference  # noqa: E402
 
 cp = tinymoe.backend.cupy()
+nan = float("nan")
+# --sweep: launch shapes (items per lane, warps per block, states per chunk, min blocks/SM)
+FWD_SWEEP = [(8, 8, 16, 3), (4, 16, 16, 2), (4, 8, 16, 4), (8, 8, 8, 4), (8, 16, 16, 2)]
+BWD_SWEEP = [(8, 16, 8, 1), (4, 16, 8, 2), (4, 8, 8, 3), (8, 8, 4, 2)]
 
 
 def gpu_ms(fn, reps=20, rounds=5, warmup=2):
@@ -134,6 +138,7 @@ def main():
     p.add_argument("--N", type=int, default=16)
     p.add_argument("--sweep", action="store_true", help="also time other launch shapes")
     p.add_argument("--skip-baselines", action="store_true")
+    p.add_argument("--plot", help="save a bar chart of the table to this PNG")
     a = p.parse_args()
     args = make(a.batch, a.d_inner, a.L, a.N)
     dout, u, delta, A, B, C, D, bias = args
@@ -155,14 +160,15 @@ def main():
         f_ms = gpu_ms(lambda: mod.selective_scan_fwd(u, delta, A, B, C, **kw))
         b_ms = gpu_ms(lambda: mod.selective_scan_bwd(dout, u, delta, A, B, C, **kw))
         rows.append((f"tinymoe {name}", f_ms, f_ms + b_ms, b_ms, err))
-    if a.sweep:
-        for items, warps in ((4, 8), (8, 4), (16, 4), (16, 8)):
-            cfg = dict(items=items, warps=warps, nchunk=8 if items == 16 else 16)
+    if a.sweep:  # other launch shapes of the CUDA C kernels (nchunk shrinks to fit 48 KB)
+        for items, warps, nchunk, mb in FWD_SWEEP:
+            cfg = dict(items=items, warps=warps, nchunk=nchunk, min_blocks=mb)
             f_ms = gpu_ms(lambda: cupy_raw.selective_scan_fwd(u, delta, A, B, C, config=cfg, **kw))
-            bcfg = dict(items=items, warps=warps, nchunk=4 if items == 16 else 8)
-            b_ms = gpu_ms(lambda: cupy_raw.selective_scan_bwd(dout, u, delta, A, B, C,
-                                                              config=bcfg, **kw))
-            rows.append((f"  cupy items={items} warps={warps}", f_ms, f_ms + b_ms, b_ms, float("nan")))
+            rows.append((f"  cupy fwd {items}/{warps}/{nchunk}/{mb}", f_ms, nan, nan, nan))
+        for items, warps, nchunk, mb in BWD_SWEEP:
+            cfg = dict(items=items, warps=warps, nchunk=nchunk, min_blocks=mb)
+            b_ms = gpu_ms(lambda: cupy_raw.selective_scan_bwd(dout, u, delta, A, B, C, config=cfg, **kw))
+            rows.append((f"  cupy bwd {items}/{warps}/{nchunk}/{mb}", nan, nan, b_ms, nan))
     if not a.skip_baselines:
         f_ms = gpu_ms(lambda: reference.selective_scan_fwd(u, delta, A, B, C, D, None, bias, True),
                       reps=1, rounds=3, warmup=1)
@@ -178,7 +184,30 @@ def main():
           f"{'fwd floor%':>10s} {'vs cupy fwd':>11s} {'rel err':>9s}")
     for name, f, fb, b, err in rows:
         print(f"{name:34s} {f:9.3f} {fb:11.3f} {b / f:8.2f} {100 * floor_f / f:9.1f}% "
-              f"{f / best_f:10.1f}x {err:9.1e}")
+              f"{f / best_f:10.1f}x {err:9.1e}  bwd {b:.3f} ms")
+    if a.plot:
+        plot(rows, floor_f, floor_b, dev, a.plot)
+
+
+def plot(rows, floor_f, floor_b, dev, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [r for r in rows if not r[0].startswith("  ")]
+    fig, ax = plt.subplots(figsize=(7, 0.5 + 0.45 * len(rows)))
+    y = np.arange(len(rows))
+    ax.barh(y - 0.2, [r[1] for r in rows], 0.4, label="forward")
+    ax.barh(y + 0.2, [r[2] for r in rows], 0.4, label="forward + backward")
+    ax.axvline(floor_f, color="k", ls="--", lw=1, label=f"HBM floor, forward ({floor_f:.2f} ms)")
+    ax.axvline(floor_f + floor_b, color="gray", ls=":", lw=1, label="HBM floor, fwd + bwd")
+    ax.set_yticks(y, [r[0] for r in rows])
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("ms (log scale)")
+    ax.set_title(f"selective scan, float32, {dev}", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
 
 
 if __name__ == "__main__":

@@ -24,15 +24,20 @@ def compile_cubin(source, options, tmp_path):
     return res.stderr  # ptxas's resource report
 
 
+def stack_bytes(report, kernel):
+    """The stack frame ptxas reports for `kernel` (local memory: spills, indexed arrays)."""
+    after = report.split(f"Compiling entry function '{kernel}'")[1]
+    return int(re.search(r"(\d+) bytes stack frame", after).group(1))
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_selective_scan_cu_compiles(dtype, tmp_path):
-    cfg = scan_raw.FWD_CONFIG
-    report = compile_cubin(scan_raw.SOURCE, scan_raw.nvcc_options(dtype, cfg["items"], cfg["warps"],
-                                                                  cfg["nchunk"]), tmp_path)
-    for kernel in ("selective_scan_fwd", "selective_scan_bwd"):
-        assert kernel in report
-    if dtype == np.float32:  # the per-lane arrays must stay in registers
-        assert set(re.findall(r"(\d+) bytes spill stores", report)) == {"0"}, report
+@pytest.mark.parametrize("kernel,config", [("selective_scan_fwd", "FWD_CONFIG"),
+                                           ("selective_scan_bwd", "BWD_CONFIG")])
+def test_selective_scan_cu_compiles(dtype, kernel, config, tmp_path):
+    cfg = getattr(scan_raw, config)
+    report = compile_cubin(scan_raw.SOURCE, scan_raw.nvcc_options(dtype, **cfg), tmp_path)
+    if dtype == np.float32:  # the per-lane arrays stay in registers: at most a few
+        assert stack_bytes(report, kernel) <= 64, report  # scalars spill under the cap
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

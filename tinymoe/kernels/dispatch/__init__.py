@@ -18,9 +18,11 @@ from .reference import DispatchPlan
 # impl name -> module implementing the five functions; imported on first use.
 IMPLS = {
     "reference": "tinymoe.kernels.dispatch.reference",
+    "numba_cuda": "tinymoe.kernels.dispatch.numba_cuda",
+    "cupy": "tinymoe.kernels.dispatch.cupy_raw",
 }
 # What impl=None picks on each device.
-DEFAULT_IMPL = {"cpu": "reference", "cuda": "reference"}
+DEFAULT_IMPL = {"cpu": "reference", "cuda": "cupy"}
 
 
 def _impl(name, array):

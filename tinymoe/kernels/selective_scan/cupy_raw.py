@@ -12,30 +12,36 @@ from pathlib import Path
 import numpy as np
 
 from ...backend import cupy
-from .numba_cuda import _prepare, _sums, fit_config, smem_bytes
+from .numba_cuda import SMEM_LIMIT, _prepare, _sums, fit_config, smem_bytes
 
 SOURCE = Path(__file__).with_name("selective_scan.cu")
 WARP = 32
-# Launch shapes, chosen by benchmarks/bench_scan.py on an H100.
-FWD_CONFIG = dict(items=8, warps=8, nchunk=16)
-BWD_CONFIG = dict(items=8, warps=8, nchunk=8)
+# Launch shapes, chosen by benchmarks/bench_scan.py --sweep on an H100. min_blocks caps
+# the registers per thread (65536 / (min_blocks * threads)) so that many warps fit an SM.
+FWD_CONFIG = dict(items=8, warps=16, nchunk=16, min_blocks=2)
+BWD_CONFIG = dict(items=4, warps=16, nchunk=8, min_blocks=2)
+SMEM_OPT_IN = 227 * 1024  # a Hopper block may use this much shared memory, after opting in
 
 
-def nvcc_options(dtype, items, warps, nchunk):
+def nvcc_options(dtype, items, warps, nchunk, min_blocks=1):
     """The -D defines that specialise selective_scan.cu (also used by the compile test)."""
     ctype = "float" if np.dtype(dtype) == np.float32 else "double"
-    return (f"-Dscalar_t={ctype}", f"-DITEMS={items}", f"-DWARPS={warps}", f"-DNCHUNK={nchunk}")
+    return (f"-Dscalar_t={ctype}", f"-DITEMS={items}", f"-DWARPS={warps}", f"-DNCHUNK={nchunk}",
+            f"-DMIN_BLOCKS={min_blocks}")
 
 
 @lru_cache(maxsize=None)
-def _module(dtype, items, warps, nchunk):
+def _module(dtype, items, warps, nchunk, min_blocks):
     cp = cupy()
     return cp.RawModule(code=SOURCE.read_text(), options=("--std=c++17",) +
-                        nvcc_options(dtype, items, warps, nchunk))
+                        nvcc_options(dtype, items, warps, nchunk, min_blocks))
 
 
 def _launch(name, cfg, dtype, grid, smem, args):
-    kernel = _module(np.dtype(dtype).str, cfg["items"], cfg["warps"], cfg["nchunk"]).get_function(name)
+    kernel = _module(np.dtype(dtype).str, cfg["items"], cfg["warps"], cfg["nchunk"],
+                     cfg.get("min_blocks", 1)).get_function(name)
+    if smem > SMEM_LIMIT:
+        kernel.max_dynamic_shared_size_bytes = smem
     kernel(grid, (cfg["warps"] * WARP,), args, shared_mem=smem)
 
 
@@ -48,7 +54,7 @@ def selective_scan_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                        delta_softplus=False, config=None):
     """out (batch, d_inner, L); CuPy arrays in and out."""
     xp, dtype, arrs = _prepare(u, delta, A, B, C, D, z, delta_bias)
-    cfg = fit_config(config, FWD_CONFIG, A.shape[1], np.dtype(dtype).itemsize, False)
+    cfg = fit_config(config, FWD_CONFIG, A.shape[1], np.dtype(dtype).itemsize, False, SMEM_OPT_IN)
     batch, d_inner, L = u.shape
     N = A.shape[1]
     out = xp.empty((batch, d_inner, L), dtype)
@@ -68,7 +74,7 @@ def selective_scan_bwd(dout, u, delta, A, B, C, D=None, z=None, delta_bias=None,
     xp, dtype, arrs = _prepare(u, delta, A, B, C, D, z, delta_bias)
     if dout.shape != u.shape:
         raise ValueError(f"selective_scan_bwd: dout {dout.shape} must match u {u.shape}")
-    cfg = fit_config(config, BWD_CONFIG, A.shape[1], np.dtype(dtype).itemsize, True)
+    cfg = fit_config(config, BWD_CONFIG, A.shape[1], np.dtype(dtype).itemsize, True, SMEM_OPT_IN)
     batch, d_inner, L = u.shape
     N = A.shape[1]
     tile = WARP * cfg["items"]

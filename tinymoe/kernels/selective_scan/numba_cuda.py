@@ -24,6 +24,7 @@ No float atomics anywhere, so results are identical run to run.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from functools import lru_cache
 
@@ -33,19 +34,22 @@ from numba import cuda, from_dtype
 from ..cuda_utils import WARP, shfl_down, shfl_idx, shfl_up, syncwarp
 from ...backend import array_module
 
-# Launch shapes, chosen by benchmarks/bench_scan.py on an H100.
-FWD_CONFIG = dict(items=8, warps=8, nchunk=16)
-BWD_CONFIG = dict(items=8, warps=8, nchunk=8)
+# Launch shapes, chosen by benchmarks/bench_scan.py --sweep on an H100 (see cupy_raw.py).
+FWD_CONFIG = dict(items=8, warps=16, nchunk=16, min_blocks=2)
+BWD_CONFIG = dict(items=4, warps=16, nchunk=8, min_blocks=2)
+# numba-cuda takes launch bounds (a register cap); Numba's simulator and old Numba do not.
+_BOUNDS = "launch_bounds" in inspect.signature(cuda.jit).parameters
 
 
 @lru_cache(maxsize=None)
-def _kernels(np_dtype, items, warps, nchunk):
+def _kernels(np_dtype, items, warps, nchunk, min_blocks=1):
     """Compile-time constants (items per lane, warps per block, states per B/C chunk)
     make the per-lane arrays registers; one kernel pair per configuration."""
     T = from_dtype(np.dtype(np_dtype))
     ZERO, ONE = np.dtype(np_dtype).type(0), np.dtype(np_dtype).type(1)
     TILE = WARP * items  # steps per tile
     ROW = WARP * (items + 1)  # a staged tile, one pad word per lane: no bank conflicts
+    bounds = dict(launch_bounds=(warps * WARP, min_blocks)) if _BOUNDS else {}
 
     @cuda.jit(device=True, inline=True)
     def stage_in(src, b, d, valid, t0, L, sm, base, lane, dst):
@@ -149,7 +153,7 @@ def _kernels(np_dtype, items, warps, nchunk):
                 x = ZERO  # past the end: a = 1, delta B u = 0, the identity step
             dt[i] = x
 
-    @cuda.jit(fastmath=True)
+    @cuda.jit(fastmath=True, **bounds)
     def fwd(u, delta, A, B, C, D, z, delta_bias, out, has_D, has_z, has_bias, use_softplus):
         b = cuda.blockIdx.y
         w = cuda.threadIdx.x // WARP
@@ -163,6 +167,7 @@ def _kernels(np_dtype, items, warps, nchunk):
         sm = cuda.shared.array(0, T)
         stg = 2 * nchunk * ROW + w * ROW  # this warp's staging row
         car = 2 * nchunk * ROW + warps * ROW + w * N  # this warp's carried h[n]
+        arow = car + warps * N  # this row's A[d, :], read once
         uu = cuda.local.array(items, T)
         dt = cuda.local.array(items, T)
         sp = cuda.local.array(items, T)
@@ -171,6 +176,7 @@ def _kernels(np_dtype, items, warps, nchunk):
         bu = cuda.local.array(items, T)
         for n in range(lane, N, WARP):
             sm[car + n] = ZERO
+            sm[arow + n] = A[d, n]
         Dd = D[d] if has_D else ZERO
         for t0 in range(0, L, TILE):
             stage_in(u, b, d, valid, t0, L, sm, stg, lane, uu)
@@ -182,7 +188,7 @@ def _kernels(np_dtype, items, warps, nchunk):
                 nc = min(nchunk, N - n0)
                 load_bc(B, C, b, n0, nc, t0, L, sm, True)
                 for k in range(nc):
-                    An = A[d, n0 + k]
+                    An = sm[arow + n0 + k]
                     P, Q = ONE, ZERO  # this lane's steps folded: h_out = P h_in + Q
                     for i in range(items):
                         a[i] = math.exp(dt[i] * An)  # a_t = exp(delta_t A_n)
@@ -203,7 +209,7 @@ def _kernels(np_dtype, items, warps, nchunk):
                     y[i] *= a[i] / (ONE + math.exp(-a[i]))  # y * silu(z)
             stage_out(out, b, d, valid, t0, L, sm, stg, lane, y)
 
-    @cuda.jit(fastmath=True)
+    @cuda.jit(fastmath=True, **bounds)
     def bwd(dout, u, delta, A, B, C, D, z, delta_bias, hs, du, ddelta, dz,
             dB_part, dC_part, dA_part, dD_part, dbias_part, has_D, has_z, has_bias, use_softplus):
         b = cuda.blockIdx.y
@@ -217,11 +223,12 @@ def _kernels(np_dtype, items, warps, nchunk):
         N = A.shape[1]
         ntiles = (L + TILE - 1) // TILE
         sm = cuda.shared.array(0, T)
-        red = 2 * nchunk * ROW  # (2, warps, ROW): dB, dC terms of each warp; also staging
+        red = 2 * nchunk * ROW  # (2 buffers, 2, warps, ROW): dB, dC terms; also staging
         stg = red + w * ROW
-        car = red + 2 * warps * ROW + w * N  # carried h[n] (phase 1)
+        car = red + 4 * warps * ROW + w * N  # carried h[n] (phase 1); tile-start h[n] (phase 2)
         gca = car + warps * N  # carried a_t dL/dh_t[n] (phase 2)
         dAs = gca + warps * N  # dA[n] of this row
+        arow = dAs + warps * N  # this row's A[d, :], read once
         uu = cuda.local.array(items, T)
         dt = cuda.local.array(items, T)
         sp = cuda.local.array(items, T)
@@ -237,6 +244,7 @@ def _kernels(np_dtype, items, warps, nchunk):
             sm[car + n] = ZERO
             sm[gca + n] = ZERO
             sm[dAs + n] = ZERO
+            sm[arow + n] = A[d, n]
         Dd = D[d] if has_D else ZERO
 
         # Phase 1: the forward recurrence, keeping only each tile's starting state.
@@ -253,7 +261,7 @@ def _kernels(np_dtype, items, warps, nchunk):
                 nc = min(nchunk, N - n0)
                 load_bc(B, C, b, n0, nc, t0, L, sm, False)
                 for k in range(nc):
-                    An = A[d, n0 + k]
+                    An = sm[arow + n0 + k]
                     P, Q = ONE, ZERO
                     for i in range(items):
                         ai = math.exp(dt[i] * An)
@@ -276,6 +284,9 @@ def _kernels(np_dtype, items, warps, nchunk):
             stage_in(dout, b, d, valid, t0, L, sm, stg, lane, go)
             if has_z:
                 stage_in(z, b, d, valid, t0, L, sm, stg, lane, a)
+            for n in range(lane, N, WARP):  # this tile's starting states, from phase 1
+                sm[car + n] = hs[b, d, tile, n] if valid else ZERO
+            syncwarp()
             for i in range(items):
                 dy[i] = go[i]
                 if has_z:  # out = y silu(z): dL/dy = dout silu(z)
@@ -289,7 +300,7 @@ def _kernels(np_dtype, items, warps, nchunk):
                 load_bc(B, C, b, n0, nc, t0, L, sm, True)
                 for k in range(nc):
                     n = n0 + k
-                    An = A[d, n]
+                    An = sm[arow + n]
                     P, Q = ONE, ZERO
                     for i in range(items):
                         a[i] = math.exp(dt[i] * An)
@@ -297,7 +308,7 @@ def _kernels(np_dtype, items, warps, nchunk):
                         Q = a[i] * Q + bu[i]
                         P = P * a[i]
                     Pe, Qe = scan_up(P, Q, lane)
-                    h_in = Pe * (hs[b, d, tile, n] if valid else ZERO) + Qe
+                    h_in = Pe * sm[car + n] + Qe
                     h = h_in
                     for i in range(items):
                         h = a[i] * h + bu[i]
@@ -310,6 +321,7 @@ def _kernels(np_dtype, items, warps, nchunk):
                     Pe, Qe = scan_down(P, Q, lane)
                     c = Pe * sm[gca + n] + Qe  # a_{t+1} g_{t+1} entering from the right
                     dA_acc = ZERO
+                    rb = red + (n % 2) * 2 * warps * ROW  # states alternate buffers
                     for i in range(items - 1, -1, -1):
                         s = lane * (items + 1) + i
                         Bi = sm[k * ROW + s]
@@ -318,15 +330,17 @@ def _kernels(np_dtype, items, warps, nchunk):
                         dui[i] += g * dt[i] * Bi  # dh_t/du_t = delta_t B_t
                         ddt[i] += g * (Bi * uu[i] + hp * An * a[i])  # d/d delta_t
                         dA_acc += g * hp * dt[i] * a[i]  # dL/dA_n
-                        sm[red + w * ROW + s] = g * dt[i] * uu[i]  # dL/dB_t[n] (this row)
-                        sm[red + (warps + w) * ROW + s] = dy[i] * hh[i]  # dL/dC_t[n]
+                        sm[rb + w * ROW + s] = g * dt[i] * uu[i]  # dL/dB_t[n] (this row)
+                        sm[rb + (warps + w) * ROW + s] = dy[i] * hh[i]  # dL/dC_t[n]
                         c = a[i] * g
                     c_first = shfl_idx(c, 0)
                     dA_acc = warp_sum(dA_acc)
                     if lane == 0:
                         sm[gca + n] = c_first
                         sm[dAs + n] += dA_acc
-                    # the block adds its rows' dB, dC terms in warp order: one partial
+                    # The block adds its rows' dB, dC terms in warp order: one partial.
+                    # One barrier per state: the next state writes the other buffer, and
+                    # the one after waits at the next barrier for this sum to finish.
                     cuda.syncthreads()
                     for p in range(cuda.threadIdx.x, 2 * TILE, cuda.blockDim.x):
                         which = p // TILE
@@ -334,13 +348,13 @@ def _kernels(np_dtype, items, warps, nchunk):
                         s = tl + tl // items
                         acc = ZERO
                         for w2 in range(warps):
-                            acc += sm[red + (which * warps + w2) * ROW + s]
+                            acc += sm[rb + (which * warps + w2) * ROW + s]
                         if t0 + tl < L:
                             if which == 0:
                                 dB_part[b, cuda.blockIdx.x, n, t0 + tl] = acc
                             else:
                                 dC_part[b, cuda.blockIdx.x, n, t0 + tl] = acc
-                    cuda.syncthreads()
+            cuda.syncthreads()  # the sums are done before staging reuses the buffers
             if has_z:  # z again (a[] held exp(delta A) meanwhile)
                 stage_in(z, b, d, valid, t0, L, sm, stg, lane, a)
             for i in range(items):
@@ -389,23 +403,26 @@ def _prepare(u, delta, A, B, C, D, z, delta_bias):
 SMEM_LIMIT = 48 * 1024  # dynamic shared memory a kernel gets without opting in
 
 
-def fit_config(config, defaults, N, itemsize, bwd):
-    """The launch shape with nchunk (states per B/C chunk) halved until shared memory fits."""
+def fit_config(config, defaults, N, itemsize, bwd, limit=SMEM_LIMIT):
+    """The launch shape with nchunk (states per B/C chunk), then warps, halved until
+    shared memory fits `limit` bytes."""
     cfg = dict(defaults, **(config or {}))
-    while cfg["nchunk"] > 1 and smem_bytes(cfg, N, itemsize, bwd) > SMEM_LIMIT:
+    while cfg["nchunk"] > 1 and smem_bytes(cfg, N, itemsize, bwd) > limit:
         cfg["nchunk"] //= 2
-    if smem_bytes(cfg, N, itemsize, bwd) > SMEM_LIMIT:
+    while cfg["warps"] > 1 and smem_bytes(cfg, N, itemsize, bwd) > limit:
+        cfg["warps"] //= 2
+    if smem_bytes(cfg, N, itemsize, bwd) > limit:
         raise ValueError(f"selective_scan (GPU kernels): d_state N={N} needs more than "
-                         f"{SMEM_LIMIT} bytes of shared memory; use fewer states or impl='reference'")
+                         f"{limit} bytes of shared memory; use fewer states or impl='reference'")
     return cfg
 
 
 def smem_bytes(cfg, N, itemsize, bwd):
-    """B/C chunk + staging (or the backward's dB/dC rows) + per-state carries."""
+    """B/C chunk + staging (or the backward's dB/dC rows) + per-(warp, state) carries and A."""
     row = WARP * (cfg["items"] + 1)
     if bwd:
-        return (2 * cfg["nchunk"] * row + 2 * cfg["warps"] * row + 3 * cfg["warps"] * N) * itemsize
-    return (2 * cfg["nchunk"] * row + cfg["warps"] * row + cfg["warps"] * N) * itemsize
+        return (2 * cfg["nchunk"] * row + 4 * cfg["warps"] * row + 4 * cfg["warps"] * N) * itemsize
+    return (2 * cfg["nchunk"] * row + cfg["warps"] * row + 2 * cfg["warps"] * N) * itemsize
 
 
 def selective_scan_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None,
@@ -413,7 +430,8 @@ def selective_scan_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     """out (batch, d_inner, L); see the module docstring."""
     xp, dtype, arrs = _prepare(u, delta, A, B, C, D, z, delta_bias)
     cfg = fit_config(config, FWD_CONFIG, A.shape[1], np.dtype(dtype).itemsize, False)
-    fwd, _ = _kernels(np.dtype(dtype).str, cfg["items"], cfg["warps"], cfg["nchunk"])
+    fwd, _ = _kernels(np.dtype(dtype).str, cfg["items"], cfg["warps"], cfg["nchunk"],
+                      cfg.get("min_blocks", 1))
     batch, d_inner, L = u.shape
     out = xp.empty((batch, d_inner, L), dtype)
     if out.size == 0:
@@ -431,7 +449,8 @@ def selective_scan_bwd(dout, u, delta, A, B, C, D=None, z=None, delta_bias=None,
     if dout.shape != u.shape:
         raise ValueError(f"selective_scan_bwd: dout {dout.shape} must match u {u.shape}")
     cfg = fit_config(config, BWD_CONFIG, A.shape[1], np.dtype(dtype).itemsize, True)
-    _, bwd = _kernels(np.dtype(dtype).str, cfg["items"], cfg["warps"], cfg["nchunk"])
+    _, bwd = _kernels(np.dtype(dtype).str, cfg["items"], cfg["warps"], cfg["nchunk"],
+                      cfg.get("min_blocks", 1))
     batch, d_inner, L = u.shape
     N = A.shape[1]
     tile = WARP * cfg["items"]

@@ -8,7 +8,8 @@
 // steps in registers, folds them into one affine map h -> P h + Q, and a warp scan of the
 // maps gives each lane its incoming state. No float atomics: results are deterministic.
 //
-// Compile-time constants (given with -D by cupy_raw.py): scalar_t, ITEMS, WARPS, NCHUNK.
+// Compile-time constants (given with -D by cupy_raw.py): scalar_t, ITEMS, WARPS, NCHUNK,
+// MIN_BLOCKS (blocks per SM the register allocation must allow: caps registers per thread).
 
 #ifndef scalar_t
 #define scalar_t float
@@ -21,6 +22,9 @@
 #endif
 #ifndef NCHUNK
 #define NCHUNK 16
+#endif
+#ifndef MIN_BLOCKS
+#define MIN_BLOCKS 1
 #endif
 
 #define WARP 32
@@ -67,6 +71,7 @@ __device__ __forceinline__ void load_bc(const scalar_t* __restrict__ Bb,
                                         const scalar_t* __restrict__ Cb, int n0, int nc, int t0,
                                         int L, scalar_t* sm, bool load_c) {
     __syncthreads();
+#pragma unroll 4
     for (int p = threadIdx.x; p < nc * TILE; p += blockDim.x) {
         int k = p / TILE, tl = p % TILE, t = t0 + tl, s = tl + tl / ITEMS;
         long off = (long)(n0 + k) * L + t;
@@ -125,7 +130,7 @@ __device__ __forceinline__ void prepare_delta(scalar_t* dt, scalar_t* sp, bool v
     }
 }
 
-extern "C" __global__ void __launch_bounds__(WARPS * WARP)
+extern "C" __global__ void __launch_bounds__(WARPS * WARP, MIN_BLOCKS)
 selective_scan_fwd(const scalar_t* __restrict__ u, const scalar_t* __restrict__ delta,
                    const scalar_t* __restrict__ A, const scalar_t* __restrict__ B,
                    const scalar_t* __restrict__ C, const scalar_t* __restrict__ D,
@@ -143,8 +148,9 @@ selective_scan_fwd(const scalar_t* __restrict__ u, const scalar_t* __restrict__ 
     const scalar_t* Cb = C + (long)b * N * L;
     scalar_t* stg = sm + 2 * NCHUNK * ROW + w * ROW;            // this warp's staging row
     scalar_t* car = sm + 2 * NCHUNK * ROW + WARPS * ROW + w * N;  // carried h[n]
+    scalar_t* arow = car + WARPS * N;                             // this row's A[d, :]
     scalar_t uu[ITEMS], dt[ITEMS], sp[ITEMS], y[ITEMS], a[ITEMS], bu[ITEMS];
-    for (int n = lane; n < N; n += WARP) car[n] = 0;
+    for (int n = lane; n < N; n += WARP) { car[n] = 0; arow[n] = A[(long)d * N + n]; }
     const scalar_t Dd = has_D ? D[d] : scalar_t(0);
     const scalar_t bias = has_bias ? delta_bias[d] : scalar_t(0);
     for (int t0 = 0; t0 < L; t0 += TILE) {
@@ -157,7 +163,7 @@ selective_scan_fwd(const scalar_t* __restrict__ u, const scalar_t* __restrict__ 
             const int nc = min(NCHUNK, N - n0);
             load_bc(Bb, Cb, n0, nc, t0, L, sm, true);
             for (int k = 0; k < nc; ++k) {
-                const scalar_t An = A[(long)d * N + n0 + k];
+                const scalar_t An = arow[n0 + k];
                 const scalar_t* Bs = sm + k * ROW + lane * (ITEMS + 1);
                 const scalar_t* Cs = sm + (NCHUNK + k) * ROW + lane * (ITEMS + 1);
                 scalar_t P = 1, Q = 0;  // this lane's steps folded: h_out = P h_in + Q
@@ -189,7 +195,7 @@ selective_scan_fwd(const scalar_t* __restrict__ u, const scalar_t* __restrict__ 
     }
 }
 
-extern "C" __global__ void __launch_bounds__(WARPS * WARP)
+extern "C" __global__ void __launch_bounds__(WARPS * WARP, MIN_BLOCKS)
 selective_scan_bwd(const scalar_t* __restrict__ dout, const scalar_t* __restrict__ u,
                    const scalar_t* __restrict__ delta, const scalar_t* __restrict__ A,
                    const scalar_t* __restrict__ B, const scalar_t* __restrict__ C,
@@ -211,15 +217,18 @@ selective_scan_bwd(const scalar_t* __restrict__ dout, const scalar_t* __restrict
     const long row = ((long)b * d_inner + d) * L;
     const scalar_t* Bb = B + (long)b * N * L;
     const scalar_t* Cb = C + (long)b * N * L;
-    scalar_t* red = sm + 2 * NCHUNK * ROW;  // (2, WARPS, ROW): dB, dC terms; also staging
+    scalar_t* red = sm + 2 * NCHUNK * ROW;  // (2 buffers, 2, WARPS, ROW): dB, dC terms; staging
     scalar_t* stg = red + w * ROW;
-    scalar_t* car = red + 2 * WARPS * ROW + w * N;  // carried h[n] (phase 1)
+    scalar_t* car = red + 4 * WARPS * ROW + w * N;  // carried h[n] (phase 1); tile-start h (phase 2)
     scalar_t* gca = car + WARPS * N;                // carried a_{t+1} g_{t+1}[n] (phase 2)
     scalar_t* dAs = gca + WARPS * N;                // dA[n] of this row
+    scalar_t* arow = dAs + WARPS * N;               // this row's A[d, :]
     scalar_t* hs_row = hs + ((long)b * d_inner + d) * ntiles * N;
     scalar_t uu[ITEMS], dt[ITEMS], sp[ITEMS], dy[ITEMS], go[ITEMS], y[ITEMS], a[ITEMS],
         bu[ITEMS], hh[ITEMS], dui[ITEMS], ddt[ITEMS];
-    for (int n = lane; n < N; n += WARP) { car[n] = 0; gca[n] = 0; dAs[n] = 0; }
+    for (int n = lane; n < N; n += WARP) {
+        car[n] = 0; gca[n] = 0; dAs[n] = 0; arow[n] = A[(long)d * N + n];
+    }
     const scalar_t Dd = has_D ? D[d] : scalar_t(0);
     const scalar_t bias = has_bias ? delta_bias[d] : scalar_t(0);
 
@@ -236,7 +245,7 @@ selective_scan_bwd(const scalar_t* __restrict__ dout, const scalar_t* __restrict
             const int nc = min(NCHUNK, N - n0);
             load_bc(Bb, Cb, n0, nc, t0, L, sm, false);
             for (int k = 0; k < nc; ++k) {
-                const scalar_t An = A[(long)d * N + n0 + k];
+                const scalar_t An = arow[n0 + k];
                 const scalar_t* Bs = sm + k * ROW + lane * (ITEMS + 1);
                 scalar_t P = 1, Q = 0;
 #pragma unroll
@@ -263,6 +272,9 @@ selective_scan_bwd(const scalar_t* __restrict__ dout, const scalar_t* __restrict
         prepare_delta(dt, sp, valid, t0, L, lane, bias, softplus);
         stage_in(dout + row, valid, t0, L, stg, lane, go);
         if (has_z) stage_in(z + row, valid, t0, L, stg, lane, a);
+        for (int n = lane; n < N; n += WARP)  // this tile's starting states, from phase 1
+            car[n] = valid ? hs_row[(long)tile * N + n] : scalar_t(0);
+        __syncwarp();
 #pragma unroll
         for (int i = 0; i < ITEMS; ++i) {
             // out = y silu(z): dL/dy = dout silu(z)
@@ -277,7 +289,7 @@ selective_scan_bwd(const scalar_t* __restrict__ dout, const scalar_t* __restrict
             load_bc(Bb, Cb, n0, nc, t0, L, sm, true);
             for (int k = 0; k < nc; ++k) {
                 const int n = n0 + k;
-                const scalar_t An = A[(long)d * N + n];
+                const scalar_t An = arow[n];
                 const scalar_t* Bs = sm + k * ROW + lane * (ITEMS + 1);
                 const scalar_t* Cs = sm + (NCHUNK + k) * ROW + lane * (ITEMS + 1);
                 scalar_t P = 1, Q = 0, Pe, Qe;
@@ -289,7 +301,7 @@ selective_scan_bwd(const scalar_t* __restrict__ dout, const scalar_t* __restrict
                     P = P * a[i];
                 }
                 scan_up(P, Q, lane, Pe, Qe);
-                const scalar_t h_in = Pe * (valid ? hs_row[(long)tile * N + n] : scalar_t(0)) + Qe;
+                const scalar_t h_in = Pe * car[n] + Qe;
                 scalar_t h = h_in;
 #pragma unroll
                 for (int i = 0; i < ITEMS; ++i) {
@@ -304,6 +316,7 @@ selective_scan_bwd(const scalar_t* __restrict__ dout, const scalar_t* __restrict
                 scan_down(P, Q, lane, Pe, Qe);
                 scalar_t c = Pe * gca[n] + Qe;  // a_{t+1} g_{t+1} entering from the right
                 scalar_t dA_acc = 0;
+                scalar_t* rb = red + (n % 2) * 2 * WARPS * ROW;  // states alternate buffers
 #pragma unroll
                 for (int i = ITEMS - 1; i >= 0; --i) {
                     const int s = lane * (ITEMS + 1) + i;
@@ -312,28 +325,30 @@ selective_scan_bwd(const scalar_t* __restrict__ dout, const scalar_t* __restrict
                     dui[i] += g * dt[i] * Bs[i];                        // delta_t B_t
                     ddt[i] += g * (Bs[i] * uu[i] + hp * An * a[i]);     // d h_t / d delta_t
                     dA_acc += g * hp * dt[i] * a[i];                    // dL/dA_n
-                    red[w * ROW + s] = g * dt[i] * uu[i];               // dL/dB_t[n], this row
-                    red[(WARPS + w) * ROW + s] = dy[i] * hh[i];         // dL/dC_t[n], this row
+                    rb[w * ROW + s] = g * dt[i] * uu[i];                // dL/dB_t[n], this row
+                    rb[(WARPS + w) * ROW + s] = dy[i] * hh[i];          // dL/dC_t[n], this row
                     c = a[i] * g;
                 }
                 const scalar_t c_first = __shfl_sync(FULL, c, 0);
                 dA_acc = warp_sum(dA_acc);
                 if (lane == 0) { gca[n] = c_first; dAs[n] += dA_acc; }
-                // the block adds its rows' dB, dC terms in warp order: one partial per block
+                // The block adds its rows' dB, dC terms in warp order: one partial per block.
+                // One barrier per state: the next state writes the other buffer, and the
+                // one after waits at the next barrier for this sum to finish.
                 __syncthreads();
                 for (int p = threadIdx.x; p < 2 * TILE; p += blockDim.x) {
                     const int which = p / TILE, tl = p % TILE, s = tl + tl / ITEMS;
                     scalar_t acc = 0;
 #pragma unroll
-                    for (int w2 = 0; w2 < WARPS; ++w2) acc += red[(which * WARPS + w2) * ROW + s];
+                    for (int w2 = 0; w2 < WARPS; ++w2) acc += rb[(which * WARPS + w2) * ROW + s];
                     if (t0 + tl < L) {
                         const long off = (((long)b * gridDim.x + blockIdx.x) * N + n) * L + t0 + tl;
                         (which == 0 ? dB_part : dC_part)[off] = acc;
                     }
                 }
-                __syncthreads();
             }
         }
+        __syncthreads();  // the sums are done before staging reuses the buffers
         if (has_z) stage_in(z + row, valid, t0, L, stg, lane, a);  // z again
 #pragma unroll
         for (int i = 0; i < ITEMS; ++i) {

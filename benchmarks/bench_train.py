@@ -1,0 +1,210 @@
+"""Training throughput on the GPU: tinymoe's default MoE GPT and Mamba LM vs PyTorch eager.
+
+    python benchmarks/bench_train.py [--batch 32 --seq 128 --steps 10]
+
+All in one run, float32, AdamW, random token batches (throughput does not depend on the
+data). The PyTorch twins below have the same architecture and sizes as the tinymoe models
+(parameter counts printed side by side): the MoE GPT with the common per-expert loop, and
+Mamba with the sequential scan loop (the readable PyTorch recipe). Reports tokens per
+second (median of rounds after warm-up) and peak GPU memory (tinymoe: CuPy's pool total;
+PyTorch: max reserved by its caching allocator, the same notion).
+"""
+import argparse
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("NUMBA_CUDA_ARRAY_INTERFACE_SYNC", "0")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+import tinymoe  # noqa: E402
+from tinymoe.models import build_model  # noqa: E402
+from tinymoe.models.mamba import MambaLM  # noqa: E402
+
+cp = tinymoe.backend.cupy()
+
+
+def tokens_per_second(step, tokens, steps, sync):
+    step()
+    step()  # warm-up: compilation, allocator
+    sync()
+    rates = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync()
+        rates.append(tokens * steps / (time.perf_counter() - t0))
+    return statistics.median(rates)
+
+
+def tinymoe_run(model, a):
+    pool = cp.get_default_memory_pool()
+    pool.free_all_blocks()
+    model.to("cuda")
+    opt = tinymoe.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = cp.random.default_rng(0).integers(0, 256, (a.batch, a.seq + 1))
+    x = tinymoe.tensor(ids[:, :-1], device="cuda")
+    y = tinymoe.tensor(ids[:, 1:], device="cuda")
+
+    def step():
+        opt.zero_grad()
+        _, loss = model(x, y)
+        loss.backward()
+        opt.step()
+    tps = tokens_per_second(step, a.batch * a.seq, a.steps, cp.cuda.Device().synchronize)
+    return tps, pool.total_bytes(), model.num_parameters()
+
+
+# ---------------------------------------------------------------- PyTorch twins
+def torch_models():
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    class MoE(nn.Module):
+        """Top-2 softmax router, experts looped over (x[idx] -> MLP -> index_add_)."""
+        def __init__(self, d, f, E, k):
+            super().__init__()
+            self.gate = nn.Linear(d, E, bias=False)
+            self.w1 = nn.Parameter(torch.randn(E, d, f) * 0.02)
+            self.w2 = nn.Parameter(torch.randn(E, f, d) * 0.02)
+            self.k = k
+
+        def forward(self, x):
+            shape = x.shape
+            x = x.reshape(-1, shape[-1])                                      # (T, d)
+            probs = torch.softmax(self.gate(x), -1)                           # (T, E)
+            w, e = probs.topk(self.k, -1)
+            w = w / w.sum(-1, keepdim=True)
+            out = torch.zeros_like(x)
+            for i in range(self.w1.shape[0]):
+                tok, j = torch.where(e == i)
+                h = F.gelu(x[tok] @ self.w1[i]) @ self.w2[i]
+                out.index_add_(0, tok, h * w[tok, j, None])
+            return out.reshape(shape)
+
+    class Block(nn.Module):
+        def __init__(self, d, h, f, E, k):
+            super().__init__()
+            self.ln1, self.ln2 = nn.LayerNorm(d, bias=False), nn.LayerNorm(d, bias=False)
+            self.qkv, self.proj = nn.Linear(d, 3 * d, bias=False), nn.Linear(d, d, bias=False)
+            self.h = h
+            self.moe = MoE(d, f, E, k)
+
+        def forward(self, x):
+            B, L, d = x.shape
+            q, k, v = self.qkv(self.ln1(x)).view(B, L, 3, self.h, d // self.h).permute(2, 0, 3, 1, 4)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + self.proj(y.transpose(1, 2).reshape(B, L, d))
+            return x + self.moe(self.ln2(x))
+
+    class MoEGPT(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.wte = nn.Embedding(c.vocab_size, c.d_model)
+            self.wpe = nn.Embedding(c.block_size, c.d_model)
+            self.blocks = nn.ModuleList(Block(c.d_model, c.n_head, c.d_ff, c.num_experts, c.top_k)
+                                        for _ in range(c.n_layer))
+            self.ln_f = nn.LayerNorm(c.d_model, bias=False)
+
+        def forward(self, ids, targets):
+            x = self.wte(ids) + self.wpe(torch.arange(ids.shape[1], device=ids.device))
+            for b in self.blocks:
+                x = b(x)
+            logits = self.ln_f(x) @ self.wte.weight.T
+            return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+    class MambaBlock(nn.Module):
+        def __init__(self, d, N, K, expand):
+            super().__init__()
+            E, R = expand * d, math.ceil(d / 16)
+            self.E, self.R, self.N = E, R, N
+            self.in_proj = nn.Linear(d, 2 * E, bias=False)
+            self.conv1d = nn.Conv1d(E, E, K, groups=E, padding=K - 1)
+            self.x_proj = nn.Linear(E, R + 2 * N, bias=False)
+            self.dt_proj = nn.Linear(R, E)
+            self.A_log = nn.Parameter(torch.log(torch.arange(1, N + 1.0).repeat(E, 1)))
+            self.D = nn.Parameter(torch.ones(E))
+            self.out_proj = nn.Linear(E, d, bias=False)
+
+        def forward(self, x):
+            B, L, _ = x.shape
+            xi, z = self.in_proj(x).chunk(2, -1)                              # (B, L, E)
+            xc = F.silu(self.conv1d(xi.transpose(1, 2))[..., :L]).transpose(1, 2)
+            dt, Bm, Cm = self.x_proj(xc).split([self.R, self.N, self.N], -1)
+            dt = F.softplus(self.dt_proj(dt))                                 # (B, L, E)
+            A = -torch.exp(self.A_log)                                        # (E, N)
+            h = x.new_zeros(B, self.E, self.N)
+            ys = []
+            for t in range(L):  # the sequential scan
+                h = torch.exp(dt[:, t, :, None] * A) * h + \
+                    (dt[:, t] * xc[:, t])[:, :, None] * Bm[:, t, None, :]
+                ys.append((h * Cm[:, t, None, :]).sum(-1))
+            y = (torch.stack(ys, 1) + xc * self.D) * F.silu(z)
+            return self.out_proj(y)
+
+    class Mamba(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.embedding = nn.Embedding(c.vocab_size, c.d_model)
+            self.layers = nn.ModuleList(MambaBlock(c.d_model, c.d_state, c.d_conv, c.expand)
+                                        for _ in range(c.n_layer))
+            self.norms = nn.ModuleList(nn.RMSNorm(c.d_model, eps=c.rms_eps) for _ in range(c.n_layer))
+            self.norm_f = nn.RMSNorm(c.d_model, eps=c.rms_eps)
+
+        def forward(self, ids, targets):
+            h = self.embedding(ids)
+            for norm, layer in zip(self.norms, self.layers):
+                h = h + layer(norm(h))
+            logits = self.norm_f(h) @ self.embedding.weight.T
+            return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+    return MoEGPT, Mamba
+
+
+def torch_run(model, a):
+    import torch
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    model = model.cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = torch.randint(0, 256, (a.batch, a.seq + 1), device="cuda")
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        model(ids[:, :-1], ids[:, 1:]).backward()
+        opt.step()
+    tps = tokens_per_second(step, a.batch * a.seq, a.steps, torch.cuda.synchronize)
+    return tps, torch.cuda.max_memory_reserved(), sum(p.numel() for p in model.parameters())
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--steps", type=int, default=10)
+    a = p.parse_args()
+    dev = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
+    print(f"device {dev}; batch={a.batch} seq={a.seq} float32 AdamW")
+    tinymoe.manual_seed(0)
+    moe, mamba = build_model("moe-gpt", block_size=a.seq), MambaLM()
+    rows = [("tinymoe moe-gpt", *tinymoe_run(moe, a)), ("tinymoe mamba", *tinymoe_run(mamba, a))]
+    try:
+        MoEGPT, Mamba = torch_models()
+        rows.insert(1, ("PyTorch eager moe-gpt (expert loop)", *torch_run(MoEGPT(moe.config), a)))
+        rows.append(("PyTorch eager mamba (sequential scan)", *torch_run(Mamba(mamba.config), a)))
+    except ImportError as e:
+        print(f"PyTorch: skipped ({e})")
+    print(f"\n{'model':40s} {'params':>9s} {'tokens/s':>10s} {'peak MiB':>9s}")
+    for name, tps, peak, params in rows:
+        print(f"{name:40s} {params:9d} {tps:10.0f} {peak / 2**20:9.1f}")
+
+
+if __name__ == "__main__":
+    main()
