@@ -205,7 +205,7 @@ def plot(rows, floor_f, floor_b, dev, path):
     ax.set_xscale("log")
     ax.set_xlabel("ms (log scale)")
     ax.set_title(f"selective scan, float32, {dev}", fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
 
