@@ -27,7 +27,7 @@ def test_forward_shapes_and_stats(name, extra):
 
 def test_cached_generation_logits_equal_full_recompute():
     model = build_model("moe-gpt", **TINY, num_experts=4, n_kv_head=1,
-                        eval_capacity_factor=None).eval()
+                        eval_capacity_factor=None).eval()  # (the GPT default)
     ids = np.random.default_rng(1).integers(0, 256, (2, 10))
     full, _ = model(ids)
     cache = tm.nn.attention.KVCache(2)

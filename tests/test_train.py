@@ -28,7 +28,7 @@ def test_train_writes_everything_and_lowers_loss(tmp_path):
     assert log[0]["step"] == 0 and "val_loss" in log[0]
     assert {"loss", "tokens_per_s", "expert_load", "dropped_fraction"} <= set(log[1])
     assert abs(log[-1]["val_bpb"] - log[-1]["val_loss"] / np.log(2)) < 1e-9
-    assert s["sample"].startswith("def ")
+    assert s["sample"].startswith("class ")
     model = load_model(run / "ckpt.safetensors")
     assert model.config.num_experts == 4 and not model.training
 

@@ -30,8 +30,8 @@ QUICK = dict(steps=30, batch_size=4, block_size=32, eval_interval=15, eval_batch
 QUICK_MODEL = dict(n_layer=2, d_model=32, n_head=2, d_ff=64)
 
 
-def _factor(text):
-    """A capacity factor: a number, or 'none' for dropless routing."""
+def _number_or_none(text):
+    """A number, or 'none' (a dropless capacity factor, no time limit)."""
     return None if text.lower() in ("none", "dropless") else float(text)
 
 
@@ -47,8 +47,8 @@ def add_train_arguments(p):
     m.add_argument("--router", choices=list(ROUTERS))
     m.add_argument("--experts", type=int, help="number of experts (0: dense FFN)")
     m.add_argument("--top-k", type=int, help="experts per token")
-    m.add_argument("--capacity-factor", type=_factor, help="training capacity factor, or none")
-    m.add_argument("--eval-capacity-factor", type=_factor)
+    m.add_argument("--capacity-factor", type=_number_or_none, help="training capacity factor, or none")
+    m.add_argument("--eval-capacity-factor", type=_number_or_none)
     m.add_argument("--shared-experts", type=int)
     m.add_argument("--moe-every", type=int, help="1: MoE in every block, 2: every other")
     m.add_argument("--aux-loss-weight", type=float)
@@ -57,27 +57,31 @@ def add_train_arguments(p):
         m.add_argument(f"--{name}", type=int)
     m.add_argument("--activation", choices=["gelu", "swiglu", "relu"])
     m.add_argument("--dropout", type=float)
-    t = p.add_argument_group("training")
-    t.add_argument("--data", default=None, help="a text file (default: the Python stdlib sources)")
-    t.add_argument("--device", default=d.device, choices=["cpu", "cuda"])
-    t.add_argument("--out-dir", default=d.out_dir)
-    t.add_argument("--name", default=None, help="run folder under --out-dir (default: the model)")
+    t = p.add_argument_group("training (unset options keep TrainConfig's defaults)")
+    t.argument_default = argparse.SUPPRESS
+    t.add_argument("--data", help="a text file (default: the Python stdlib sources)")
+    t.add_argument("--device", choices=["cpu", "cuda"], help=f"default {d.device}")
+    t.add_argument("--out-dir", help=f"default {d.out_dir}")
+    t.add_argument("--name", help="run folder under --out-dir (default: the model)")
     for name, typ in (("steps", int), ("batch-size", int), ("block-size", int), ("lr", float),
                       ("warmup-steps", int), ("weight-decay", float), ("grad-clip", float),
                       ("eval-interval", int), ("eval-batches", int), ("log-interval", int),
-                      ("checkpoint-interval", int), ("seed", int), ("time-limit", float),
+                      ("checkpoint-interval", int), ("seed", int), ("time-limit", _number_or_none),
+                      ("threads", int),
                       ("sample-tokens", int)):
-        t.add_argument(f"--{name}", type=typ, default=None)
-    t.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
-    t.add_argument("--quick", action="store_true", help="tiny model, few steps (smoke test)")
-    t.add_argument("--no-progress", action="store_true")
+        default = getattr(d, name.replace("-", "_"))
+        t.add_argument(f"--{name}", type=typ, help=f"default {default}")
+    t.add_argument("--resume", action="store_true", default=False,
+                   help="continue from the run's checkpoint")
+    t.add_argument("--quick", action="store_true", default=False,
+                   help="tiny model, few steps (smoke test)")
+    t.add_argument("--no-progress", action="store_true", default=False)
 
 
 def run_train(args):
     from .train import TrainConfig, train
 
-    fields = {k: v for k, v in vars(args).items()
-              if k in TrainConfig.__dataclass_fields__ and v is not None}
+    fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
     model_config = {MODEL_OPTIONS[k]: v for k, v in vars(args).items() if k in MODEL_OPTIONS}
     if args.quick:
         fields = {**QUICK, **fields}
@@ -89,10 +93,10 @@ def run_train(args):
 
 def add_generate_arguments(p):
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--prompt", default="def ")
+    p.add_argument("--prompt", default="class ")
     p.add_argument("--max-new-tokens", type=int, default=300)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--top-k", type=int, default=10, help="sample among the k likeliest bytes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-cache", action="store_true", help="recompute the prefix every token")
 

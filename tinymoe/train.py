@@ -35,6 +35,7 @@ class TrainConfig:
     out_dir: str = "runs"
     name: str | None = None           # run folder name (default: the model name)
     device: str = "cpu"
+    threads: int | None = 1           # BLAS threads (None: leave as is); see set_blas_threads
     seed: int = 0
     steps: int = 1000
     batch_size: int = 16
@@ -44,18 +45,42 @@ class TrainConfig:
     warmup_steps: int = 50
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    eval_interval: int = 250
+    eval_interval: int = 200
     eval_batches: int = 8
     log_interval: int = 10
-    checkpoint_interval: int = 500
-    time_limit: float | None = None   # seconds; stop (and save) when exceeded
-    sample_prompt: str = "def "
+    checkpoint_interval: int = 200
+    time_limit: float | None = 540.0  # seconds; stop (and save) when exceeded
+    sample_prompt: str = "class "
     sample_tokens: int = 400
-    sample_temperature: float = 0.7
+    sample_temperature: float = 0.6
+    sample_top_k: int | None = 10
     resume: bool = False
     max_corpus_bytes: int = 16_000_000
     progress: bool = True             # tqdm bar
     plots: bool = True
+
+
+def set_blas_threads(n: int) -> bool:
+    """Use n threads in NumPy's BLAS (OpenBLAS). Its idle threads busy-wait, so on a machine
+    where other processes run, 2 threads made a training step 5-8x *slower* than 1 thread
+    (docs/moe.md). Returns False when the BLAS library was not found (nothing changed)."""
+    try:
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(n, user_api="blas")
+        return True
+    except ImportError:
+        pass
+    import ctypes
+    import glob
+    for path in glob.glob(os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs",
+                                       "*openblas*")):
+        lib = ctypes.CDLL(path)
+        for name in ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
+                     "openblas_set_num_threads64_", "openblas_set_num_threads"):
+            if hasattr(lib, name):
+                getattr(lib, name)(ctypes.c_int(n))
+                return True
+    return False
 
 
 def run_dir(cfg: TrainConfig) -> str:
@@ -85,6 +110,16 @@ def evaluate(model, data, cfg: TrainConfig) -> float:
     return total / max(n, 1)
 
 
+def train_step(model, optimizer, x, y, grad_clip: float | None = 1.0):
+    """One step: forward, backward, clip, update. Returns (loss Tensor, grad norm)."""
+    _, loss = model(x, y)
+    model.zero_grad()
+    loss.backward()
+    grad_norm = clip_grad_norm_(model.parameters(), grad_clip) if grad_clip else None
+    optimizer.step()
+    return loss, grad_norm
+
+
 def expert_load(model) -> dict:
     """{layer: fraction of routed slots per expert} from the last forward."""
     out = {}
@@ -95,12 +130,14 @@ def expert_load(model) -> dict:
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Train; returns a summary dict (steps, losses, time, paths)."""
+    """Train; returns a summary dict (steps, losses, time, paths, and the trained model)."""
     out = run_dir(cfg)
     os.makedirs(out, exist_ok=True)
     ckpt_path = os.path.join(out, "ckpt.safetensors")
     log_path = os.path.join(out, "log.jsonl")
     backend.manual_seed(cfg.seed)
+    if cfg.threads is not None:
+        set_blas_threads(cfg.threads)
     corpus = load_corpus(cfg.data, cfg.max_corpus_bytes)
     check_length(corpus, cfg.block_size)
     model = build_model(cfg.model, block_size=cfg.block_size, **cfg.model_config).to(cfg.device)
@@ -142,11 +179,7 @@ def train(cfg: TrainConfig) -> dict:
             t0 = time.time()
             x, y = sampler()
             x, y = backend.to_device(x, cfg.device), backend.to_device(y, cfg.device)
-            _, loss = model(x, y)
-            model.zero_grad()
-            loss.backward()
-            grad_norm = clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
+            loss, grad_norm = train_step(model, optimizer, x, y, cfg.grad_clip)
             scheduler.step()
             step += 1
             tokens += x.size
@@ -178,13 +211,13 @@ def train(cfg: TrainConfig) -> dict:
         bar.close()
     save()
     if interrupted:
-        return {"step": step, "interrupted": True, "checkpoint": ckpt_path}
+        return {"step": step, "interrupted": True, "checkpoint": ckpt_path, "model": model}
 
     if val is None or not _last_logged_val(log_path, step):
         val = evaluate(model, corpus.val, cfg)
         log({"step": step, "val_loss": val, "val_bpb": val / math.log(2)})
     sample = decode(model.generate(encode(cfg.sample_prompt)[None], cfg.sample_tokens,
-                                   temperature=cfg.sample_temperature, top_k=None)[0])
+                                   temperature=cfg.sample_temperature, top_k=cfg.sample_top_k)[0])
     with open(os.path.join(out, "sample.txt"), "w") as f:
         f.write(sample)
     if cfg.plots:
@@ -193,7 +226,7 @@ def train(cfg: TrainConfig) -> dict:
     summary = {"step": step, "first_val_loss": first_val, "val_loss": val,
                "val_bpb": val / math.log(2), "train_seconds": elapsed,
                "tokens_per_s": tokens / max(elapsed, 1e-9), "checkpoint": ckpt_path,
-               "run_dir": out, "sample": sample, "interrupted": False}
+               "run_dir": out, "sample": sample, "interrupted": False, "model": model}
     print(f"step {step}: val loss {val:.3f} nats/byte ({val / math.log(2):.3f} bits/byte), "
           f"{elapsed:.0f} s, {summary['tokens_per_s']:,.0f} tokens/s\n--- sample ---\n{sample}")
     return summary

@@ -1,7 +1,7 @@
 """Data: byte-level tokenizer, corpora (the Python stdlib by default) and batch samplers."""
-from .corpus import (BatchSampler, Corpus, check_length, eval_batches, load_corpus,
+from .corpus import (BatchSampler, Corpus, check_length, eval_batches, load_corpus, load_files,
                      load_stdlib, load_text_file, stdlib_files)
 from .tokenizer import VOCAB_SIZE, decode, encode
 
-__all__ = ["BatchSampler", "Corpus", "check_length", "eval_batches", "load_corpus",
+__all__ = ["BatchSampler", "Corpus", "check_length", "eval_batches", "load_corpus", "load_files",
            "load_stdlib", "load_text_file", "stdlib_files", "VOCAB_SIZE", "decode", "encode"]

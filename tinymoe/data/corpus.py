@@ -49,24 +49,32 @@ def _is_val(relpath: str, val_fraction: float) -> bool:
     return h / 2**32 < val_fraction
 
 
-def load_stdlib(max_bytes: int = 16_000_000, val_fraction: float = 0.05) -> Corpus:
-    """The default corpus: stdlib sources, read in sorted order until `max_bytes`."""
-    root = sysconfig.get_paths()["stdlib"]
+def load_files(paths, root: str, val_fraction: float = 0.05, max_bytes: int | None = None,
+               source: str | None = None) -> Corpus:
+    """Files read in the given order (until max_bytes), each put whole into train or val
+    by a hash of its path relative to `root`."""
     train, val, total = [], [], 0
-    for path in stdlib_files(root):
+    for path in paths:
         with open(path, "rb") as f:
             data = f.read()
         if not data:
             continue
-        rel = os.path.relpath(path, root)
-        (val if _is_val(rel, val_fraction) else train).append(data)
+        (val if _is_val(os.path.relpath(path, root), val_fraction) else train).append(data)
         total += len(data)
-        if total >= max_bytes:
+        if max_bytes is not None and total >= max_bytes:
             break
     if not train or not val:
-        raise RuntimeError(f"load_stdlib: found too few source files under {root}")
+        raise RuntimeError(f"load_files: found too few non-empty files under {root} "
+                           f"({len(train)} train, {len(val)} validation)")
     return Corpus(np.frombuffer(b"".join(train), np.uint8),
-                  np.frombuffer(b"".join(val), np.uint8), f"python stdlib ({root})")
+                  np.frombuffer(b"".join(val), np.uint8), source or root)
+
+
+def load_stdlib(max_bytes: int = 16_000_000, val_fraction: float = 0.05) -> Corpus:
+    """The default corpus: stdlib sources, read in sorted order until `max_bytes`."""
+    root = sysconfig.get_paths()["stdlib"]
+    return load_files(stdlib_files(root), root, val_fraction, max_bytes,
+                      f"python stdlib ({root})")
 
 
 def load_text_file(path: str, val_fraction: float = 0.1) -> Corpus:

@@ -6,7 +6,8 @@ from .mamba import MambaConfig, MambaLM
 # name -> (model class, config class, defaults that make the variant)
 MODELS = {
     "gpt": (GPT, GPTConfig, {"num_experts": 0}),
-    "moe-gpt": (GPT, GPTConfig, {"num_experts": 8}),
+    # 8 experts of width 256, 2 active: the same FFN FLOPs per token as gpt's width 512
+    "moe-gpt": (GPT, GPTConfig, {"num_experts": 8, "top_k": 2, "d_ff": 256}),
     "mamba": (MambaLM, MambaConfig, {}),
     "hybrid": (HybridLM, HybridConfig, {}),
 }

@@ -40,7 +40,7 @@ class GPTConfig:
     router: str = "topk"
     moe_every: int = 1                  # 1: MoE in every block; 2: every other block (1, 3, ...)
     capacity_factor: float | None = 1.25
-    eval_capacity_factor: float | None = 2.0
+    eval_capacity_factor: float | None = None   # dropless: cached generation == full recompute
     num_shared_experts: int = 0
     aux_loss_weight: float = 1e-2
     z_loss_weight: float = 1e-3

@@ -77,15 +77,18 @@ class MoELayer(Module):
 
 
 def router_statistics(routing, plan, capacity) -> dict:
-    """Tokens per expert, dropped fraction, aux losses, router entropy (NumPy, for logs)."""
+    """Tokens per expert, dropped fraction (of routed slots), fraction of tokens left with no
+    expert at all, aux losses, router entropy (NumPy, for logs)."""
     index = backend.to_numpy(routing.expert_index)
     real = int((index >= 0).sum())
+    unrouted = float((backend.to_numpy(plan.slot_row) < 0).all(axis=1).mean())
     kept = int(backend.to_numpy(plan.counts).sum())
     p = backend.to_numpy(routing.probs.data).astype(np.float64)               # (T, E)
     entropy = float(-(p * np.log(np.clip(p, 1e-30, None))).sum(axis=-1).mean())
     return {
         "tokens_per_expert": backend.to_numpy(plan.counts).astype(int).tolist(),
         "dropped_fraction": 1.0 - kept / max(real, 1),
+        "unrouted_fraction": unrouted,
         "capacity": capacity,
         "router_entropy": entropy,
         **{f"loss_{k}": v for k, v in routing.losses.items()},
