@@ -31,6 +31,8 @@ nan = float("nan")
 # --sweep: launch shapes (items per lane, warps per block, states per chunk, min blocks/SM)
 FWD_SWEEP = [(8, 8, 16, 4), (4, 16, 16, 2), (8, 16, 8, 2), (8, 8, 16, 1)]
 BWD_SWEEP = [(8, 8, 8, 2), (8, 16, 8, 1), (4, 8, 8, 3), (4, 16, 4, 2)]
+NUMBA_FWD_SWEEP = [(8, 8, 16, 1), (8, 16, 16, 1), (4, 16, 16, 2), (8, 8, 16, 4)]
+NUMBA_BWD_SWEEP = [(4, 16, 8, 1), (8, 8, 8, 2), (4, 8, 8, 2)]
 
 
 def gpu_ms(fn, reps=20, rounds=5, warmup=2):
@@ -169,6 +171,14 @@ def main():
             cfg = dict(items=items, warps=warps, nchunk=nchunk, min_blocks=mb)
             b_ms = gpu_ms(lambda: cupy_raw.selective_scan_bwd(dout, u, delta, A, B, C, config=cfg, **kw))
             rows.append((f"  cupy bwd {items}/{warps}/{nchunk}/{mb}", nan, nan, b_ms, nan))
+        for items, warps, nchunk, mb in NUMBA_FWD_SWEEP:
+            cfg = dict(items=items, warps=warps, nchunk=nchunk, min_blocks=mb)
+            f_ms = gpu_ms(lambda: numba_cuda.selective_scan_fwd(u, delta, A, B, C, config=cfg, **kw))
+            rows.append((f"  numba fwd {items}/{warps}/{nchunk}/{mb}", f_ms, nan, nan, nan))
+        for items, warps, nchunk, mb in NUMBA_BWD_SWEEP:
+            cfg = dict(items=items, warps=warps, nchunk=nchunk, min_blocks=mb)
+            b_ms = gpu_ms(lambda: numba_cuda.selective_scan_bwd(dout, u, delta, A, B, C, config=cfg, **kw))
+            rows.append((f"  numba bwd {items}/{warps}/{nchunk}/{mb}", nan, nan, b_ms, nan))
     if not a.skip_baselines:
         f_ms = gpu_ms(lambda: reference.selective_scan_fwd(u, delta, A, B, C, D, None, bias, True),
                       reps=1, rounds=3, warmup=1)

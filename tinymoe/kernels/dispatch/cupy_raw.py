@@ -24,8 +24,12 @@ def nvcc_options(dtype):
 
 
 @lru_cache(maxsize=None)
+def _module(dtype):
+    return cupy().RawModule(code=SOURCE.read_text(), options=nvcc_options(dtype))
+
+
 def _kernel(name, dtype="<f4"):
-    return cupy().RawModule(code=SOURCE.read_text(), options=nvcc_options(dtype)).get_function(name)
+    return _module(dtype).get_function(name)
 
 
 def _float(x):
