@@ -89,9 +89,20 @@ def _backward_chunk(u, delta, dA, A, Bt, Ct, dy, t0, h_start, g_next, groups,
                 du[b, d, t] = du_t
 
 
-def _discretize_chunk(delta, A, t0, t1, out):
-    """out (b, d, T, N) = exp(delta'[:, :, t0:t1] A): the ZOH of A, vectorized."""
-    np.multiply(delta[:, :, t0:t1, None], A[None, :, None, :], out=out)
+@njit(parallel=True, cache=True, fastmath=False)
+def _delta_times_A(delta, A, t0, out):
+    """out[b, d, i, n] = delta'[b, d, t0 + i] A[d, n]  (NumPy's broadcast is slow for small N)."""
+    batch, d_inner, T, N = out.shape
+    for row in prange(batch * d_inner):
+        b, d = row // d_inner, row % d_inner
+        for i in range(T):
+            for n in range(N):
+                out[b, d, i, n] = delta[b, d, t0 + i] * A[d, n]
+
+
+def _discretize_chunk(delta, A, t0, out):
+    """out (b, d, T, N) = exp(delta'[:, :, t0:t0+T] A): the ZOH of A, with NumPy's vectorized exp."""
+    _delta_times_A(delta, A, t0, out)
     return np.exp(out, out=out)
 
 
@@ -116,7 +127,7 @@ def _scan(u, delta, A, Bt, Ct, h_starts=None):
         t1 = min(t0 + CHUNK, L)
         if h_starts is not None:
             h_starts[c] = h
-        dA = _discretize_chunk(delta, A, t0, t1, buf[:, :, : t1 - t0])
+        dA = _discretize_chunk(delta, A, t0, buf[:, :, : t1 - t0])
         _forward_chunk(u, delta, dA, Bt, Ct, t0, h, y)
     return y
 
@@ -162,7 +173,7 @@ def selective_scan_bwd(dout, u, delta, A, B, C, D=None, z=None, delta_bias=None,
     for c in reversed(range(len(h_starts))):
         t0 = c * CHUNK
         t1 = min(t0 + CHUNK, L)
-        dA = _discretize_chunk(delta_, A_, t0, t1, buf[:, :, : t1 - t0])
+        dA = _discretize_chunk(delta_, A_, t0, buf[:, :, : t1 - t0])
         _backward_chunk(u_, delta_, dA, A_, Bt, Ct, dy, t0, h_starts[c], g_next, groups,
                         du, ddelta, dA_part, dB_part, dC_part)
 

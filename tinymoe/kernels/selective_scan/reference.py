@@ -30,8 +30,10 @@ def effective_delta(delta, delta_bias=None, delta_softplus=False):
         delta = delta + delta_bias[:, None]                      # (b, d, L)
     if not delta_softplus:
         return delta, None
-    # softplus(x) = log(1 + e^x), written to not overflow; its derivative is sigmoid(x)
-    return xp.logaddexp(0.0, delta), 1.0 / (1.0 + xp.exp(-delta))
+    # softplus(x) = log(1 + e^x) = max(x, 0) + log(1 + e^-|x|) (no overflow); its
+    # derivative is sigmoid(x)
+    softplus = xp.maximum(delta, 0) + xp.log1p(xp.exp(-xp.abs(delta)))
+    return softplus, 1.0 / (1.0 + xp.exp(-delta))
 
 
 def silu(z):
