@@ -100,8 +100,12 @@ def _delta_times_A(delta, A, t0, out):
                 out[b, d, i, n] = delta[b, d, t0 + i] * A[d, n]
 
 
-def _discretize_chunk(delta, A, t0, out):
-    """out (b, d, T, N) = exp(delta'[:, :, t0:t0+T] A): the ZOH of A, with NumPy's vectorized exp."""
+def _discretize_chunk(delta, A, t0, t1, buf):
+    """exp(delta'[:, :, t0:t1] A) (b, d, T, N), the ZOH of A, with NumPy's vectorized exp;
+    written into `buf` (b, d, CHUNK, N), or a fresh contiguous array for a shorter last
+    chunk (a sliced buffer would make Numba compile every kernel a second time)."""
+    shape = buf.shape[:2] + (t1 - t0, buf.shape[3])
+    out = buf if shape == buf.shape else np.empty(shape, buf.dtype)
     _delta_times_A(delta, A, t0, out)
     return np.exp(out, out=out)
 
@@ -127,7 +131,7 @@ def _scan(u, delta, A, Bt, Ct, h_starts=None):
         t1 = min(t0 + CHUNK, L)
         if h_starts is not None:
             h_starts[c] = h
-        dA = _discretize_chunk(delta, A, t0, buf[:, :, : t1 - t0])
+        dA = _discretize_chunk(delta, A, t0, t1, buf)
         _forward_chunk(u, delta, dA, Bt, Ct, t0, h, y)
     return y
 
@@ -173,7 +177,7 @@ def selective_scan_bwd(dout, u, delta, A, B, C, D=None, z=None, delta_bias=None,
     for c in reversed(range(len(h_starts))):
         t0 = c * CHUNK
         t1 = min(t0 + CHUNK, L)
-        dA = _discretize_chunk(delta_, A_, t0, buf[:, :, : t1 - t0])
+        dA = _discretize_chunk(delta_, A_, t0, t1, buf)
         _backward_chunk(u_, delta_, dA, A_, Bt, Ct, dy, t0, h_starts[c], g_next, groups,
                         du, ddelta, dA_part, dB_part, dC_part)
 
