@@ -52,6 +52,8 @@ class HybridConfig:
     aux_loss_weight: float = 1e-2
     z_loss_weight: float = 1e-3
     rms_eps: float = 1e-5
+    block_size: int = 128               # training context length, for the trainer; the
+                                        # recurrence itself has no maximum length
 
     def is_attention_layer(self, i: int) -> bool:
         return self.attn_every > 0 and (i + 1) % self.attn_every == 0
@@ -123,6 +125,7 @@ class HybridLM(Module):
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits, _array(targets))
+        self.last_ce = loss.item()                                     # for the trainer's logs
         for moe in self.moe_layers():
             if moe.aux_loss is not None:
                 loss = loss + moe.aux_loss

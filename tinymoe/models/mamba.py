@@ -37,6 +37,8 @@ class MambaConfig:
     rms_eps: float = 1e-5
     scan_impl: str | None = None        # selective-scan kernel; None = fastest for the device
     mixer: str = "mamba"                # "mamba" (selective S6) | "s4d" (LTI baseline)
+    block_size: int = 128               # training context length, for the trainer; the
+                                        # recurrence itself has no maximum length
 
 
 def _array(x):
@@ -97,7 +99,9 @@ class MambaLM(Module):
         logits = self._logits(h)
         if targets is None:
             return logits, None
-        return logits, F.cross_entropy(logits, _array(targets))
+        loss = F.cross_entropy(logits, _array(targets))
+        self.last_ce = loss.item()                                     # for the trainer's logs
+        return logits, loss
 
     def stats(self) -> dict:
         return {}
