@@ -95,7 +95,7 @@ def add_generate_arguments(p):
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--prompt", default="class ")
     p.add_argument("--max-new-tokens", type=int, default=300)
-    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=10, help="sample among the k likeliest bytes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-cache", action="store_true", help="recompute the prefix every token")

@@ -52,7 +52,7 @@ class TrainConfig:
     time_limit: float | None = 540.0  # seconds; stop (and save) when exceeded
     sample_prompt: str = "class "
     sample_tokens: int = 400
-    sample_temperature: float = 0.6
+    sample_temperature: float = 1.0   # lower temperatures get stuck in runs of indentation
     sample_top_k: int | None = 10
     resume: bool = False
     max_corpus_bytes: int = 16_000_000
