@@ -89,3 +89,17 @@ def test_build_model_errors():
         build_model("gpt", n_layers=2)
     with pytest.raises(ValueError, match="sequence of 13 positions exceeds block_size=12"):
         build_model("gpt", **TINY)(np.zeros((1, 13), np.int64))
+
+
+def test_fine_grained_experts_keep_active_parameters():
+    """DeepSeekMoE fine-grained experts: 4x the experts, 1/4 the width, 4x the k -> same
+    active parameters per token (the router grows with E)."""
+    coarse = build_model("moe-gpt", **{**TINY, "d_ff": 32}, num_experts=4, top_k=1)
+    fine = build_model("moe-gpt", **{**TINY, "d_ff": 8}, num_experts=16, top_k=4)
+    expert_params = lambda m: sum(p.size for n, p in m.named_parameters() if ".experts." in n)
+    assert expert_params(coarse) == expert_params(fine)
+    active = lambda m: expert_params(m) * m.config.top_k // m.config.num_experts
+    assert active(coarse) == active(fine) == 2 * (16 * 32 + 32 * 16)  # one 16-32-16 FFN per layer
+    ids = np.zeros((1, 12), np.int64)
+    fine(ids, ids)
+    assert len(fine.stats()["layer0"]["tokens_per_expert"]) == 16

@@ -283,11 +283,11 @@ def plot_run(log_path, out_dir):
         return
     layers = list(loads[0]["expert_load"])
     fig, axes = plt.subplots(1, len(layers), figsize=(2.4 * len(layers) + 1, 2.8), dpi=100,
-                             squeeze=False)
+                             squeeze=False, constrained_layout=True)
     steps = [r["step"] for r in loads]
     for ax, layer in zip(axes[0], layers):
         grid = np.array([r["expert_load"][layer] for r in loads]).T            # (E, n_logs)
-        im = ax.imshow(grid, aspect="auto", cmap="viridis", origin="lower",
+        im = ax.imshow(grid, aspect="auto", cmap="viridis", origin="lower", interpolation="nearest",
                        extent=(steps[0], max(steps[-1], steps[0] + 1), -0.5, grid.shape[0] - 0.5),
                        vmin=0, vmax=max(2.0 / grid.shape[0], float(grid.max())))
         ax.set_title(layer, fontsize=9)
