@@ -1,5 +1,4 @@
 """Aux losses: the lecture's worked values, gradchecks, BASE assignment vs brute force."""
-import itertools
 
 import numpy as np
 import pytest

@@ -19,7 +19,7 @@ from ..autograd.grad_mode import no_grad
 from ..nn import Embedding, LayerNorm, Linear, Module, ModuleList
 from ..nn import functional as F
 from ..nn.attention import KVCache, MultiHeadAttention
-from ..nn.moe import Experts, MoELayer
+from ..nn.moe import MoELayer
 
 
 @dataclass

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 
 from .. import backend
-from ..autograd.function import Function, op_error
+from ..autograd.function import Function
 from ..autograd.ops import sum_to_shape
 from . import functional as F
 from .linear import Linear
