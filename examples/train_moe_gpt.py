@@ -3,6 +3,12 @@
     python examples/train_moe_gpt.py            # the same run as `python -m tinymoe train`
     python examples/train_moe_gpt.py --quick    # a 30-step smoke run
 
+Expert + data parallel (the experts spread over the ranks, the batch split between them):
+
+    python -m tinymoe.distributed.launch --nproc 4 examples/train_moe_gpt.py --expert-parallel
+    mpiexec -n 2 python examples/train_moe_gpt.py --expert-parallel --backend mpi
+    python -m tinymoe.distributed.launch --nproc 2 examples/train_moe_gpt.py --expert-parallel --backend nccl
+
 Every knob is below; change one, run again, compare runs/<name>/loss.png.
 """
 import argparse
@@ -35,6 +41,15 @@ QUICK = dict(steps=30, batch_size=4, block_size=32, eval_interval=15, eval_batch
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--steps", type=int, default=None, help="override the number of steps")
+    p.add_argument("--expert-parallel", action="store_true", help="train on every rank of the launch")
+    p.add_argument("--backend", choices=["toy", "mpi", "nccl"], default=None,
+                   help="default: from the launcher (toy) or mpiexec (mpi); nccl trains on the GPUs")
     args = p.parse_args()
     model = dict(MODEL, n_layer=2, d_model=32, n_head=2, d_ff=64) if args.quick else MODEL
-    train(TrainConfig(**{**TRAIN, **(QUICK if args.quick else {})}, model_config=model))
+    run = {**TRAIN, **(QUICK if args.quick else {})}
+    if args.steps is not None:
+        run["steps"] = args.steps
+    if args.expert_parallel:   # E = 8 experts: 1, 2, 4 or 8 ranks
+        run.update(expert_parallel=True, backend=args.backend, device="cuda" if args.backend == "nccl" else "cpu")
+    train(TrainConfig(**run, model_config=model))

@@ -55,3 +55,13 @@ def test_generate_with_checkpoint_of_another_shape(tmp_path, capsys):
 
 def test_commands_table_is_extensible():
     assert {"train", "generate"} <= set(COMMANDS)
+
+
+def test_quick_mamba_gets_only_its_own_config_fields(tmp_path, capsys):
+    # --quick's GPT sizes (n_head, d_ff) and an explicit --n-head are not Mamba fields
+    assert main(["train", "--model", "mamba", "--quick", "--no-progress", "--out-dir", str(tmp_path),
+                 "--steps", "2", "--n-head", "4", "--sample-tokens", "4"]) == 0
+    assert "n_head not in the mamba config: ignored" in capsys.readouterr().err
+    import json
+    config = json.loads((tmp_path / "mamba" / "config.json").read_text())["model"]
+    assert config["n_layer"] == 2 and config["d_model"] == 32 and "n_head" not in config

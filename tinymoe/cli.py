@@ -4,6 +4,8 @@
     python -m tinymoe train --model gpt --steps 500 --data notes.txt
     python -m tinymoe train --router switch --experts 16 --top-k 1 --capacity-factor 1.0
     python -m tinymoe generate --checkpoint runs/moe-gpt/ckpt.safetensors --prompt "def "
+    python -m tinymoe.distributed.launch --nproc 2 -m tinymoe train --expert-parallel
+    mpiexec -n 2 python -m tinymoe train --expert-parallel --backend mpi
 
 Commands live in COMMANDS: name -> (help, add_arguments(parser), run(args)). To add one,
 write those two functions and add a line (or call `register`).
@@ -76,16 +78,36 @@ def add_train_arguments(p):
     t.add_argument("--quick", action="store_true", default=False,
                    help="tiny model, few steps (smoke test)")
     t.add_argument("--no-progress", action="store_true", default=False)
+    t.add_argument("--dtype", choices=["float32", "float64"], help="default: the model's (float32)")
+    e = p.add_argument_group("expert parallelism (start the ranks with the launcher or mpiexec)")
+    e.add_argument("--expert-parallel", action="store_true", default=False,
+                   help="train on every rank: experts sharded, the batch split between the ranks")
+    e.add_argument("--backend", choices=["toy", "mpi", "nccl"], default=argparse.SUPPRESS,
+                   help="default: from the launcher (toy) or mpiexec (mpi); nccl needs --device cuda")
+
+
+def model_config_for(model: str, options: dict, quick: bool) -> dict:
+    """The model options (config field -> value) that the chosen model's config has.
+    --quick's sizes apply where they exist; given options the model lacks are dropped
+    with a note (e.g. --n-head for mamba, whose config has no heads)."""
+    from .models import MODELS
+
+    fields = MODELS[model][1].__dataclass_fields__
+    ignored = [k for k in options if k not in fields]
+    if ignored:
+        print(f"tinymoe train: {', '.join(ignored)} not in the {model} config: ignored", file=sys.stderr)
+    chosen = {**QUICK_MODEL, **options} if quick else options
+    return {k: v for k, v in chosen.items() if k in fields}
 
 
 def run_train(args):
     from .train import TrainConfig, train
 
     fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
-    model_config = {MODEL_OPTIONS[k]: v for k, v in vars(args).items() if k in MODEL_OPTIONS}
+    options = {MODEL_OPTIONS[k]: v for k, v in vars(args).items() if k in MODEL_OPTIONS}
+    model_config = model_config_for(args.model, options, args.quick)
     if args.quick:
         fields = {**QUICK, **fields}
-        model_config = {**QUICK_MODEL, **model_config}
     fields["progress"] = not args.no_progress
     summary = train(TrainConfig(model_config=model_config, **fields))
     return 0 if summary else 1

@@ -6,6 +6,10 @@ Each run writes to runs/<name>/: ckpt.safetensors (model + optimizer + step + RN
 log.jsonl (one JSON object per logged step), loss.png, expert_load.png, sample.txt.
 Loss is in nats per byte (the tokens are bytes); bits per byte = nats / ln 2.
 Ctrl-C saves a checkpoint and returns; `resume=True` continues from it.
+
+`expert_parallel=True` trains on every rank of the world this process was started in
+(the toy launcher, mpiexec, or GPUs with backend="nccl"): the experts spread over the
+ranks, the global batch split between them; see tinymoe/distributed/training.py.
 """
 from __future__ import annotations
 
@@ -24,6 +28,10 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .data import BatchSampler, check_length, decode, encode, eval_batches, load_corpus
 from .models import build_model
 from .nn import functional as F
+from .distributed import training as ep
+from .distributed.communicator import SingleProcess
+from .distributed.data_parallel import all_reduce_gradients
+from .distributed.data_parallel import clip_grad_norm_ as global_clip_grad_norm_
 from .optim import AdamW, WarmupCosine, clip_grad_norm_
 
 
@@ -55,6 +63,9 @@ class TrainConfig:
     sample_temperature: float = 1.0   # lower temperatures get stuck in runs of indentation
     sample_top_k: int | None = 10
     resume: bool = False
+    expert_parallel: bool = False     # train on all ranks: experts sharded, batch split (data parallel)
+    backend: str | None = None        # toy | mpi | nccl; None: from the launcher (one process if none)
+    dtype: str | None = None          # None: the model's own (float32); "float64" for exact checks
     max_corpus_bytes: int = 16_000_000
     progress: bool = True             # tqdm bar
     plots: bool = True
@@ -96,104 +107,147 @@ def make_optimizer(model, cfg: TrainConfig):
                   {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
 
 
-def evaluate(model, data, cfg: TrainConfig) -> float:
-    """Mean cross-entropy (nats per byte) over fixed validation windows, in eval mode."""
+def evaluate(model, data, cfg: TrainConfig, comm=None) -> float:
+    """Mean cross-entropy (nats per byte) over fixed validation windows, in eval mode.
+
+    On W ranks (`comm`) every rank takes its share of each batch: an expert-parallel forward
+    needs every rank. A batch of fewer rows than ranks is run whole by all, counted by rank 0."""
+    W, r = (comm.world_size, comm.rank) if comm is not None else (1, 0)
     model.eval()
-    total, n = 0.0, 0
+    total = np.zeros(2)                                        # (sum of window losses, windows)
     with no_grad():
         for x, y in eval_batches(data, cfg.batch_size, cfg.block_size, cfg.eval_batches):
-            x, y = backend.to_device(x, cfg.device), backend.to_device(y, cfg.device)
-            logits, _ = model(x)
-            total += float(F.cross_entropy(logits, y).item()) * x.shape[0]
-            n += x.shape[0]
+            rows = np.array_split(np.arange(len(x)), W)[r] if len(x) >= W else np.arange(len(x))
+            xr, yr = backend.to_device(x[rows], cfg.device), backend.to_device(y[rows], cfg.device)
+            logits, _ = model(xr)
+            if len(x) >= W or r == 0:
+                total += [float(F.cross_entropy(logits, yr).item()) * len(rows), len(rows)]
     model.train()
-    return total / max(n, 1)
+    if comm is not None:
+        total = backend.to_numpy(comm.all_reduce(total))
+    return float(total[0] / max(total[1], 1))
 
 
-def train_step(model, optimizer, x, y, grad_clip: float | None = 1.0):
-    """One step: forward, backward, clip, update. Returns (loss Tensor, grad norm)."""
+def train_step(model, optimizer, x, y, grad_clip: float | None = 1.0, comm=None):
+    """One step: forward, backward, clip, update. Returns (loss Tensor, grad norm).
+    With `comm` (W ranks, x and y this rank's rows): the gradients are averaged over the
+    ranks before clipping, and clipping uses the whole model's norm."""
     _, loss = model(x, y)
     model.zero_grad()
     loss.backward()
-    grad_norm = clip_grad_norm_(model.parameters(), grad_clip) if grad_clip else None
+    if comm is None:
+        grad_norm = clip_grad_norm_(model.parameters(), grad_clip) if grad_clip else None
+    else:
+        all_reduce_gradients(model.parameters(), comm)         # g = (1/W) sum_r dL_r/dtheta
+        grad_norm = global_clip_grad_norm_(model.parameters(), grad_clip, comm) if grad_clip else None
     optimizer.step()
     return loss, grad_norm
 
 
-def expert_load(model) -> dict:
-    """{layer: fraction of routed slots per expert} from the last forward."""
-    out = {}
-    for layer, s in model.stats().items():
-        counts = np.asarray(s["tokens_per_expert"], dtype=np.float64)
-        out[layer] = (counts / max(counts.sum(), 1)).round(4).tolist()
-    return out
+def _world(cfg: TrainConfig):
+    """The communicator of an expert-parallel run; None for a plain one-process run."""
+    import tinymoe.distributed as dist
+
+    if not cfg.expert_parallel:
+        if cfg.backend is not None:
+            raise ValueError(f"train: backend={cfg.backend!r} needs expert_parallel=True (--expert-parallel)")
+        launched = max(int(os.environ.get(v, 1)) for v in ("TINYMOE_WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"))
+        if launched > 1:
+            raise RuntimeError(f"train: this process is one of {launched} started by a launcher, but "
+                               "expert_parallel is off: every rank would train alone and write the same "
+                               "files; pass --expert-parallel")
+        return None
+    comm = dist.init(cfg.backend)
+    if comm.backend == "nccl" and cfg.device != "cuda":
+        raise ValueError("train: backend 'nccl' trains on GPUs (one per rank): use device='cuda' (--device cuda)")
+    return comm
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Train; returns a summary dict (steps, losses, time, paths, and the trained model)."""
+    """Train; returns a summary dict (steps, losses, time, paths, and the trained model).
+
+    With cfg.expert_parallel every rank of the world calls it: the experts are sharded and
+    the global batch of cfg.batch_size rows is split over the ranks; rank 0 writes the files."""
+    comm = _world(cfg)                                  # None: one process
+    W = comm.world_size if comm is not None else 1
+    lead = comm is None or comm.rank == 0               # prints and writes files
     out = run_dir(cfg)
-    os.makedirs(out, exist_ok=True)
     ckpt_path = os.path.join(out, "ckpt.safetensors")
     log_path = os.path.join(out, "log.jsonl")
-    backend.manual_seed(cfg.seed)
+    if lead:
+        os.makedirs(out, exist_ok=True)
+    backend.manual_seed(cfg.seed)                       # the same on every rank: the same init
     if cfg.threads is not None:
         set_blas_threads(cfg.threads)
     corpus = load_corpus(cfg.data, cfg.max_corpus_bytes)
     check_length(corpus, cfg.block_size)
-    model = build_model(cfg.model, block_size=cfg.block_size, **cfg.model_config).to(cfg.device)
-    optimizer = make_optimizer(model, cfg)
+    if comm is not None:
+        ep.check_batch_size(cfg.batch_size, comm)
+    model = build_model(cfg.model, block_size=cfg.block_size, **cfg.model_config).to(cfg.device, dtype=cfg.dtype)
+    optimizer = make_optimizer(model, cfg)              # before sharding: the one-process parameter order
     sampler = BatchSampler(corpus.train, cfg.batch_size, cfg.block_size, seed=cfg.seed)
 
     step = 0
-    if cfg.resume:
+    if cfg.resume:                                      # every rank reads the (full) checkpoint
         if not os.path.exists(ckpt_path):
             raise FileNotFoundError(f"train: --resume, but there is no checkpoint at {ckpt_path}")
         info = load_checkpoint(ckpt_path, model, optimizer)
         step = info["step"]
         sampler.load_state_dict(info["extra"]["sampler"])
-    else:
+    elif lead:
         open(log_path, "w").close()
+    if lead:
+        where = f" on {W} ranks ({comm.backend}: experts sharded, batch split)" if comm is not None else ""
+        print(f"{cfg.model}: {model.num_parameters():,} parameters{where} | {corpus} | run dir {out}")
+        with open(os.path.join(out, "config.json"), "w") as f:
+            json.dump({"train": dataclasses.asdict(cfg),
+                       "model": dataclasses.asdict(model.config)}, f, indent=1)
+    if comm is not None:
+        ep.setup(model, optimizer, comm)                # shard the experts, broadcast the rest
     scheduler = WarmupCosine(optimizer, min(cfg.warmup_steps, cfg.steps), cfg.steps, cfg.min_lr_ratio,
                              start_step=step)
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump({"train": dataclasses.asdict(cfg),
-                   "model": dataclasses.asdict(model.config)}, f, indent=1)
 
     def save():
-        save_checkpoint(ckpt_path, model, optimizer, step,
-                        extra={"model_name": cfg.model, "sampler": sampler.state_dict(),
-                               "train_config": dataclasses.asdict(cfg)})
+        """The whole model in one file; on W ranks the experts are gathered first (collective)."""
+        extra = {"model_name": cfg.model, "sampler": sampler.state_dict(),
+                 "train_config": dataclasses.asdict(cfg)}
+        if comm is None:
+            save_checkpoint(ckpt_path, model, optimizer, step, extra=extra)
+            return
+        ep.check_in_sync(model, comm)
+        with ep.full_experts(model, optimizer, comm):
+            if lead:
+                save_checkpoint(ckpt_path, model, optimizer, step, extra=extra)
 
     def log(record):
-        with open(log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if lead:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
 
-    print(f"{cfg.model}: {model.num_parameters():,} parameters | {corpus} | run dir {out}")
-    first_val = evaluate(model, corpus.val, cfg) if step == 0 else None
+    first_val = evaluate(model, corpus.val, cfg, comm) if step == 0 else None
+    val, val_step = first_val, (0 if first_val is not None else None)
     if first_val is not None:
         log({"step": 0, "val_loss": first_val, "val_bpb": first_val / math.log(2)})
-    bar = _progress(cfg, step)
-    start, tokens, val, interrupted = time.time(), 0, first_val, False
+    bar = _progress(cfg, step, lead)
+    start, tokens, interrupted = time.time(), 0, False
     try:
         while step < cfg.steps:
             t0 = time.time()
-            x, y = sampler()
+            x, y = sampler()                                          # (B, L): the global batch
+            if comm is not None:                                      # (B/W, L): this rank's rows
+                x, y = ep.local_rows(x, comm), ep.local_rows(y, comm)
             x, y = backend.to_device(x, cfg.device), backend.to_device(y, cfg.device)
-            loss, grad_norm = train_step(model, optimizer, x, y, cfg.grad_clip)
+            loss, grad_norm = train_step(model, optimizer, x, y, cfg.grad_clip, comm)
             scheduler.step()
             step += 1
-            tokens += x.size
-            tok_s = x.size / max(time.time() - t0, 1e-9)
+            tokens += x.size * W
+            tok_s = x.size * W / max(time.time() - t0, 1e-9)
             if step % cfg.log_interval == 0 or step == cfg.steps:
-                record = {"step": step, "loss": model.last_ce, "total_loss": float(loss.item()),
+                record = {"step": step, **ep.step_stats(model, loss, comm or SingleProcess()),
                           "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                           "tokens_per_s": tok_s, "elapsed_s": time.time() - start}
-                if model.stats():
-                    record["expert_load"] = expert_load(model)
-                    record["dropped_fraction"] = float(np.mean(
-                        [s["dropped_fraction"] for s in model.stats().values()]))
                 if step % cfg.eval_interval == 0 or step == cfg.steps:
-                    val = evaluate(model, corpus.val, cfg)
+                    val, val_step = evaluate(model, corpus.val, cfg, comm), step
                     record.update(val_loss=val, val_bpb=val / math.log(2))
                 log(record)
             if step % cfg.checkpoint_interval == 0:
@@ -201,10 +255,16 @@ def train(cfg: TrainConfig) -> dict:
             bar.update(1)
             bar.set_postfix(loss=f"{model.last_ce:.3f}", val=f"{val:.3f}" if val else "-",
                             tok_s=f"{tok_s:,.0f}")
-            if cfg.time_limit is not None and time.time() - start > cfg.time_limit:
-                print(f"\ntime limit of {cfg.time_limit:.0f} s reached at step {step}")
+            over = cfg.time_limit is not None and time.time() - start > cfg.time_limit
+            if comm is not None:
+                over = ep.rank0_says(over, comm)                      # one clock decides for all
+            if over:
+                if lead:
+                    print(f"\ntime limit of {cfg.time_limit:.0f} s reached at step {step}")
                 break
     except KeyboardInterrupt:
+        if W > 1:
+            raise  # the ranks are out of step: no collective save (the last checkpoint stays)
         interrupted = True
         print(f"\ninterrupted at step {step}: saving {ckpt_path}")
     finally:
@@ -213,33 +273,32 @@ def train(cfg: TrainConfig) -> dict:
     if interrupted:
         return {"step": step, "interrupted": True, "checkpoint": ckpt_path, "model": model}
 
-    if val is None or not _last_logged_val(log_path, step):
-        val = evaluate(model, corpus.val, cfg)
+    if val_step != step:
+        val = evaluate(model, corpus.val, cfg, comm)
         log({"step": step, "val_loss": val, "val_bpb": val / math.log(2)})
-    sample = decode(model.generate(encode(cfg.sample_prompt)[None], cfg.sample_tokens,
-                                   temperature=cfg.sample_temperature, top_k=cfg.sample_top_k)[0])
-    with open(os.path.join(out, "sample.txt"), "w") as f:
-        f.write(sample)
-    if cfg.plots:
-        plot_run(log_path, out)
     elapsed = time.time() - start
     summary = {"step": step, "first_val_loss": first_val, "val_loss": val,
                "val_bpb": val / math.log(2), "train_seconds": elapsed,
                "tokens_per_s": tokens / max(elapsed, 1e-9), "checkpoint": ckpt_path,
-               "run_dir": out, "sample": sample, "interrupted": False, "model": model}
+               "run_dir": out, "sample": None, "interrupted": False, "model": model, "world_size": W}
+    if not lead:
+        return summary
+    # on W ranks the model is sharded: rank 0 samples from the full model of the checkpoint
+    sampling_model = model if comm is None else load_model(ckpt_path, cfg.device)
+    sample = decode(sampling_model.generate(encode(cfg.sample_prompt)[None], cfg.sample_tokens,
+                                            temperature=cfg.sample_temperature, top_k=cfg.sample_top_k)[0])
+    with open(os.path.join(out, "sample.txt"), "w") as f:
+        f.write(sample)
+    if cfg.plots:
+        plot_run(log_path, out)
+    summary["sample"] = sample
     print(f"step {step}: val loss {val:.3f} nats/byte ({val / math.log(2):.3f} bits/byte), "
           f"{elapsed:.0f} s, {summary['tokens_per_s']:,.0f} tokens/s\n--- sample ---\n{sample}")
     return summary
 
 
-def _last_logged_val(log_path, step) -> bool:
-    with open(log_path) as f:
-        lines = f.read().splitlines()
-    return bool(lines) and json.loads(lines[-1]).get("step") == step and "val_loss" in lines[-1]
-
-
-def _progress(cfg, initial):
-    if cfg.progress:
+def _progress(cfg, initial, lead=True):
+    if cfg.progress and lead:
         from tqdm import tqdm
         return tqdm(total=cfg.steps, initial=initial, dynamic_ncols=True, desc="train")
 

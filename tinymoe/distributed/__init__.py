@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import atexit
 import os
 
 from tinymoe.distributed.communicator import Communicator, SingleProcess
@@ -68,6 +69,7 @@ def _toy_communicator(timeout):
         comm.timeout = float(timeout)
     comm.barrier()  # everybody is here (a rank that died before init makes this raise)
     _notify_launcher(comm.rank)
+    atexit.register(comm.close)  # unlink this rank's shared-memory mailboxes at exit
     return comm
 
 
