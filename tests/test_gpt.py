@@ -103,3 +103,17 @@ def test_fine_grained_experts_keep_active_parameters():
     ids = np.zeros((1, 12), np.int64)
     fine(ids, ids)
     assert len(fine.stats()["layer0"]["tokens_per_expert"]) == 16
+
+
+@pytest.mark.gpu
+def test_raw_cupy_ids_equal_tensor_ids():
+    """forward and generate accept plain CuPy id arrays, as they accept NumPy ones."""
+    cp = tm.backend.cupy()
+    tm.manual_seed(0)
+    model = build_model("moe-gpt", vocab_size=32, n_layer=1, n_head=2, d_model=16, d_ff=32,
+                        num_experts=4, block_size=8).to("cuda")
+    ids = cp.asarray(np.random.default_rng(0).integers(0, 32, (2, 8)))
+    raw, _ = model(ids[:, :-1], ids[:, 1:])
+    wrapped, _ = model(tm.tensor(ids[:, :-1], device="cuda"), tm.tensor(ids[:, 1:], device="cuda"))
+    np.testing.assert_array_equal(raw.numpy(), wrapped.numpy())
+    assert model.generate(ids[:, :4], 3, temperature=0.0).shape == (2, 7)

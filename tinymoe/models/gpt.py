@@ -16,6 +16,7 @@ import numpy as np
 
 from .. import backend
 from ..autograd.grad_mode import no_grad
+from ..autograd.tensor import Tensor
 from ..nn import Embedding, LayerNorm, Linear, Module, ModuleList
 from ..nn import functional as F
 from ..nn.attention import KVCache, MultiHeadAttention
@@ -122,7 +123,7 @@ class GPT(Module):
 
     def forward(self, ids, targets=None, cache: KVCache | None = None):
         """ids (B, L) int -> logits (B, L, V), loss (mean cross-entropy + aux losses) or None."""
-        ids = ids.data if hasattr(ids, "data") and not isinstance(ids, np.ndarray) else ids
+        ids = ids.data if isinstance(ids, Tensor) else ids                   # (B, L) NumPy or CuPy
         B, L = ids.shape
         start = cache.length if cache is not None else 0
         if start + L > self.config.block_size:
@@ -136,7 +137,7 @@ class GPT(Module):
         logits = F.linear(x, self.wte.weight)                                 # (B, L, V) tied
         if targets is None:
             return logits, None
-        targets = targets.data if hasattr(targets, "data") and not isinstance(targets, np.ndarray) else targets
+        targets = targets.data if isinstance(targets, Tensor) else targets
         loss = F.cross_entropy(logits, targets)
         self.last_ce = float(loss.item())
         for moe in self.moe_layers():
@@ -157,7 +158,7 @@ class GPT(Module):
         is rebuilt from the last block_size // 2 tokens."""
         if temperature < 0:
             raise ValueError(f"generate: temperature must be >= 0, got {temperature}")
-        ids = np.asarray(backend.to_numpy(getattr(ids, "data", ids)), dtype=np.int64)
+        ids = np.asarray(backend.to_numpy(ids.data if isinstance(ids, Tensor) else ids), dtype=np.int64)
         if ids.ndim == 1:
             ids = ids[None]
         block = self.config.block_size

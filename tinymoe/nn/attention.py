@@ -24,6 +24,9 @@ class CausalAttention(Function):
     """out = P V,  P = softmax(S),  S = Q K^T * scale + M   (queries = the last Lq of Lk positions)
     dV = P^T dO;  dP = dO V^T;  dS = P * (dP - rowsum(dP * P));  dQ = dS K * scale;  dK = dS^T Q * scale
 
+    rowsum(dP * P) = rowsum(dO * O) (FlashAttention-2's D): an (Lq,) vector from (Lq, d)
+    arrays, so that the backward holds one (Lq, Lk) temporary, dP, turned into dS in place.
+
     Shapes: q (B, Hkv, G, Lq, d), k, v (B, Hkv, 1, Lk, d): the group axis G broadcasts, and
     the K/V gradients are summed over it (sum_to_shape)."""
 
@@ -32,23 +35,27 @@ class CausalAttention(Function):
         xp = backend.array_module(q)
         Lq, Lk = q.shape[-2], k.shape[-2]
         scale = 1.0 / math.sqrt(q.shape[-1])
-        s = (q @ xp.swapaxes(k, -1, -2)) * scale                              # (B, Hkv, G, Lq, Lk)
+        s = q @ xp.swapaxes(k, -1, -2)                                        # (B, Hkv, G, Lq, Lk)
+        s *= scale
         future = xp.arange(Lk)[None, :] > xp.arange(Lq)[:, None] + (Lk - Lq)  # (Lq, Lk) masked
         s[..., future] = -xp.inf
         s -= s.max(axis=-1, keepdims=True)
         p = xp.exp(s, out=s)
         p /= p.sum(axis=-1, keepdims=True)                                    # softmax
-        ctx.save(q, k, v, p)
+        out = p @ v                                                           # (B, Hkv, G, Lq, d)
+        ctx.save(q, k, v, p, out)
         ctx.scale = scale
-        return p @ v                                                          # (B, Hkv, G, Lq, d)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
-        q, k, v, p = ctx.saved
+        q, k, v, p, out = ctx.saved
         xp = backend.array_module(grad)
         dv = sum_to_shape(xp.swapaxes(p, -1, -2) @ grad, v.shape)
-        dp = grad @ xp.swapaxes(v, -1, -2)                                    # (B, Hkv, G, Lq, Lk)
-        ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True))                  # softmax backward
+        rowsum = (grad * out).sum(axis=-1, keepdims=True)                     # (B, Hkv, G, Lq, 1)
+        ds = grad @ xp.swapaxes(v, -1, -2)                                    # dP (B, Hkv, G, Lq, Lk)
+        ds -= rowsum                                                          # softmax backward,
+        ds *= p                                                               # in place
         ds *= ctx.scale
         dq = ds @ k
         dk = sum_to_shape(xp.swapaxes(ds, -1, -2) @ q, k.shape)

@@ -24,7 +24,9 @@ class Softmax(Function):
     @staticmethod
     def backward(ctx, grad):
         (p,) = ctx.saved
-        return p * (grad - (grad * p).sum(axis=ctx.axis, keepdims=True))
+        dx = grad - (grad * p).sum(axis=ctx.axis, keepdims=True)   # one full-size temporary
+        dx *= p                                                     # in place: none more
+        return dx
 
 
 class LogSoftmax(Function):
