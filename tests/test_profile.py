@@ -154,6 +154,27 @@ def test_module_attribution_forward_and_backward():
     assert nn.Module.__call__ is original_call
 
 
+def test_backward_follows_its_forward_node_not_its_shape():
+    """Two branches whose linear layers make outputs of one shape from inputs of different
+    widths: each backward is charged to the module whose forward made the node, whatever
+    order backward visits the branches in."""
+    class TwoBranches(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.narrow, self.wide = nn.Linear(3, 5, bias=False), nn.Linear(40, 5, bias=False)
+
+        def forward(self, a, b):
+            return self.narrow(a) * 2.0 + self.wide(b)
+
+    model = TwoBranches()
+    a, b = tinymoe.randn(4, 3, requires_grad=True), tinymoe.randn(4, 40, requires_grad=True)
+    with profile(model) as prof:
+        model(a, b).sum().backward()
+    rows = {row["name"]: row for row in prof.summary(by="module", phase="backward")}
+    assert rows["narrow"]["flops"] == 2 * (2 * 4 * 3 * 5)     # dx and dW of a (4,3)@(3,5)
+    assert rows["wide"]["flops"] == 2 * (2 * 4 * 40 * 5)      # dx and dW of a (4,40)@(40,5)
+
+
 def test_summary_rejects_unknown_grouping():
     with profile() as prof:
         pass

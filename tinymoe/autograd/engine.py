@@ -71,6 +71,7 @@ def backward(root: Tensor, grad, retain_graph: bool = False):
             function._run_hooks(
                 ctx.fn.__name__, "backward", tuple(out_grads),
                 tuple(g for g in in_grads if g is not None), {}, time.perf_counter() - start,
+                ctx,
             )
         inputs = ctx.inputs
         if len(in_grads) != len(inputs):

@@ -40,13 +40,16 @@ _op_hooks = []
 
 
 class OpEvent:
-    """What an op hook sees: one forward or backward of one Function."""
+    """What an op hook sees: one forward or backward of one Function.
 
-    __slots__ = ("op", "phase", "inputs", "outputs", "params", "seconds")
+    `ctx` is the node's Context, the same object in the forward and in its backward, so a
+    hook can tag it in the forward (e.g. with the module that ran it) and read it back."""
 
-    def __init__(self, op, phase, inputs, outputs, params, seconds):
+    __slots__ = ("op", "phase", "inputs", "outputs", "params", "seconds", "ctx")
+
+    def __init__(self, op, phase, inputs, outputs, params, seconds, ctx):
         self.op, self.phase, self.inputs = op, phase, inputs
-        self.outputs, self.params, self.seconds = outputs, params, seconds
+        self.outputs, self.params, self.seconds, self.ctx = outputs, params, seconds, ctx
 
 
 class _HookHandle:
@@ -64,8 +67,8 @@ def add_op_hook(hook) -> _HookHandle:
     return _HookHandle(hook)
 
 
-def _run_hooks(op, phase, inputs, outputs, params, seconds):
-    event = OpEvent(op, phase, inputs, outputs, params, seconds)
+def _run_hooks(op, phase, inputs, outputs, params, seconds, ctx):
+    event = OpEvent(op, phase, inputs, outputs, params, seconds, ctx)
     for hook in list(_op_hooks):
         hook(event)
 
@@ -153,7 +156,8 @@ class Function:
             raise type(err)(f"{cls.__name__}: {err} (inputs: {_describe(arrays)})") from err
         if _op_hooks:
             outs = out if isinstance(out, tuple) else (out,)
-            _run_hooks(cls.__name__, "forward", arrays, outs, params, time.perf_counter() - start)
+            _run_hooks(cls.__name__, "forward", arrays, outs, params,
+                       time.perf_counter() - start, ctx)
 
         if record:
             ctx.inputs = inputs

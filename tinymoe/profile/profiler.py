@@ -12,9 +12,8 @@ op hook (`tinymoe.autograd.function.add_op_hook`); the profiler turns it into a
 
 Module attribution: inside the `with`, `Module.__call__` is wrapped so a stack of the
 running modules' dotted names is kept; a forward op belongs to the innermost one.
-Backward ops run outside any module call: each is matched to the latest unmatched
-forward of the same op whose outputs had the gradient's shapes (last in, first out,
-the order in which backward visits a stack of layers).
+Backward ops run outside any module call: the forward tags the node's Context with its
+module (`ctx.profiled_module`), and the node's backward reads the tag back.
 
 Time: on the CPU, the hook's wall time of the op. On the GPU, kernels run
 asynchronously, so a CUDA event is recorded at every hook and an op's time is the
@@ -23,7 +22,6 @@ GPU time between the previous event and its own (read after a synchronize at exi
 from __future__ import annotations
 
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 
 from .. import backend
@@ -54,7 +52,6 @@ class Profiler:
         self.records: list[Record] = []
         self._names = {}
         self._stack = []
-        self._pending = defaultdict(list)       # (op, output shapes) -> forward modules
         self._events = []                       # (record, cuda event) on the GPU
         self._start_event = None
 
@@ -94,18 +91,14 @@ class Profiler:
                 record.seconds = backend.cupy().cuda.get_elapsed_time(previous, event) / 1e3
                 previous = event
             self._events = []
-        self._pending.clear()
         return False
 
     def _on_op(self, event):
         if event.phase == "forward":
             module = self._stack[-1] if self._stack else ""
-            key = (event.op, tuple(getattr(o, "shape", None) for o in event.outputs))
-            self._pending[key].append(module)
+            event.ctx.profiled_module = module          # read back by this node's backward
         else:
-            key = (event.op, tuple(getattr(g, "shape", None) for g in event.inputs))
-            waiting = self._pending.get(key)
-            module = waiting.pop() if waiting else ""
+            module = getattr(event.ctx, "profiled_module", "")
         flops = op_flops(event.op, event.phase, event.inputs, event.outputs, event.params)
         read, written = op_bytes(event.op, event.phase, event.inputs, event.outputs)
         record = Record(event.op, event.phase, module, flops, read, written, event.seconds)
