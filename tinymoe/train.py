@@ -197,7 +197,7 @@ def train(cfg: TrainConfig) -> dict:
     elif lead:
         open(log_path, "w").close()
     if lead:
-        where = f" on {W} ranks ({comm.backend}: experts sharded, batch split)" if comm is not None else ""
+        where = f" on {W} rank{'s' * (W > 1)} ({comm.backend}: experts sharded, batch split)" if comm is not None else ""
         print(f"{cfg.model}: {model.num_parameters():,} parameters{where} | {corpus} | run dir {out}")
         with open(os.path.join(out, "config.json"), "w") as f:
             json.dump({"train": dataclasses.asdict(cfg),
