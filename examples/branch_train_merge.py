@@ -8,6 +8,7 @@
      Bayesian posterior of branch k given the tokens so far (prior uniform):
      post_k(t) ~ prod_{s<t} p_k(x_s | x_<s)   (the paper's domain posterior, sec. 4.1)
    - parameter averaging: one model whose weights are the mean of the branches'.
+   Both live in tinymoe/models/btm.py (ensemble_log_probs, average_parameters).
 Baseline: the seed trained on the mixture of all domains for D * S1 more steps, the same
 total number of training steps.
 
@@ -27,6 +28,7 @@ from tinymoe import manual_seed
 from tinymoe.autograd.grad_mode import no_grad
 from tinymoe.data import BatchSampler, eval_batches, load_files, stdlib_files
 from tinymoe.models import build_model
+from tinymoe.models.btm import average_parameters, ensemble_log_probs
 from tinymoe.nn import functional as F
 from tinymoe.optim import AdamW
 from tinymoe.train import train_step
@@ -79,14 +81,8 @@ def evaluate(models, val, how):
     total, n = 0.0, 0
     with no_grad():
         for x, y in eval_batches(val, B, L, 8):
-            lp = np.stack([log_probs(m.eval(), x, y) for m in models])        # (K, B, L)
-            if how == "posterior":
-                # log post_k(t) = sum_{s<t} log p_k(x_s) - logsumexp over k of the same
-                prefix = np.cumsum(lp, axis=-1) - lp
-                log_post = prefix - np.logaddexp.reduce(prefix, axis=0, keepdims=True)
-                mixed = np.logaddexp.reduce(log_post + lp, axis=0)
-            else:
-                mixed = lp[0]
+            lp = [log_probs(m.eval(), x, y) for m in models]                  # K x (B, L)
+            mixed = ensemble_log_probs(lp) if how == "posterior" else lp[0]    # (B, L)
             total -= mixed.sum()
             n += mixed.size
     return total / n
@@ -106,10 +102,7 @@ def main():
     seed = fit(build_model("gpt", **MODEL), mixture, s0)
     branches = {d: fit(copy.deepcopy(seed), samplers[d], s1) for d in DOMAINS}
     baseline = fit(copy.deepcopy(seed), mixture, s1 * len(DOMAINS))
-    averaged = copy.deepcopy(seed)
-    for name, param in averaged.named_parameters():
-        param.data[...] = np.mean([dict(b.named_parameters())[name].data
-                                   for b in branches.values()], axis=0)
+    averaged = average_parameters(list(branches.values()))
 
     ensemble = list(branches.values())
     rows = {
