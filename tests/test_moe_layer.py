@@ -6,6 +6,7 @@ import pytest
 import tinymoe as tm
 from tinymoe.kernels.dispatch import make_dispatch_plan
 from tinymoe.nn.moe import ROUTERS, MoELayer, combine, grouped_linear, moe_einsum, permute
+from tinymoe.nn.moe import experts as experts_module
 
 D, F_, E = 4, 3, 3
 
@@ -26,7 +27,9 @@ def test_permute_combine_gradcheck():
     tm.gradcheck(lambda ys, w: combine(ys, w, plan), [ys, w])
 
 
-def test_grouped_linear_gradcheck_and_values_with_an_empty_expert():
+@pytest.mark.parametrize("padding", [0.0, 10.0])     # 0: loop over experts; 10: one batched matmul
+def test_grouped_linear_gradcheck_and_values_with_an_empty_expert(padding, monkeypatch):
+    monkeypatch.setattr(experts_module, "BATCHED_MAX_PADDING", padding)
     rng = np.random.default_rng(1)
     offsets = np.array([0, 3, 3, 5])                                 # expert 1 has no rows
     xs = tm.tensor(rng.standard_normal((5, 4)), requires_grad=True)
@@ -37,6 +40,26 @@ def test_grouped_linear_gradcheck_and_values_with_an_empty_expert():
     tm.gradcheck(lambda xs, W: grouped_linear(xs, W, offsets), [xs, W])
     with pytest.raises(ValueError, match=r"grouped_linear: rows have 4 features, weights \(3, 5, 2\) expect 5"):
         grouped_linear(xs, tm.zeros(3, 5, 2), offsets)
+
+
+def test_grouped_linear_batched_equals_loop(monkeypatch):
+    """Padded batched matmul and the per-expert loop agree, values and gradients, on odd
+    group sizes (empty first and last experts, one row, unequal groups); bounds as a tuple."""
+    rng = np.random.default_rng(3)
+    bounds = (0, 0, 1, 8, 8, 13, 13)                                 # 6 experts, R = 13
+    xs0, W0, g = rng.standard_normal((13, 5)), rng.standard_normal((6, 5, 7)), rng.standard_normal((13, 7))
+    results = []
+    for padding in (0.0, 10.0):
+        monkeypatch.setattr(experts_module, "BATCHED_MAX_PADDING", padding)
+        xs, W = tm.tensor(xs0, requires_grad=True), tm.tensor(W0, requires_grad=True)
+        out = grouped_linear(xs, W, bounds)
+        out.backward(g)
+        results.append((out.numpy(), xs.grad, W.grad))
+    for loop, batched in zip(*results):
+        np.testing.assert_allclose(batched, loop, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(results[0][2][[0, 3, 5]], 0)      # empty experts: zero grad
+    with pytest.raises(ValueError, match=r"grouped_linear: bounds \(0, 2, 13\) must be 7 offsets"):
+        grouped_linear(tm.tensor(xs0), tm.tensor(W0), (0, 2, 13))
 
 
 @pytest.mark.parametrize("router", list(ROUTERS))
@@ -92,6 +115,19 @@ def test_capacity_drops_overflow_to_zero_output():
     layer.eval()                                                      # eval factor 2.0 -> C = 4
     layer(x)
     assert layer.last_stats["tokens_per_expert"] == [4, 0, 0, 0]
+
+
+def test_statistics_are_computed_on_first_read_as_plain_numbers():
+    layer = layer64("topk", aux_loss_weight=0.5)                      # z_loss_weight 1e-2
+    layer(tm.tensor(np.random.default_rng(8).standard_normal((6, D))))
+    assert callable(layer._stats)                                     # nothing fetched yet
+    st = layer.last_stats
+    assert st is layer.last_stats and not callable(layer._stats)
+    assert sum(st["tokens_per_expert"]) == 12 and all(type(n) is int for n in st["tokens_per_expert"])
+    assert all(type(st[k]) is float for k in ("dropped_fraction", "unrouted_fraction",
+                                               "router_entropy", "loss_load_balance", "loss_z"))
+    assert 0 < st["router_entropy"] <= np.log(E)
+    assert layer.aux_loss.item() == pytest.approx(0.5 * st["loss_load_balance"] + 1e-2 * st["loss_z"])
 
 
 @pytest.mark.parametrize("router", ["topk", "switch", "gshard", "expert-choice"])

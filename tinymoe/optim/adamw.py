@@ -7,13 +7,16 @@ For each parameter p with gradient g, at step t = 1, 2, ...:
     m_hat = m / (1 - beta1^t)                  # bias corrections: m, v start at 0
     v_hat = v / (1 - beta2^t)
     p = p - lr * m_hat / (sqrt(v_hat) + eps)
-(Same update as torch.optim.AdamW.)
+(Same update as torch.optim.AdamW.) The NumPy lines in `step` are the math and run on
+the CPU; on CuPy arrays the whole update of a parameter is one fused kernel
+(tinymoe/kernels/elementwise.py) instead of a dozen CuPy kernels.
 """
 from __future__ import annotations
 
 import math
 
 from .. import backend
+from ..kernels import elementwise
 from .optimizer import Optimizer
 
 
@@ -45,6 +48,10 @@ class AdamW(Optimizer):
                     state["exp_avg_sq"] = xp.zeros_like(p.data)  # v
                 state["step"] += 1
                 t, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
+                if backend.is_cupy_array(p.data):
+                    elementwise.adamw_update(p.data, g, m, v, lr=lr, beta1=beta1, beta2=beta2,
+                                             eps=eps, weight_decay=wd, step=t)
+                    continue
 
                 if wd != 0:
                     p.data *= 1 - lr * wd                        # p = p - lr * wd * p

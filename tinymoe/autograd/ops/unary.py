@@ -1,8 +1,15 @@
 """Elementwise math and activations: exp, log, sqrt, abs, tanh, sigmoid, relu,
-gelu (exact and tanh forms), silu, softplus."""
+gelu (exact and tanh forms), silu, softplus.
+
+The NumPy code below is the math (and runs on the CPU). On CuPy arrays GELU, SiLU and
+softplus run as one fused kernel each (tinymoe/kernels/elementwise.py), instead of the
+chain of CuPy kernels the same lines would launch."""
 import math
 
+import numpy as np
+
 from ... import backend
+from ...kernels import elementwise
 from ..function import Function
 
 
@@ -127,37 +134,35 @@ class Gelu(Function):
 
     @staticmethod
     def forward(ctx, x, approximate="none"):
-        xp = backend.array_module(x)
+        if approximate not in ("none", "tanh"):
+            raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
         ctx.approximate = approximate
         ctx.save(x)
+        if backend.is_cupy_array(x):
+            return elementwise.gelu(x, approximate)
         if approximate == "tanh":
             u = math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)
-            return 0.5 * x * (1 + xp.tanh(u))
-        if approximate != "none":
-            raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
-        return 0.5 * x * (1 + _erf(xp, x / math.sqrt(2)))
+            return 0.5 * x * (1 + np.tanh(u))
+        return 0.5 * x * (1 + _erf(x / math.sqrt(2)))
 
     @staticmethod
     def backward(ctx, grad):
         (x,) = ctx.saved
-        xp = backend.array_module(x)
+        if backend.is_cupy_array(x):
+            return elementwise.gelu_backward(grad, x, ctx.approximate)
         if ctx.approximate == "tanh":
             c = math.sqrt(2 / math.pi)
-            t = xp.tanh(c * (x + 0.044715 * x**3))
+            t = np.tanh(c * (x + 0.044715 * x**3))
             return grad * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * c * (1 + 3 * 0.044715 * x * x))
-        cdf = 0.5 * (1 + _erf(xp, x / math.sqrt(2)))
-        pdf = xp.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+        cdf = 0.5 * (1 + _erf(x / math.sqrt(2)))
+        pdf = np.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
         return grad * (cdf + x * pdf)
 
 
-def _erf(xp, x):
-    if xp is backend.np:
-        from scipy.special import erf
+def _erf(x):
+    from scipy.special import erf
 
-        return erf(x).astype(x.dtype, copy=False)
-    import cupyx.scipy.special
-
-    return cupyx.scipy.special.erf(x)
+    return erf(x).astype(x.dtype, copy=False)
 
 
 class Silu(Function):
@@ -165,12 +170,17 @@ class Silu(Function):
 
     @staticmethod
     def forward(ctx, x):
-        s = _sigmoid(backend.array_module(x), x)
+        if backend.is_cupy_array(x):
+            ctx.save(x)                                   # the kernel recomputes s
+            return elementwise.silu(x)
+        s = _sigmoid(np, x)
         ctx.save(x, s)
         return x * s
 
     @staticmethod
     def backward(ctx, grad):
+        if backend.is_cupy_array(ctx.saved[0]):
+            return elementwise.silu_backward(grad, ctx.saved[0])
         x, s = ctx.saved
         return grad * (s * (1 + x * (1 - s)))
 
@@ -181,11 +191,14 @@ class Softplus(Function):
 
     @staticmethod
     def forward(ctx, x):
-        xp = backend.array_module(x)
         ctx.save(x)
-        return xp.maximum(x, 0) + xp.log1p(xp.exp(-xp.abs(x)))
+        if backend.is_cupy_array(x):
+            return elementwise.softplus(x)
+        return np.maximum(x, 0) + np.log1p(np.exp(-np.abs(x)))
 
     @staticmethod
     def backward(ctx, grad):
         (x,) = ctx.saved
-        return grad * _sigmoid(backend.array_module(x), x)
+        if backend.is_cupy_array(x):
+            return elementwise.softplus_backward(grad, x)
+        return grad * _sigmoid(np, x)

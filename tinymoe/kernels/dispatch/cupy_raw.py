@@ -12,7 +12,7 @@ import numpy as np
 
 from ...backend import cupy
 from .numba_cuda import CHUNK, SLOT_WARPS, THREADS, WARP, _rows2d
-from .reference import DispatchPlan, check_expert_index
+from .reference import DispatchPlan, check_expert_index, check_max_expert
 
 SOURCE = Path(__file__).with_name("dispatch.cu")
 
@@ -39,7 +39,7 @@ def _float(x):
 
 def make_dispatch_plan(expert_index, num_experts: int, capacity=None) -> DispatchPlan:
     cp = cupy()
-    check_expert_index(expert_index, num_experts, capacity)
+    check_expert_index(expert_index, num_experts, capacity, check_range=False)
     T, k = expert_index.shape
     ei = cp.ascontiguousarray(expert_index, dtype=cp.int64)
     chunks = max(1, -(-T * k // CHUNK))
@@ -52,14 +52,20 @@ def make_dispatch_plan(expert_index, num_experts: int, capacity=None) -> Dispatc
     counts = wanted if capacity is None else cp.minimum(wanted, capacity)
     offsets = cp.concatenate([cp.zeros(1, cp.int64), cp.cumsum(counts)])   # (E+1,)
     start = cp.cumsum(hist, axis=0) - hist       # exclusive scan over chunks: first ranks
+    # The plan's one device sync: the offsets (row bounds for the expert matmuls, and R to
+    # size row_slot) and the largest expert index (the range check) in one transfer.
+    top = ei.max(keepdims=True).reshape(1) if T * k else cp.zeros(1, cp.int64)
+    host = cp.concatenate([offsets, top]).get()
+    check_max_expert(int(host[-1]), num_experts)
+    bounds = tuple(int(o) for o in host[:-1])
     slot_row = cp.empty((T, k), cp.int64)
-    row_slot = cp.empty(int(offsets[-1]), cp.int64)
+    row_slot = cp.empty(bounds[-1], cp.int64)
     if T * k:
         _kernel("assign_rows")((blocks,), (THREADS,),
                                (ei, *dims, start, counts.astype(cp.int64), offsets, slot_row, row_slot))
     return DispatchPlan(counts=counts.astype(cp.int64), offsets=offsets, slot_row=slot_row,
                         row_token=row_slot // k, row_slot=row_slot,
-                        num_experts=num_experts, capacity=capacity)
+                        num_experts=num_experts, capacity=capacity, bounds=bounds)
 
 
 def _permute(x, plan, scale=None):

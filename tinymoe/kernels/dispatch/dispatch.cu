@@ -15,7 +15,8 @@
 #define WARP 32
 typedef long long i64;
 
-// hist[c, e] = slots of chunk c (priority order) that chose expert e.
+// hist[c, e] = slots of chunk c (priority order) that chose expert e. Indices >= E are
+// skipped here (the caller raises on them before assign_rows runs).
 extern "C" __global__ void count_chunks(const i64* __restrict__ expert_index, int T, int k,
                                         int E, int chunks, i64* __restrict__ hist) {
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
@@ -23,7 +24,7 @@ extern "C" __global__ void count_chunks(const i64* __restrict__ expert_index, in
     const i64 end = min((i64)T * k, (i64)(c + 1) * CHUNK);
     for (i64 s = (i64)c * CHUNK; s < end; ++s) {
         const i64 e = expert_index[(s % T) * k + s / T];  // slot s = j T + t
-        if (e >= 0) hist[(i64)c * E + e] += 1;
+        if (e >= 0 && e < E) hist[(i64)c * E + e] += 1;
     }
 }
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 from numba import cuda
 
-from ...backend import array_module
+from ...backend import array_module, to_numpy
 from ..cuda_utils import WARP, shfl_down
 from .reference import DispatchPlan, check_expert_index
 
@@ -124,12 +124,13 @@ def make_dispatch_plan(expert_index, num_experts: int, capacity=None) -> Dispatc
     offsets = xp.concatenate([xp.zeros(1, xp.int64), xp.cumsum(counts)])  # (E+1,)
     start = xp.cumsum(hist, axis=0) - hist  # exclusive scan over chunks: (chunks, E)
     slot_row = xp.empty((T, k), xp.int64)
-    row_slot = xp.empty(int(offsets[-1]), xp.int64)
+    bounds = tuple(int(o) for o in to_numpy(offsets))                     # one device sync
+    row_slot = xp.empty(bounds[-1], xp.int64)
     if T * k:
         assign_rows[blocks, THREADS](ei, start, counts, offsets, slot_row, row_slot)
     return DispatchPlan(counts=counts.astype(xp.int64), offsets=offsets, slot_row=slot_row,
                         row_token=row_slot // k, row_slot=row_slot,
-                        num_experts=num_experts, capacity=capacity)
+                        num_experts=num_experts, capacity=capacity, bounds=bounds)
 
 
 def _rows2d(x, op):

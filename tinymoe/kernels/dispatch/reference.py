@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ...backend import array_module
+from ...backend import array_module, to_numpy
 
 
 @dataclass
@@ -31,25 +31,34 @@ class DispatchPlan:
     row_slot: object    # (R,)   int64  flat slot index t*k + j of each row
     num_experts: int
     capacity: int | None
+    bounds: tuple       # (E+1,) offsets as Python ints, fetched once with the plan, so that
+                        # the expert matmuls read row ranges without a device sync
 
     @property
     def num_rows(self) -> int:
         return int(self.row_token.shape[0])
 
 
-def check_expert_index(expert_index, num_experts, capacity, op="make_dispatch_plan"):
-    """Shared argument checks for every implementation."""
+def check_expert_index(expert_index, num_experts, capacity, op="make_dispatch_plan",
+                       check_range=True):
+    """Shared argument checks for every implementation. check_range=False skips the one
+    that reads the data (a device sync on a GPU): the caller checks the maximum itself."""
     if expert_index.ndim != 2:
         raise ValueError(f"{op}: expert_index must be (T, k), got shape {tuple(expert_index.shape)}")
     if expert_index.dtype.kind not in "iu":
         raise TypeError(f"{op}: expert_index must be integer, got {expert_index.dtype}")
     if num_experts < 1:
         raise ValueError(f"{op}: num_experts must be >= 1, got {num_experts}")
-    if expert_index.size and int(expert_index.max()) >= num_experts:
-        raise ValueError(f"{op}: expert index {int(expert_index.max())} out of range for "
-                         f"num_experts={num_experts}")
+    if check_range and expert_index.size:
+        check_max_expert(int(expert_index.max()), num_experts, op)
     if capacity is not None and capacity < 0:
         raise ValueError(f"{op}: capacity must be >= 0 or None, got {capacity}")
+
+
+def check_max_expert(max_index, num_experts, op="make_dispatch_plan"):
+    if max_index >= num_experts:
+        raise ValueError(f"{op}: expert index {max_index} out of range for "
+                         f"num_experts={num_experts}")
 
 
 def make_dispatch_plan(expert_index, num_experts: int, capacity: int | None = None) -> DispatchPlan:
@@ -77,11 +86,13 @@ def make_dispatch_plan(expert_index, num_experts: int, capacity: int | None = No
 
     slot_row = xp.full(T * k, -1, dtype=xp.int64)
     slot_row[slot_s[keep]] = rows
-    row_slot = xp.empty(int(offsets[-1]), dtype=xp.int64)
+    bounds = tuple(int(o) for o in to_numpy(offsets))
+    row_slot = xp.empty(bounds[-1], dtype=xp.int64)
     row_slot[rows] = slot_s[keep]
     return DispatchPlan(counts=counts.astype(xp.int64), offsets=offsets.astype(xp.int64),
                         slot_row=slot_row.reshape(T, k), row_token=row_slot // k,
-                        row_slot=row_slot, num_experts=num_experts, capacity=capacity)
+                        row_slot=row_slot, num_experts=num_experts, capacity=capacity,
+                        bounds=bounds)
 
 
 def permute(x, plan: DispatchPlan):

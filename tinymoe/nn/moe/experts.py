@@ -7,6 +7,9 @@ offsets[e] : offsets[e+1] of xs, so each expert is one dense matmul over its blo
 from __future__ import annotations
 
 import math
+from functools import lru_cache
+
+import numpy as np
 
 from ... import backend
 from ...autograd.function import Function, op_error
@@ -14,44 +17,106 @@ from .. import functional as F
 from ..module import Module
 from ..parameter import Parameter
 
+# GroupedLinear runs as ONE batched matmul over experts padded to the largest group when
+# that pads the rows by at most this factor (E * max_rows <= BATCHED_MAX_PADDING * R), and
+# as a loop of one matmul per expert otherwise. On a GPU, small experts are bound by the
+# host cost of each launch (~30 us), so 1 + 2 launches beat 3 E; large imbalanced groups
+# would waste more arithmetic on padding than the launches cost. 0 = always loop.
+BATCHED_MAX_PADDING = 1.5
+
+
+def host_bounds(offsets) -> tuple:
+    """Row bounds (E+1,) as Python ints: a tuple/list as is, an array fetched (a device sync
+    for a GPU array: pass DispatchPlan.bounds instead)."""
+    if isinstance(offsets, (tuple, list)):
+        return tuple(int(o) for o in offsets)
+    return tuple(int(o) for o in backend.to_numpy(offsets))
+
+
+@lru_cache(maxsize=8)
+def _padded_rows(bounds: tuple, device: str):
+    """Row r of expert e -> its row e * M + (r - bounds[e]) in the padded (E * M) buffer,
+    M = the largest group. Cached: the experts' matmuls of one step share their bounds."""
+    counts = np.diff(bounds)                                                  # (E,)
+    M = int(counts.max())
+    starts = np.arange(len(counts)) * M - np.asarray(bounds[:-1])             # (E,)
+    pos = np.arange(bounds[-1]) + np.repeat(starts, counts)                   # (R,)
+    return backend.to_device(pos, device), M
+
+
+def _pad(x, pos, E, M):
+    """x (R, n) -> (E, M, n): row r at pos[r], zeros in the padding rows."""
+    xp = backend.array_module(x)
+    out = xp.zeros((E * M, x.shape[1]), dtype=x.dtype)
+    out[pos] = x
+    return out.reshape(E, M, x.shape[1])
+
 
 class GroupedLinear(Function):
     """ys[rows of e] = xs[rows of e] @ W[e]   for every expert e;
-    dL/dxs[rows of e] = dL/dys[rows] @ W[e]^T,  dL/dW[e] = xs[rows]^T @ dL/dys[rows]"""
+    dL/dxs[rows of e] = dL/dys[rows] @ W[e]^T,  dL/dW[e] = xs[rows]^T @ dL/dys[rows]
+
+    `bounds` are the row offsets (E+1,), as Python ints (DispatchPlan.bounds) or an array.
+    Two ways to compute the same products (BATCHED_MAX_PADDING picks):
+      loop:    for each expert, one matmul over its rows, written in place (out=);
+      batched: pad every expert's rows to M = the largest group, (E, M, in) @ (E, in, out)
+               as one batched matmul, and take the real rows back out.
+    """
 
     @staticmethod
-    def forward(ctx, xs, W, offsets):
+    def forward(ctx, xs, W, bounds):
+        bounds = host_bounds(bounds)
         if xs.shape[-1] != W.shape[1]:
             raise op_error("grouped_linear", f"rows have {xs.shape[-1]} features, weights "
                            f"{tuple(W.shape)} expect {W.shape[1]}")
+        E, R = W.shape[0], xs.shape[0]
+        if len(bounds) != E + 1 or bounds[0] != 0 or bounds[-1] != R:
+            raise op_error("grouped_linear", f"bounds {bounds} must be {E + 1} offsets from 0 "
+                           f"to the {R} rows of xs {tuple(xs.shape)}")
         xp = backend.array_module(xs)
+        ctx.bounds = bounds
+        M = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+        ctx.batched = 0 < R and E * M <= BATCHED_MAX_PADDING * R
+        if ctx.batched:
+            pos, M = _padded_rows(bounds, backend.device_of(xs))
+            xpad = _pad(xs, pos, E, M)                                        # (E, M, in)
+            ctx.save(xpad, W, pos)
+            return xp.matmul(xpad, W).reshape(E * M, W.shape[2])[pos]        # (R, out)
         ctx.save(xs, W)
-        ctx.bounds = [int(o) for o in backend.to_numpy(offsets)]
-        ys = xp.empty((xs.shape[0], W.shape[2]), dtype=xp.result_type(xs, W))  # (R, out)
-        for e, (a, b) in enumerate(zip(ctx.bounds[:-1], ctx.bounds[1:])):
+        ys = xp.empty((R, W.shape[2]), dtype=xp.result_type(xs, W))          # (R, out)
+        for e, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
             if b > a:
-                ys[a:b] = xs[a:b] @ W[e]
+                xp.matmul(xs[a:b], W[e], out=ys[a:b])
         return ys
 
     @staticmethod
     def backward(ctx, grad):
-        xs, W = ctx.saved
         gx, gw, _ = ctx.needs_input_grad
         xp = backend.array_module(grad)
-        dxs = xp.empty_like(xs) if gx else None
-        dW = xp.zeros_like(W) if gw else None
+        if ctx.batched:
+            xpad, W, pos = ctx.saved
+            E, M, n_in = xpad.shape
+            gpad = _pad(grad, pos, E, M)                                      # (E, M, out)
+            dxs = xp.matmul(gpad, W.swapaxes(1, 2)).reshape(E * M, n_in)[pos] if gx else None
+            dW = xp.matmul(xpad.swapaxes(1, 2), gpad) if gw else None         # (E, in, out)
+            return dxs, dW, None
+        xs, W = ctx.saved
+        dxs = xp.empty(xs.shape, dtype=xp.result_type(grad, W)) if gx else None
+        dW = xp.empty(W.shape, dtype=xp.result_type(xs, grad)) if gw else None
         for e, (a, b) in enumerate(zip(ctx.bounds[:-1], ctx.bounds[1:])):
-            if b > a:
-                if gx:
-                    dxs[a:b] = grad[a:b] @ W[e].T
-                if gw:
-                    dW[e] = xs[a:b].T @ grad[a:b]
+            if gx and b > a:
+                xp.matmul(grad[a:b], W[e].T, out=dxs[a:b])
+            if gw:
+                if b > a:
+                    xp.matmul(xs[a:b].T, grad[a:b], out=dW[e])
+                else:
+                    dW[e] = 0                                                 # no rows: no gradient
         return dxs, dW, None
 
 
-def grouped_linear(xs, W, offsets):
-    """xs (R, in), W (E, in, out), offsets (E+1,) -> (R, out)."""
-    return GroupedLinear.apply(xs, W, offsets)
+def grouped_linear(xs, W, bounds):
+    """xs (R, in), W (E, in, out), bounds (E+1,) row offsets (ints or an array) -> (R, out)."""
+    return GroupedLinear.apply(xs, W, bounds)
 
 
 class Experts(Module):
@@ -74,14 +139,15 @@ class Experts(Module):
         if activation == "swiglu":
             self.w3 = init((num_experts, d_model, d_ff), d_model)
 
-    def forward(self, xs, offsets):
-        # xs (R, d) expert-contiguous, offsets (E+1,) -> (R, d)
-        h = grouped_linear(xs, self.w1, offsets)                              # (R, f)
+    def forward(self, xs, bounds):
+        # xs (R, d) expert-contiguous, bounds (E+1,) row offsets (DispatchPlan.bounds) -> (R, d)
+        bounds = host_bounds(bounds)                                          # fetched once
+        h = grouped_linear(xs, self.w1, bounds)                               # (R, f)
         if self.activation == "swiglu":
-            h = F.silu(h) * grouped_linear(xs, self.w3, offsets)              # Shazeer 2020
+            h = F.silu(h) * grouped_linear(xs, self.w3, bounds)               # Shazeer 2020
         else:
             h = F.gelu(h) if self.activation == "gelu" else F.relu(h)
-        return grouped_linear(h, self.w2, offsets)                            # (R, d)
+        return grouped_linear(h, self.w2, bounds)                             # (R, d)
 
     def extra_repr(self):
         return (f"num_experts={self.num_experts}, d_model={self.d_model}, d_ff={self.d_ff}, "

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
 from ... import backend
 from ...kernels.dispatch import make_dispatch_plan
 from ..module import Module
 from .dispatch import combine, permute
 from .experts import Experts
-from .routers import make_router
+from .routers import Routing, make_router
 
 
 def _check_factor(name, value):
@@ -46,7 +44,7 @@ class MoELayer(Module):
         self.shared_experts = (Experts(1, d_model, d_ff * num_shared_experts, activation)
                                if num_shared_experts else None)
         self.aux_loss = None
-        self.last_stats = {}
+        self._stats = {}        # a dict, or a function that computes it (see last_stats)
 
     def capacity(self, num_tokens: int) -> int | None:
         """C = ceil(factor * T * k / E), with the training or the evaluation factor."""
@@ -66,30 +64,47 @@ class MoELayer(Module):
                                   None if self.gate.uses_capacity_in_routing else capacity,
                                   impl=self.dispatch_impl)
         xs = permute(flat, plan, self.dispatch_impl)                          # (R, d)
-        ys = self.experts(xs, plan.offsets)                                   # (R, d)
+        ys = self.experts(xs, plan.bounds)                                    # (R, d)
         out = combine(ys, routing.weights, plan, self.dispatch_impl)          # (T, d)
         if self.shared_experts is not None:
-            xp = backend.array_module(flat.data)
-            out = out + self.shared_experts(flat, xp.asarray([0, T]))
+            out = out + self.shared_experts(flat, (0, T))
         self.aux_loss = routing.aux_loss
-        self.last_stats = router_statistics(routing, plan, capacity)
+        # Statistics are computed when read, not here: reading them waits for the GPU.
+        probs = routing.probs.detach()
+        self._stats = lambda: router_statistics(
+            Routing(routing.expert_index, None, None, probs, None, routing.losses), plan, capacity)
         return out.reshape(*shape)
+
+    @property
+    def last_stats(self) -> dict:
+        """Router statistics of the last forward (router_statistics), computed on first read."""
+        if callable(self._stats):
+            self._stats = self._stats()
+        return self._stats
 
 
 def router_statistics(routing, plan, capacity) -> dict:
     """Tokens per expert, dropped fraction (of routed slots), fraction of tokens left with no
-    expert at all, aux losses, router entropy (NumPy, for logs)."""
-    index = backend.to_numpy(routing.expert_index)
-    real = int((index >= 0).sum())
-    unrouted = float((backend.to_numpy(plan.slot_row) < 0).all(axis=1).mean())
-    kept = int(backend.to_numpy(plan.counts).sum())
-    p = backend.to_numpy(routing.probs.data).astype(np.float64)               # (T, E)
-    entropy = float(-(p * np.log(np.clip(p, 1e-30, None))).sum(axis=-1).mean())
+    expert at all, aux losses, router entropy: computed where the arrays live, then brought
+    to the host in one transfer (plain Python numbers, for logs)."""
+    xp = backend.array_module(routing.expert_index)
+    p = routing.probs.data.astype(xp.float64)                                 # (T, E)
+    E = p.shape[-1]
+    losses = list(routing.losses.items())
+    host = backend.to_numpy(xp.concatenate([
+        plan.counts.astype(xp.float64),                                       # (E,) kept per expert
+        xp.stack([
+            (routing.expert_index >= 0).sum().astype(xp.float64),             # real slots
+            (plan.slot_row < 0).all(axis=1).mean(),                           # unrouted tokens
+            -(p * xp.log(xp.clip(p, 1e-30, None))).sum(axis=-1).mean(),       # entropy
+            *[xp.asarray(v, dtype=xp.float64) for _, v in losses]]),
+    ]))
+    counts, (real, unrouted, entropy), loss_values = host[:E], host[E:E + 3], host[E + 3:]
     return {
-        "tokens_per_expert": backend.to_numpy(plan.counts).astype(int).tolist(),
-        "dropped_fraction": 1.0 - kept / max(real, 1),
-        "unrouted_fraction": unrouted,
+        "tokens_per_expert": counts.astype(int).tolist(),
+        "dropped_fraction": 1.0 - float(counts.sum()) / max(float(real), 1.0),
+        "unrouted_fraction": float(unrouted),
         "capacity": capacity,
-        "router_entropy": entropy,
-        **{f"loss_{k}": v for k, v in routing.losses.items()},
+        "router_entropy": float(entropy),
+        **{f"loss_{name}": float(v) for (name, _), v in zip(losses, loss_values)},
     }

@@ -27,8 +27,11 @@ def load_balancing_loss(probs, expert_index, num_experts: int):
     xp = array_module(expert_index)
     if probs.shape[-1] != num_experts:
         raise op_error("load_balancing_loss", f"probs {probs.shape} must have {num_experts} experts")
-    real = expert_index[expert_index >= 0]
-    f = xp.bincount(real, minlength=num_experts) / max(real.size, 1)      # (E,)
+    # Counted by comparing every slot with every expert (empty slots match none), not with
+    # bincount or boolean indexing: their result sizes would cost a device sync on a GPU.
+    chose = expert_index.reshape(-1, 1) == xp.arange(num_experts)         # (T k, E)
+    counts = chose.sum(axis=0)                                             # (E,)
+    f = counts / xp.maximum(counts.sum(), 1)                               # (E,)
     P = probs.mean(axis=0)                                                 # (E,)
     return num_experts * (P * f.astype(probs.dtype)).sum()                 # E * sum_i f_i P_i
 

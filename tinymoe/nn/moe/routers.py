@@ -5,7 +5,8 @@ Every router maps x (T, d) to a `Routing`:
     weights      (T, k) Tensor      gate value of each slot (differentiable)
     logits, probs (T, E) Tensors    the router's scores, for aux losses and statistics
     aux_loss     scalar Tensor      the weighted sum of this router's auxiliary losses
-    losses       dict name -> float the unweighted aux losses, for logging
+    losses       dict name -> 0-d array   the unweighted aux losses, for logging (left on
+                                    the device: float() them when read, not every step)
 
 The choice of experts is discrete (no gradient); the weights and aux losses carry the
 gradient into the gate. Capacity (how many slots an expert keeps) is applied later by
@@ -31,7 +32,7 @@ class Routing:
     logits: object                # (T, E) Tensor
     probs: object                 # (T, E) Tensor
     aux_loss: object = None       # scalar Tensor or None
-    losses: dict = field(default_factory=dict)
+    losses: dict = field(default_factory=dict)   # name -> 0-d array
 
 
 class Router(Module):
@@ -61,8 +62,8 @@ class Router(Module):
         for name, value in losses.items():
             term = value * weights_of_losses[name]
             aux = term if aux is None else aux + term
-        floats = {name: float(value.item()) for name, value in losses.items()}
-        return Routing(expert_index, weights, logits, probs, aux, floats)
+        values = {name: value.data for name, value in losses.items()}
+        return Routing(expert_index, weights, logits, probs, aux, values)
 
     def extra_repr(self):
         return f"num_experts={self.num_experts}, top_k={self.top_k}"
@@ -145,7 +146,7 @@ class GShardRouter(Router):
             xp = backend.array_module(expert_index)
             u = backend.rng(backend.device_of(expert_index)).random(expert_index.shape[0])
             drop = xp.asarray(u) >= 2 * weights.data[:, 1]                   # keep w.p. 2 g2
-            expert_index[drop, 1] = -1
+            expert_index[:, 1] = xp.where(drop, -1, expert_index[:, 1])
         # f_i counts first choices only (GShard's c_e / S).
         losses = {"load_balance": load_balancing_loss(probs, expert_index[:, :1], self.num_experts)}
         return self._finish(expert_index, weights, logits, probs, losses,
