@@ -107,7 +107,7 @@ def test_fine_grained_experts_keep_active_parameters():
 
 @pytest.mark.gpu
 def test_raw_cupy_ids_equal_tensor_ids():
-    """forward and generate accept plain CuPy id arrays, as they accept NumPy ones."""
+    """forward and generate take ids as a Tensor, a CuPy or a NumPy array, on a GPU model."""
     cp = tm.backend.cupy()
     tm.manual_seed(0)
     model = build_model("moe-gpt", vocab_size=32, n_layer=1, n_head=2, d_model=16, d_ff=32,
@@ -116,4 +116,6 @@ def test_raw_cupy_ids_equal_tensor_ids():
     raw, _ = model(ids[:, :-1], ids[:, 1:])
     wrapped, _ = model(tm.tensor(ids[:, :-1], device="cuda"), tm.tensor(ids[:, 1:], device="cuda"))
     np.testing.assert_array_equal(raw.numpy(), wrapped.numpy())
+    host, _ = model(ids[:, :-1].get(), ids[:, 1:].get())      # NumPy ids move to the model's GPU
+    np.testing.assert_array_equal(raw.numpy(), host.numpy())
     assert model.generate(ids[:, :4], 3, temperature=0.0).shape == (2, 7)

@@ -58,12 +58,12 @@ class NCCLCommunicator(Communicator):
 
     def _exchange(self, sends, recvs) -> None:
         """One grouped round of point-to-point messages: sends[j] to rank j, recvs[i] from rank i
-        (raw bytes: NCCL_UINT8 with count = nbytes, so every dtype goes the same way)."""
+        (raw bytes: NCCL_UINT8 with count = nbytes, so every dtype goes the same way).
+        The rank's own chunk goes through the group too (a send to itself), so that its copy
+        runs concurrently with the transfers instead of after them."""
         stream = self._stream()
         nccl.groupStart()
         for peer in range(self.world_size):
-            if peer == self.rank:
-                continue
             if sends[peer].nbytes:
                 self.comm.send(sends[peer].data.ptr, sends[peer].nbytes, nccl.NCCL_UINT8, peer, stream)
             if recvs[peer].nbytes:
@@ -75,14 +75,16 @@ class NCCLCommunicator(Communicator):
         chunks = [cp.ascontiguousarray(to_device(c, "cuda")) for c in self._check_chunks(send_chunks, recv_rows)]
         row_shape, dtype = chunks[0].shape[1:], chunks[0].dtype
         if recv_rows is None:  # counts first (one int64 per peer), then the payload
-            send_rows = [cp.array([c.shape[0]], cp.int64) for c in chunks]
-            got = [cp.empty(1, cp.int64) for _ in chunks]
-            self._exchange(send_rows, got)
-            got[self.rank] = send_rows[self.rank]
-            recv_rows = cp.concatenate(got).get()  # the host needs the sizes to allocate
+            send_rows = cp.asarray(np.array([c.shape[0] for c in chunks], np.int64))   # (W,)
+            got = cp.empty(self.world_size, cp.int64)                                  # (W,)
+            self._exchange([send_rows[j:j + 1] for j in range(self.world_size)],
+                           [got[i:i + 1] for i in range(self.world_size)])
+            recv_rows = got.get()  # the host needs the sizes to allocate
+        elif int(recv_rows[self.rank]) != chunks[self.rank].shape[0]:
+            raise ValueError(f"nccl all_to_all: rank {self.rank} sends itself {chunks[self.rank].shape[0]} rows "
+                             f"but recv_rows says {int(recv_rows[self.rank])}")
         recv = [cp.empty((int(n), *row_shape), dtype) for n in recv_rows]
         self._exchange(chunks, recv)
-        recv[self.rank] = chunks[self.rank].copy()
         self._count_sent(chunks)
         return recv
 

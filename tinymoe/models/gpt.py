@@ -123,13 +123,14 @@ class GPT(Module):
 
     def forward(self, ids, targets=None, cache: KVCache | None = None):
         """ids (B, L) int -> logits (B, L, V), loss (mean cross-entropy + aux losses) or None."""
-        ids = ids.data if isinstance(ids, Tensor) else ids                   # (B, L) NumPy or CuPy
+        device = backend.device_of(self.wte.weight.data)
+        ids = backend.to_device(ids.data if isinstance(ids, Tensor) else ids, device)   # (B, L)
         B, L = ids.shape
         start = cache.length if cache is not None else 0
         if start + L > self.config.block_size:
             raise ValueError(f"GPT: sequence of {start + L} positions exceeds block_size="
                              f"{self.config.block_size}")
-        xp = backend.array_module(self.wte.weight.data)
+        xp = backend.module_for(device)
         x = self.wte(ids) + self.wpe(xp.arange(start, start + L))            # (B, L, d)
         for block in self.blocks:
             x = block(x, cache)
@@ -137,7 +138,7 @@ class GPT(Module):
         logits = F.linear(x, self.wte.weight)                                 # (B, L, V) tied
         if targets is None:
             return logits, None
-        targets = targets.data if isinstance(targets, Tensor) else targets
+        targets = backend.to_device(targets.data if isinstance(targets, Tensor) else targets, device)
         loss = F.cross_entropy(logits, targets)
         self.last_ce = float(loss.item())
         for moe in self.moe_layers():

@@ -115,7 +115,7 @@ class HybridLM(Module):
 
     def forward(self, ids, targets=None):
         """ids (B, L) int -> logits (B, L, V), loss (cross-entropy + MoE aux losses) or None."""
-        ids = _array(ids)
+        ids = backend.to_device(_array(ids), backend.device_of(self.embedding.weight.data))
         if ids.ndim != 2:
             raise ValueError(f"HybridLM: ids must be (B, L), got shape {tuple(ids.shape)}")
         h = self.embedding(ids)                                        # (B, L, d)
@@ -124,7 +124,7 @@ class HybridLM(Module):
         logits = F.linear(self.norm_f(h), self.embedding.weight)      # (B, L, V), tied
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits, _array(targets))
+        loss = F.cross_entropy(logits, backend.to_device(_array(targets), backend.device_of(logits.data)))
         self.last_ce = loss.item()                                     # for the trainer's logs
         for moe in self.moe_layers():
             if moe.aux_loss is not None:

@@ -90,7 +90,7 @@ class MambaLM(Module):
 
     def forward(self, ids, targets=None):
         """ids (B, L) int -> logits (B, L, V), mean cross-entropy (or None)."""
-        ids = _array(ids)
+        ids = backend.to_device(_array(ids), backend.device_of(self.embedding.weight.data))
         if ids.ndim != 2:
             raise ValueError(f"MambaLM: ids must be (B, L), got shape {tuple(ids.shape)}")
         h = self.embedding(ids)                                        # (B, L, d)
@@ -99,7 +99,7 @@ class MambaLM(Module):
         logits = self._logits(h)
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits, _array(targets))
+        loss = F.cross_entropy(logits, backend.to_device(_array(targets), backend.device_of(logits.data)))
         self.last_ce = loss.item()                                     # for the trainer's logs
         return logits, loss
 
