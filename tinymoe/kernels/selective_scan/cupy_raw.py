@@ -16,10 +16,11 @@ from .numba_cuda import SMEM_LIMIT, _prepare, _sums, fit_config, smem_bytes
 
 SOURCE = Path(__file__).with_name("selective_scan.cu")
 WARP = 32
-# Launch shapes, chosen by benchmarks/bench_scan.py --sweep on an H100. min_blocks caps
-# the registers per thread (65536 / (min_blocks * threads)) so that many warps fit an SM.
+# Launch shapes, chosen by benchmarks/bench_scan.py --sweep. min_blocks caps the registers
+# per thread (65536 / (min_blocks * threads)): the forward takes 64 so that 32 warps fit an
+# SM; the backward's per-step arrays (7 x 8 items) need 128, 16 warps per SM.
 FWD_CONFIG = dict(items=8, warps=16, nchunk=16, min_blocks=2)
-BWD_CONFIG = dict(items=4, warps=16, nchunk=8, min_blocks=2)
+BWD_CONFIG = dict(items=8, warps=16, nchunk=16, min_blocks=1)
 SMEM_OPT_IN = 227 * 1024  # a Hopper block may use this much shared memory, after opting in
 
 

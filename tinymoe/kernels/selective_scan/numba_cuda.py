@@ -34,17 +34,20 @@ from numba import cuda, from_dtype
 from ..cuda_utils import WARP, shfl_down, shfl_idx, shfl_up, syncwarp
 from ...backend import array_module
 
-# Launch shapes, chosen by benchmarks/bench_scan.py --sweep on an H100 (see cupy_raw.py).
+# Launch shapes, chosen by benchmarks/bench_scan.py --sweep (see cupy_raw.py). Numba
+# cannot opt in above 48 KB of shared memory: the backward runs 8 warps per block
+# (2 blocks per SM, the same 16 warps per SM as the CUDA C twin) so that the double-
+# buffered dB, dC rows and a chunk of 4 states fit.
 FWD_CONFIG = dict(items=8, warps=16, nchunk=16, min_blocks=2)
-BWD_CONFIG = dict(items=4, warps=16, nchunk=8, min_blocks=2)
+BWD_CONFIG = dict(items=8, warps=8, nchunk=4, min_blocks=2)
 # numba-cuda takes launch bounds (a register cap); Numba's simulator and old Numba do not.
 _BOUNDS = "launch_bounds" in inspect.signature(cuda.jit).parameters
 
 
 @lru_cache(maxsize=None)
-def _kernels(np_dtype, items, warps, nchunk, min_blocks=1):
-    """Compile-time constants (items per lane, warps per block, states per B/C chunk)
-    make the per-lane arrays registers; one kernel pair per configuration."""
+def _kernels(np_dtype, items, warps, nchunk, min_blocks=1, has_z=False):
+    """Compile-time constants (items per lane, warps per block, states per B/C chunk,
+    whether z is given) make the per-lane arrays registers; one kernel pair each."""
     T = from_dtype(np.dtype(np_dtype))
     ZERO, ONE = np.dtype(np_dtype).type(0), np.dtype(np_dtype).type(1)
     TILE = WARP * items  # steps per tile
@@ -93,38 +96,32 @@ def _kernels(np_dtype, items, warps, nchunk, min_blocks=1):
 
     @cuda.jit(device=True, inline=True)
     def scan_up(P, Q, lane):
-        """Inclusive warp scan of the maps h -> P h + Q, lane 0 first; returns the
-        exclusive map (the composition of the lanes before this one)."""
+        """Inclusive warp scan of the maps h -> P h + Q, lane 0 first. Lane 0's map already
+        holds the state carried in from the previous tile, so the scanned Q of lane l is
+        the state at the end of lane l's steps. The last round needs no P."""
         k = 1
         while k < WARP:
-            Pp = shfl_up(P, k)
             Qp = shfl_up(Q, k)
+            Pp = shfl_up(P, k) if k < WARP // 2 else ONE
             if lane >= k:  # (P, Q) after (Pp, Qp): h -> P (Pp h + Qp) + Q
                 Q = P * Qp + Q
                 P = P * Pp
             k *= 2
-        Pe = shfl_up(P, 1)
-        Qe = shfl_up(Q, 1)
-        if lane == 0:
-            Pe, Qe = ONE, ZERO
-        return Pe, Qe
+        return Q
 
     @cuda.jit(device=True, inline=True)
     def scan_down(P, Q, lane):
-        """The same, lane 31 first (for the reverse-time scan of the backward)."""
+        """The same, lane 31 first (reverse time, for the backward); lane 31's map holds
+        the carry from the tile to the right."""
         k = 1
         while k < WARP:
-            Pn = shfl_down(P, k)
             Qn = shfl_down(Q, k)
+            Pn = shfl_down(P, k) if k < WARP // 2 else ONE
             if lane + k < WARP:
                 Q = P * Qn + Q
                 P = P * Pn
             k *= 2
-        Pe = shfl_down(P, 1)
-        Qe = shfl_down(Q, 1)
-        if lane == WARP - 1:
-            Pe, Qe = ONE, ZERO
-        return Pe, Qe
+        return Q
 
     @cuda.jit(device=True, inline=True)
     def warp_sum(v):
@@ -136,19 +133,13 @@ def _kernels(np_dtype, items, warps, nchunk, min_blocks=1):
         return v
 
     @cuda.jit(device=True, inline=True)
-    def softplus(x):
-        return x if x > 20.0 else math.log1p(math.exp(x))
-
-    @cuda.jit(device=True, inline=True)
-    def prepare_delta(dt, sp, b, d, valid, t0, L, lane, delta_bias, has_bias, use_softplus):
-        """delta' = softplus(delta + delta_bias); sp keeps d delta'/d delta = sigmoid."""
+    def prepare_delta(dt, d, valid, t0, L, lane, delta_bias, has_bias, use_softplus):
+        """delta' = softplus(delta + delta_bias) (or delta + delta_bias); zero past L."""
         bias = delta_bias[d] if has_bias else ZERO
         for i in range(items):
             x = dt[i] + bias
-            sp[i] = ONE
-            if use_softplus:
-                sp[i] = ONE / (ONE + math.exp(-x))
-                x = softplus(x)
+            if use_softplus and x <= 20.0:
+                x = math.log1p(math.exp(x))
             if not valid or t0 + lane * items + i >= L:
                 x = ZERO  # past the end: a = 1, delta B u = 0, the identity step
             dt[i] = x
@@ -170,7 +161,6 @@ def _kernels(np_dtype, items, warps, nchunk, min_blocks=1):
         arow = car + warps * N  # this row's A[d, :], read once
         uu = cuda.local.array(items, T)
         dt = cuda.local.array(items, T)
-        sp = cuda.local.array(items, T)
         y = cuda.local.array(items, T)
         a = cuda.local.array(items, T)
         bu = cuda.local.array(items, T)
@@ -181,28 +171,34 @@ def _kernels(np_dtype, items, warps, nchunk, min_blocks=1):
         for t0 in range(0, L, TILE):
             stage_in(u, b, d, valid, t0, L, sm, stg, lane, uu)
             stage_in(delta, b, d, valid, t0, L, sm, stg, lane, dt)
-            prepare_delta(dt, sp, b, d, valid, t0, L, lane, delta_bias, has_bias, use_softplus)
+            prepare_delta(dt, d, valid, t0, L, lane, delta_bias, has_bias, use_softplus)
             for i in range(items):
                 y[i] = Dd * uu[i]  # the skip connection D u_t
+                uu[i] *= dt[i]  # from here on uu holds delta_t u_t
             for n0 in range(0, N, nchunk):
                 nc = min(nchunk, N - n0)
                 load_bc(B, C, b, n0, nc, t0, L, sm, True)
                 for k in range(nc):
                     An = sm[arow + n0 + k]
+                    bs = k * ROW + lane * (items + 1)  # this lane's B_t[n], then C_t[n]
+                    cs = bs + nchunk * ROW
+                    h_carry = sm[car + n0 + k]
                     P, Q = ONE, ZERO  # this lane's steps folded: h_out = P h_in + Q
                     for i in range(items):
                         a[i] = math.exp(dt[i] * An)  # a_t = exp(delta_t A_n)
-                        bu[i] = dt[i] * uu[i] * sm[k * ROW + lane * (items + 1) + i]
+                        bu[i] = uu[i] * sm[bs + i]  # delta_t B_t u_t
                         Q = a[i] * Q + bu[i]
                         P = P * a[i]
-                    Pe, Qe = scan_up(P, Q, lane)
-                    h = Pe * sm[car + n0 + k] + Qe  # state entering this lane's steps
+                    if lane == 0:
+                        Q += P * h_carry  # lane 0 starts from the carried state
+                    h = shfl_up(scan_up(P, Q, lane), 1)  # state entering this lane's steps
+                    if lane == 0:
+                        h = h_carry
                     for i in range(items):
                         h = a[i] * h + bu[i]  # h_t = a_t h_{t-1} + delta_t B_t u_t
-                        y[i] += sm[(nchunk + k) * ROW + lane * (items + 1) + i] * h
-                    h_last = shfl_idx(h, WARP - 1)
-                    if lane == 0:
-                        sm[car + n0 + k] = h_last
+                        y[i] += sm[cs + i] * h  # y_t += C_t[n] h_t[n]
+                    if lane == WARP - 1:
+                        sm[car + n0 + k] = h
             if has_z:
                 stage_in(z, b, d, valid, t0, L, sm, stg, lane, a)
                 for i in range(items):
@@ -211,7 +207,11 @@ def _kernels(np_dtype, items, warps, nchunk, min_blocks=1):
 
     @cuda.jit(fastmath=True, **bounds)
     def bwd(dout, u, delta, A, B, C, D, z, delta_bias, hs, du, ddelta, dz,
-            dB_part, dC_part, dA_part, dD_part, dbias_part, has_D, has_z, has_bias, use_softplus):
+            dB_part, dC_part, dA_part, dD_part, dbias_part, has_D, has_bias, use_softplus):
+        """Per row, registers hold per step: delta_t, delta_t u_t, dy_t, the sums over
+        states S_t = sum_n g_t[n] B_t[n] and E_t = sum_n g_t[n] h_{t-1}[n] A_n a_t[n]
+        (then du_t = delta_t S_t + D dy_t, d delta_t = (u_t S_t + E_t) softplus'), and per
+        state a_t, h_t. has_z is a compile-time constant: without z, y is not recomputed."""
         b = cuda.blockIdx.y
         w = cuda.threadIdx.x // WARP
         lane = cuda.threadIdx.x % WARP
@@ -229,17 +229,14 @@ def _kernels(np_dtype, items, warps, nchunk, min_blocks=1):
         gca = car + warps * N  # carried a_t dL/dh_t[n] (phase 2)
         dAs = gca + warps * N  # dA[n] of this row
         arow = dAs + warps * N  # this row's A[d, :], read once
-        uu = cuda.local.array(items, T)
         dt = cuda.local.array(items, T)
-        sp = cuda.local.array(items, T)
+        dtu = cuda.local.array(items, T)
         dy = cuda.local.array(items, T)
-        go = cuda.local.array(items, T)
-        y = cuda.local.array(items, T)
+        S = cuda.local.array(items, T)
+        E = cuda.local.array(items, T)
         a = cuda.local.array(items, T)
-        bu = cuda.local.array(items, T)
-        hh = cuda.local.array(items, T)
-        dui = cuda.local.array(items, T)
-        ddt = cuda.local.array(items, T)
+        h = cuda.local.array(items, T)
+        y = cuda.local.array(items if has_z else 1, T)
         for n in range(lane, N, WARP):
             sm[car + n] = ZERO
             sm[gca + n] = ZERO
@@ -254,22 +251,29 @@ def _kernels(np_dtype, items, warps, nchunk, min_blocks=1):
             for n in range(lane, N, WARP):
                 if valid:
                     hs[b, d, tile, n] = sm[car + n]
-            stage_in(u, b, d, valid, t0, L, sm, stg, lane, uu)
+            if tile == ntiles - 1:
+                break  # the last tile's end state is never needed
+            stage_in(u, b, d, valid, t0, L, sm, stg, lane, dtu)
             stage_in(delta, b, d, valid, t0, L, sm, stg, lane, dt)
-            prepare_delta(dt, sp, b, d, valid, t0, L, lane, delta_bias, has_bias, use_softplus)
+            prepare_delta(dt, d, valid, t0, L, lane, delta_bias, has_bias, use_softplus)
+            for i in range(items):
+                dtu[i] *= dt[i]
             for n0 in range(0, N, nchunk):
                 nc = min(nchunk, N - n0)
                 load_bc(B, C, b, n0, nc, t0, L, sm, False)
                 for k in range(nc):
                     An = sm[arow + n0 + k]
+                    bs = k * ROW + lane * (items + 1)
+                    h_carry = sm[car + n0 + k]
                     P, Q = ONE, ZERO
                     for i in range(items):
                         ai = math.exp(dt[i] * An)
-                        Q = ai * Q + dt[i] * uu[i] * sm[k * ROW + lane * (items + 1) + i]
+                        Q = ai * Q + dtu[i] * sm[bs + i]
                         P = P * ai
-                    Pe, Qe = scan_up(P, Q, lane)
-                    h_end = shfl_idx(P * (Pe * sm[car + n0 + k] + Qe) + Q, WARP - 1)
                     if lane == 0:
+                        Q += P * h_carry
+                    h_end = scan_up(P, Q, lane)
+                    if lane == WARP - 1:
                         sm[car + n0 + k] = h_end
 
         # Phase 2: tiles last to first; per state, recompute h_t, then reverse-scan
@@ -278,65 +282,75 @@ def _kernels(np_dtype, items, warps, nchunk, min_blocks=1):
         dbias_acc = ZERO
         for tile in range(ntiles - 1, -1, -1):
             t0 = tile * TILE
-            stage_in(u, b, d, valid, t0, L, sm, stg, lane, uu)
+            stage_in(u, b, d, valid, t0, L, sm, stg, lane, dtu)
             stage_in(delta, b, d, valid, t0, L, sm, stg, lane, dt)
-            prepare_delta(dt, sp, b, d, valid, t0, L, lane, delta_bias, has_bias, use_softplus)
-            stage_in(dout, b, d, valid, t0, L, sm, stg, lane, go)
+            prepare_delta(dt, d, valid, t0, L, lane, delta_bias, has_bias, use_softplus)
+            stage_in(dout, b, d, valid, t0, L, sm, stg, lane, dy)
             if has_z:
                 stage_in(z, b, d, valid, t0, L, sm, stg, lane, a)
             for n in range(lane, N, WARP):  # this tile's starting states, from phase 1
                 sm[car + n] = hs[b, d, tile, n] if valid else ZERO
             syncwarp()
             for i in range(items):
-                dy[i] = go[i]
                 if has_z:  # out = y silu(z): dL/dy = dout silu(z)
-                    dy[i] = go[i] * a[i] / (ONE + math.exp(-a[i]))
-                y[i] = Dd * uu[i]
-                dui[i] = Dd * dy[i]  # dL/du from the skip D u
-                ddt[i] = ZERO
-                dD_acc += dy[i] * uu[i]  # dL/dD = sum_t dy_t u_t
+                    dy[i] *= a[i] / (ONE + math.exp(-a[i]))
+                    y[i] = Dd * dtu[i]
+                dD_acc += dy[i] * dtu[i]  # dL/dD = sum_t dy_t u_t
+                dtu[i] *= dt[i]  # delta_t u_t
+                S[i] = ZERO
+                E[i] = ZERO
             for n0 in range(0, N, nchunk):
                 nc = min(nchunk, N - n0)
                 load_bc(B, C, b, n0, nc, t0, L, sm, True)
                 for k in range(nc):
                     n = n0 + k
                     An = sm[arow + n]
+                    bs = k * ROW + lane * (items + 1)
+                    cs = bs + nchunk * ROW
+                    h_carry = sm[car + n]
+                    c_carry = sm[gca + n]
                     P, Q = ONE, ZERO
                     for i in range(items):
                         a[i] = math.exp(dt[i] * An)
-                        bu[i] = dt[i] * uu[i] * sm[k * ROW + lane * (items + 1) + i]
-                        Q = a[i] * Q + bu[i]
+                        h[i] = dtu[i] * sm[bs + i]  # delta_t B_t u_t, then h_t
+                        Q = a[i] * Q + h[i]
                         P = P * a[i]
-                    Pe, Qe = scan_up(P, Q, lane)
-                    h_in = Pe * sm[car + n] + Qe
-                    h = h_in
+                    if lane == 0:
+                        Q += P * h_carry
+                    h_in = shfl_up(scan_up(P, Q, lane), 1)
+                    if lane == 0:
+                        h_in = h_carry
+                    hc = h_in
                     for i in range(items):
-                        h = a[i] * h + bu[i]
-                        hh[i] = h
-                        y[i] += sm[(nchunk + k) * ROW + lane * (items + 1) + i] * h
+                        hc = a[i] * hc + h[i]
+                        h[i] = hc
+                        if has_z:
+                            y[i] += sm[cs + i] * hc
                     # this lane's reverse map: c_out = a_first g_first = P c_in + Q
                     Q = ZERO
                     for i in range(items - 1, -1, -1):
-                        Q = a[i] * (sm[(nchunk + k) * ROW + lane * (items + 1) + i] * dy[i] + Q)
-                    Pe, Qe = scan_down(P, Q, lane)
-                    c = Pe * sm[gca + n] + Qe  # a_{t+1} g_{t+1} entering from the right
+                        Q = a[i] * (sm[cs + i] * dy[i] + Q)
+                    if lane == WARP - 1:
+                        Q += P * c_carry  # lane 31 starts from the right tile's carry
+                    c = shfl_down(scan_down(P, Q, lane), 1)  # a_{t+1} g_{t+1} from the right
+                    if lane == WARP - 1:
+                        c = c_carry
                     dA_acc = ZERO
                     rb = red + (n % 2) * 2 * warps * ROW  # states alternate buffers
                     for i in range(items - 1, -1, -1):
                         s = lane * (items + 1) + i
-                        Bi = sm[k * ROW + s]
-                        g = sm[(nchunk + k) * ROW + s] * dy[i] + c  # g_t
-                        hp = hh[i - 1] if i > 0 else h_in  # h_{t-1}
-                        dui[i] += g * dt[i] * Bi  # dh_t/du_t = delta_t B_t
-                        ddt[i] += g * (Bi * uu[i] + hp * An * a[i])  # d/d delta_t
-                        dA_acc += g * hp * dt[i] * a[i]  # dL/dA_n
-                        sm[rb + w * ROW + s] = g * dt[i] * uu[i]  # dL/dB_t[n] (this row)
-                        sm[rb + (warps + w) * ROW + s] = dy[i] * hh[i]  # dL/dC_t[n]
+                        g = sm[cs + i] * dy[i] + c  # g_t
+                        hp = h[i - 1] if i > 0 else h_in  # h_{t-1}
+                        S[i] += g * sm[bs + i]  # dL/d(delta_t B_t u_t)
+                        sm[rb + w * ROW + s] = g * dtu[i]  # dL/dB_t[n] (this row)
+                        sm[rb + (warps + w) * ROW + s] = dy[i] * h[i]  # dL/dC_t[n]
                         c = a[i] * g
-                    c_first = shfl_idx(c, 0)
+                        x = c * hp  # g_t a_t h_{t-1}
+                        E[i] += x * An  # d h_t / d delta_t, via a_t
+                        dA_acc += x * dt[i]  # dL/dA_n
                     dA_acc = warp_sum(dA_acc)
                     if lane == 0:
-                        sm[gca + n] = c_first
+                        sm[gca + n] = c
                         sm[dAs + n] += dA_acc
                     # The block adds its rows' dB, dC terms in warp order: one partial.
                     # One barrier per state: the next state writes the other buffer, and
@@ -355,18 +369,22 @@ def _kernels(np_dtype, items, warps, nchunk, min_blocks=1):
                             else:
                                 dC_part[b, cuda.blockIdx.x, n, t0 + tl] = acc
             cuda.syncthreads()  # the sums are done before staging reuses the buffers
-            if has_z:  # z again (a[] held exp(delta A) meanwhile)
-                stage_in(z, b, d, valid, t0, L, sm, stg, lane, a)
+            stage_in(u, b, d, valid, t0, L, sm, stg, lane, a)  # u again
             for i in range(items):
                 past_end = t0 + lane * items + i >= L
-                if has_z:  # dL/dz = dout y silu'(z), silu'(z) = s (1 + z (1 - s))
-                    sg = ONE / (ONE + math.exp(-a[i]))
-                    y[i] = go[i] * y[i] * sg * (ONE + a[i] * (ONE - sg))
-                ddt[i] = ZERO if past_end else ddt[i] * sp[i]
-                dbias_acc += ddt[i]
-            stage_out(du, b, d, valid, t0, L, sm, stg, lane, dui)
-            stage_out(ddelta, b, d, valid, t0, L, sm, stg, lane, ddt)
-            if has_z:
+                # softplus'(x) = sigmoid(x) = 1 - exp(-softplus(x))
+                sp = -math.expm1(-dt[i]) if use_softplus else ONE
+                E[i] = ZERO if past_end else (a[i] * S[i] + E[i]) * sp  # d delta_t
+                S[i] = dt[i] * S[i] + Dd * dy[i]  # du_t (+ the skip D u)
+                dbias_acc += E[i]
+            stage_out(du, b, d, valid, t0, L, sm, stg, lane, S)
+            stage_out(ddelta, b, d, valid, t0, L, sm, stg, lane, E)
+            if has_z:  # dL/dz = dout y silu'(z), silu'(z) = s (1 + z (1 - s))
+                stage_in(dout, b, d, valid, t0, L, sm, stg, lane, a)
+                stage_in(z, b, d, valid, t0, L, sm, stg, lane, h)
+                for i in range(items):
+                    sg = ONE / (ONE + math.exp(-h[i]))
+                    y[i] = a[i] * y[i] * sg * (ONE + h[i] * (ONE - sg))
                 stage_out(dz, b, d, valid, t0, L, sm, stg, lane, y)
         dD_acc = warp_sum(dD_acc)
         dbias_acc = warp_sum(dbias_acc)
@@ -450,7 +468,7 @@ def selective_scan_bwd(dout, u, delta, A, B, C, D=None, z=None, delta_bias=None,
         raise ValueError(f"selective_scan_bwd: dout {dout.shape} must match u {u.shape}")
     cfg = fit_config(config, BWD_CONFIG, A.shape[1], np.dtype(dtype).itemsize, True)
     _, bwd = _kernels(np.dtype(dtype).str, cfg["items"], cfg["warps"], cfg["nchunk"],
-                      cfg.get("min_blocks", 1))
+                      cfg.get("min_blocks", 1), z is not None)
     batch, d_inner, L = u.shape
     N = A.shape[1]
     tile = WARP * cfg["items"]
@@ -468,7 +486,7 @@ def selective_scan_bwd(dout, u, delta, A, B, C, D=None, z=None, delta_bias=None,
     bwd[(blocks, batch), cfg["warps"] * WARP, 0, smem_bytes(cfg, N, np.dtype(dtype).itemsize, True)](
         xp.ascontiguousarray(dout, dtype=dtype), *arrs, hs, du, ddelta, dz,
         dB_part, dC_part, dA_part, dD_part, dbias_part,
-        D is not None, z is not None, delta_bias is not None, bool(delta_softplus))
+        D is not None, delta_bias is not None, bool(delta_softplus))
     return _sums(du, ddelta, dA_part, dB_part, dC_part, dD_part, dz, dbias_part, D, z, delta_bias)
 
 

@@ -32,10 +32,16 @@
 #define ROW (WARP * (ITEMS + 1))     // a staged tile, one pad word per lane (no bank conflicts)
 #define FULL 0xffffffffu
 
+#define LOG2E 1.4426950408889634
+
 __device__ __forceinline__ float fexp(float x) { return __expf(x); }
 __device__ __forceinline__ double fexp(double x) { return exp(x); }
+__device__ __forceinline__ float fexp2(float x) { return exp2f(x); }  // one MUFU.EX2
+__device__ __forceinline__ double fexp2(double x) { return exp2(x); }
 __device__ __forceinline__ float flog1p(float x) { return log1pf(x); }
 __device__ __forceinline__ double flog1p(double x) { return log1p(x); }
+__device__ __forceinline__ float fexpm1(float x) { return expm1f(x); }
+__device__ __forceinline__ double fexpm1(double x) { return expm1(x); }
 
 // dst[i] = src[row, t0 + lane*ITEMS + i]: coalesced global reads, then each lane takes its
 // consecutive steps out of shared memory (zero past L).
@@ -81,30 +87,31 @@ __device__ __forceinline__ void load_bc(const scalar_t* __restrict__ Bb,
     __syncthreads();
 }
 
-// Inclusive warp scan of maps h -> P h + Q (lane 0 first); returns the exclusive map.
-__device__ __forceinline__ void scan_up(scalar_t P, scalar_t Q, int lane, scalar_t& Pe,
-                                        scalar_t& Qe) {
+// Inclusive warp scan of the maps h -> P h + Q, lane 0 first. Lane 0's map already holds
+// the state carried in from the previous tile (Q_0 = P_0 h_carry + Q_0), so the scanned Q
+// of lane l is the state at the end of lane l's steps. The last round needs no P.
+__device__ __forceinline__ scalar_t scan_up(scalar_t P, scalar_t Q, int lane) {
 #pragma unroll
     for (int k = 1; k < WARP; k *= 2) {
-        scalar_t Pp = __shfl_up_sync(FULL, P, k), Qp = __shfl_up_sync(FULL, Q, k);
-        if (lane >= k) { Q = P * Qp + Q; P = P * Pp; }  // (P,Q) after (Pp,Qp)
+        const scalar_t Qp = __shfl_up_sync(FULL, Q, k);
+        scalar_t Pp = 1;
+        if (k < WARP / 2) Pp = __shfl_up_sync(FULL, P, k);
+        if (lane >= k) { Q = P * Qp + Q; P = P * Pp; }  // (P, Q) after (Pp, Qp)
     }
-    Pe = __shfl_up_sync(FULL, P, 1);
-    Qe = __shfl_up_sync(FULL, Q, 1);
-    if (lane == 0) { Pe = 1; Qe = 0; }
+    return Q;
 }
 
-// The same, lane 31 first (reverse time, for the backward).
-__device__ __forceinline__ void scan_down(scalar_t P, scalar_t Q, int lane, scalar_t& Pe,
-                                          scalar_t& Qe) {
+// The same, lane 31 first (reverse time, for the backward): lane 31's map holds the
+// carry from the tile to the right.
+__device__ __forceinline__ scalar_t scan_down(scalar_t P, scalar_t Q, int lane) {
 #pragma unroll
     for (int k = 1; k < WARP; k *= 2) {
-        scalar_t Pn = __shfl_down_sync(FULL, P, k), Qn = __shfl_down_sync(FULL, Q, k);
+        const scalar_t Qn = __shfl_down_sync(FULL, Q, k);
+        scalar_t Pn = 1;
+        if (k < WARP / 2) Pn = __shfl_down_sync(FULL, P, k);
         if (lane + k < WARP) { Q = P * Qn + Q; P = P * Pn; }
     }
-    Pe = __shfl_down_sync(FULL, P, 1);
-    Qe = __shfl_down_sync(FULL, Q, 1);
-    if (lane == WARP - 1) { Pe = 1; Qe = 0; }
+    return Q;
 }
 
 // Fixed-order tree sum over the warp; the total lands in lane 0.
@@ -114,17 +121,13 @@ __device__ __forceinline__ scalar_t warp_sum(scalar_t v) {
     return v;
 }
 
-// delta' = softplus(delta + delta_bias) (or delta + delta_bias); sp = d delta'/d delta.
-__device__ __forceinline__ void prepare_delta(scalar_t* dt, scalar_t* sp, bool valid, int t0,
-                                              int L, int lane, scalar_t bias, bool softplus) {
+// delta' = softplus(delta + delta_bias) (or delta + delta_bias); zero past the end of L.
+__device__ __forceinline__ void prepare_delta(scalar_t* dt, bool valid, int t0, int L, int lane,
+                                              scalar_t bias, bool softplus) {
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
         scalar_t x = dt[i] + bias;
-        sp[i] = 1;
-        if (softplus) {
-            sp[i] = scalar_t(1) / (scalar_t(1) + fexp(-x));
-            x = x > scalar_t(20) ? x : flog1p(fexp(x));
-        }
+        if (softplus) x = x > scalar_t(20) ? x : flog1p(fexp(x));
         if (!valid || t0 + lane * ITEMS + i >= L) x = 0;  // past the end: the identity step
         dt[i] = x;
     }
@@ -148,42 +151,46 @@ selective_scan_fwd(const scalar_t* __restrict__ u, const scalar_t* __restrict__ 
     const scalar_t* Cb = C + (long)b * N * L;
     scalar_t* stg = sm + 2 * NCHUNK * ROW + w * ROW;            // this warp's staging row
     scalar_t* car = sm + 2 * NCHUNK * ROW + WARPS * ROW + w * N;  // carried h[n]
-    scalar_t* arow = car + WARPS * N;                             // this row's A[d, :]
-    scalar_t uu[ITEMS], dt[ITEMS], sp[ITEMS], y[ITEMS], a[ITEMS], bu[ITEMS];
-    for (int n = lane; n < N; n += WARP) { car[n] = 0; arow[n] = A[(long)d * N + n]; }
+    scalar_t* arow = car + WARPS * N;                             // this row's A[d, :] log2(e)
+    scalar_t uu[ITEMS], dt[ITEMS], y[ITEMS], a[ITEMS], bu[ITEMS];
+    for (int n = lane; n < N; n += WARP) { car[n] = 0; arow[n] = A[(long)d * N + n] * scalar_t(LOG2E); }
     const scalar_t Dd = has_D ? D[d] : scalar_t(0);
     const scalar_t bias = has_bias ? delta_bias[d] : scalar_t(0);
     for (int t0 = 0; t0 < L; t0 += TILE) {
         stage_in(u + row, valid, t0, L, stg, lane, uu);
         stage_in(delta + row, valid, t0, L, stg, lane, dt);
-        prepare_delta(dt, sp, valid, t0, L, lane, bias, softplus);
+        prepare_delta(dt, valid, t0, L, lane, bias, softplus);
 #pragma unroll
-        for (int i = 0; i < ITEMS; ++i) y[i] = Dd * uu[i];  // the skip D u_t
+        for (int i = 0; i < ITEMS; ++i) {
+            y[i] = Dd * uu[i];   // the skip D u_t
+            uu[i] *= dt[i];      // from here on uu holds delta_t u_t
+        }
         for (int n0 = 0; n0 < N; n0 += NCHUNK) {
             const int nc = min(NCHUNK, N - n0);
             load_bc(Bb, Cb, n0, nc, t0, L, sm, true);
             for (int k = 0; k < nc; ++k) {
-                const scalar_t An = arow[n0 + k];
+                const scalar_t An2 = arow[n0 + k];  // A_n log2(e): a_t = 2^(delta_t An2)
                 const scalar_t* Bs = sm + k * ROW + lane * (ITEMS + 1);
                 const scalar_t* Cs = sm + (NCHUNK + k) * ROW + lane * (ITEMS + 1);
+                const scalar_t h_carry = car[n0 + k];
                 scalar_t P = 1, Q = 0;  // this lane's steps folded: h_out = P h_in + Q
 #pragma unroll
                 for (int i = 0; i < ITEMS; ++i) {
-                    a[i] = fexp(dt[i] * An);            // a_t = exp(delta_t A_n)
-                    bu[i] = dt[i] * uu[i] * Bs[i];      // delta_t B_t u_t
+                    a[i] = fexp2(dt[i] * An2);          // a_t = exp(delta_t A_n)
+                    bu[i] = uu[i] * Bs[i];              // delta_t B_t u_t
                     Q = a[i] * Q + bu[i];
                     P = P * a[i];
                 }
-                scalar_t Pe, Qe;
-                scan_up(P, Q, lane, Pe, Qe);
-                scalar_t h = Pe * car[n0 + k] + Qe;     // state entering this lane's steps
+                if (lane == 0) Q += P * h_carry;        // lane 0 starts from the carried state
+                const scalar_t h_end = scan_up(P, Q, lane);
+                scalar_t h = __shfl_up_sync(FULL, h_end, 1);  // state entering this lane's steps
+                if (lane == 0) h = h_carry;
 #pragma unroll
                 for (int i = 0; i < ITEMS; ++i) {
                     h = a[i] * h + bu[i];               // h_t = a_t h_{t-1} + delta_t B_t u_t
                     y[i] += Cs[i] * h;                  // y_t += C_t[n] h_t[n]
                 }
-                const scalar_t h_last = __shfl_sync(FULL, h, WARP - 1);
-                if (lane == 0) car[n0 + k] = h_last;
+                if (lane == WARP - 1) car[n0 + k] = h;
             }
         }
         if (has_z) {
@@ -195,20 +202,22 @@ selective_scan_fwd(const scalar_t* __restrict__ u, const scalar_t* __restrict__ 
     }
 }
 
-extern "C" __global__ void __launch_bounds__(WARPS * WARP, MIN_BLOCKS)
-selective_scan_bwd(const scalar_t* __restrict__ dout, const scalar_t* __restrict__ u,
-                   const scalar_t* __restrict__ delta, const scalar_t* __restrict__ A,
-                   const scalar_t* __restrict__ B, const scalar_t* __restrict__ C,
-                   const scalar_t* __restrict__ D, const scalar_t* __restrict__ z,
-                   const scalar_t* __restrict__ delta_bias, scalar_t* __restrict__ hs,
-                   scalar_t* __restrict__ du, scalar_t* __restrict__ ddelta,
-                   scalar_t* __restrict__ dz, scalar_t* __restrict__ dB_part,
-                   scalar_t* __restrict__ dC_part, scalar_t* __restrict__ dA_part,
-                   scalar_t* __restrict__ dD_part, scalar_t* __restrict__ dbias_part,
-                   int d_inner, int L, int N, bool has_D, bool has_z, bool has_bias,
-                   bool softplus) {
-    extern __shared__ __align__(16) unsigned char smem_raw[];
-    scalar_t* sm = reinterpret_cast<scalar_t*>(smem_raw);
+// The backward, for one value of has_z (a compile-time constant: without z, y is never
+// recomputed). Per row, registers hold per step: delta_t, delta_t u_t, dy_t, the sums over
+// states S_t = sum_n g_t[n] B_t[n] and E_t = sum_n g_t[n] h_{t-1}[n] A_n a_t[n] (then
+// du_t = delta_t S_t + D dy_t, d delta_t = (u_t S_t + E_t) softplus'), and per state a_t, h_t.
+template <bool HAS_Z>
+__device__ __forceinline__ void scan_bwd(
+    scalar_t* sm, const scalar_t* __restrict__ dout, const scalar_t* __restrict__ u,
+    const scalar_t* __restrict__ delta, const scalar_t* __restrict__ A,
+    const scalar_t* __restrict__ B, const scalar_t* __restrict__ C,
+    const scalar_t* __restrict__ D, const scalar_t* __restrict__ z,
+    const scalar_t* __restrict__ delta_bias, scalar_t* __restrict__ hs,
+    scalar_t* __restrict__ du, scalar_t* __restrict__ ddelta, scalar_t* __restrict__ dz,
+    scalar_t* __restrict__ dB_part, scalar_t* __restrict__ dC_part,
+    scalar_t* __restrict__ dA_part, scalar_t* __restrict__ dD_part,
+    scalar_t* __restrict__ dbias_part, int d_inner, int L, int N, bool has_D, bool has_bias,
+    bool softplus) {
     const int b = blockIdx.y, w = threadIdx.x / WARP, lane = threadIdx.x % WARP;
     int d = blockIdx.x * WARPS + w;
     const bool valid = d < d_inner;
@@ -222,12 +231,12 @@ selective_scan_bwd(const scalar_t* __restrict__ dout, const scalar_t* __restrict
     scalar_t* car = red + 4 * WARPS * ROW + w * N;  // carried h[n] (phase 1); tile-start h (phase 2)
     scalar_t* gca = car + WARPS * N;                // carried a_{t+1} g_{t+1}[n] (phase 2)
     scalar_t* dAs = gca + WARPS * N;                // dA[n] of this row
-    scalar_t* arow = dAs + WARPS * N;               // this row's A[d, :]
+    scalar_t* arow = dAs + WARPS * N;               // this row's A[d, :] log2(e)
     scalar_t* hs_row = hs + ((long)b * d_inner + d) * ntiles * N;
-    scalar_t uu[ITEMS], dt[ITEMS], sp[ITEMS], dy[ITEMS], go[ITEMS], y[ITEMS], a[ITEMS],
-        bu[ITEMS], hh[ITEMS], dui[ITEMS], ddt[ITEMS];
+    scalar_t dt[ITEMS], dtu[ITEMS], dy[ITEMS], S[ITEMS], E[ITEMS], a[ITEMS], h[ITEMS],
+        y[HAS_Z ? ITEMS : 1];
     for (int n = lane; n < N; n += WARP) {
-        car[n] = 0; gca[n] = 0; dAs[n] = 0; arow[n] = A[(long)d * N + n];
+        car[n] = 0; gca[n] = 0; dAs[n] = 0; arow[n] = A[(long)d * N + n] * scalar_t(LOG2E);
     }
     const scalar_t Dd = has_D ? D[d] : scalar_t(0);
     const scalar_t bias = has_bias ? delta_bias[d] : scalar_t(0);
@@ -238,26 +247,29 @@ selective_scan_bwd(const scalar_t* __restrict__ dout, const scalar_t* __restrict
         __syncwarp();
         for (int n = lane; n < N; n += WARP)
             if (valid) hs_row[(long)tile * N + n] = car[n];
-        stage_in(u + row, valid, t0, L, stg, lane, uu);
+        if (tile == ntiles - 1) break;  // the last tile's end state is never needed
+        stage_in(u + row, valid, t0, L, stg, lane, dtu);
         stage_in(delta + row, valid, t0, L, stg, lane, dt);
-        prepare_delta(dt, sp, valid, t0, L, lane, bias, softplus);
+        prepare_delta(dt, valid, t0, L, lane, bias, softplus);
+#pragma unroll
+        for (int i = 0; i < ITEMS; ++i) dtu[i] *= dt[i];
         for (int n0 = 0; n0 < N; n0 += NCHUNK) {
             const int nc = min(NCHUNK, N - n0);
             load_bc(Bb, Cb, n0, nc, t0, L, sm, false);
             for (int k = 0; k < nc; ++k) {
-                const scalar_t An = arow[n0 + k];
+                const scalar_t An2 = arow[n0 + k];
                 const scalar_t* Bs = sm + k * ROW + lane * (ITEMS + 1);
+                const scalar_t h_carry = car[n0 + k];
                 scalar_t P = 1, Q = 0;
 #pragma unroll
                 for (int i = 0; i < ITEMS; ++i) {
-                    const scalar_t ai = fexp(dt[i] * An);
-                    Q = ai * Q + dt[i] * uu[i] * Bs[i];
+                    const scalar_t ai = fexp2(dt[i] * An2);
+                    Q = ai * Q + dtu[i] * Bs[i];
                     P = P * ai;
                 }
-                scalar_t Pe, Qe;
-                scan_up(P, Q, lane, Pe, Qe);
-                const scalar_t h_end = __shfl_sync(FULL, P * (Pe * car[n0 + k] + Qe) + Q, WARP - 1);
-                if (lane == 0) car[n0 + k] = h_end;
+                if (lane == 0) Q += P * h_carry;
+                const scalar_t h_end = scan_up(P, Q, lane);
+                if (lane == WARP - 1) car[n0 + k] = h_end;
             }
         }
     }
@@ -267,71 +279,77 @@ selective_scan_bwd(const scalar_t* __restrict__ dout, const scalar_t* __restrict
     scalar_t dD_acc = 0, dbias_acc = 0;
     for (int tile = ntiles - 1; tile >= 0; --tile) {
         const int t0 = tile * TILE;
-        stage_in(u + row, valid, t0, L, stg, lane, uu);
+        stage_in(u + row, valid, t0, L, stg, lane, dtu);
         stage_in(delta + row, valid, t0, L, stg, lane, dt);
-        prepare_delta(dt, sp, valid, t0, L, lane, bias, softplus);
-        stage_in(dout + row, valid, t0, L, stg, lane, go);
-        if (has_z) stage_in(z + row, valid, t0, L, stg, lane, a);
+        prepare_delta(dt, valid, t0, L, lane, bias, softplus);
+        stage_in(dout + row, valid, t0, L, stg, lane, dy);
+        if (HAS_Z) stage_in(z + row, valid, t0, L, stg, lane, a);
         for (int n = lane; n < N; n += WARP)  // this tile's starting states, from phase 1
             car[n] = valid ? hs_row[(long)tile * N + n] : scalar_t(0);
         __syncwarp();
 #pragma unroll
         for (int i = 0; i < ITEMS; ++i) {
             // out = y silu(z): dL/dy = dout silu(z)
-            dy[i] = has_z ? go[i] * a[i] / (scalar_t(1) + fexp(-a[i])) : go[i];
-            y[i] = Dd * uu[i];
-            dui[i] = Dd * dy[i];      // dL/du from the skip D u
-            ddt[i] = 0;
-            dD_acc += dy[i] * uu[i];  // dL/dD = sum_t dy_t u_t
+            if (HAS_Z) dy[i] *= a[i] / (scalar_t(1) + fexp(-a[i]));
+            if (HAS_Z) y[i] = Dd * dtu[i];
+            dD_acc += dy[i] * dtu[i];  // dL/dD = sum_t dy_t u_t
+            dtu[i] *= dt[i];           // delta_t u_t
+            S[i] = 0;
+            E[i] = 0;
         }
         for (int n0 = 0; n0 < N; n0 += NCHUNK) {
             const int nc = min(NCHUNK, N - n0);
             load_bc(Bb, Cb, n0, nc, t0, L, sm, true);
             for (int k = 0; k < nc; ++k) {
                 const int n = n0 + k;
-                const scalar_t An = arow[n];
+                const scalar_t An2 = arow[n], An = An2 * scalar_t(1 / LOG2E);
                 const scalar_t* Bs = sm + k * ROW + lane * (ITEMS + 1);
                 const scalar_t* Cs = sm + (NCHUNK + k) * ROW + lane * (ITEMS + 1);
-                scalar_t P = 1, Q = 0, Pe, Qe;
+                const scalar_t h_carry = car[n], c_carry = gca[n];
+                scalar_t P = 1, Q = 0;
 #pragma unroll
                 for (int i = 0; i < ITEMS; ++i) {
-                    a[i] = fexp(dt[i] * An);
-                    bu[i] = dt[i] * uu[i] * Bs[i];
-                    Q = a[i] * Q + bu[i];
+                    a[i] = fexp2(dt[i] * An2);
+                    h[i] = dtu[i] * Bs[i];  // delta_t B_t u_t, then h_t
+                    Q = a[i] * Q + h[i];
                     P = P * a[i];
                 }
-                scan_up(P, Q, lane, Pe, Qe);
-                const scalar_t h_in = Pe * car[n] + Qe;
-                scalar_t h = h_in;
+                if (lane == 0) Q += P * h_carry;
+                const scalar_t h_end = scan_up(P, Q, lane);
+                scalar_t h_in = __shfl_up_sync(FULL, h_end, 1);
+                if (lane == 0) h_in = h_carry;
+                scalar_t hc = h_in;
 #pragma unroll
                 for (int i = 0; i < ITEMS; ++i) {
-                    h = a[i] * h + bu[i];
-                    hh[i] = h;
-                    y[i] += Cs[i] * h;
+                    hc = a[i] * hc + h[i];
+                    h[i] = hc;
+                    if (HAS_Z) y[i] += Cs[i] * hc;
                 }
                 // this lane's reverse map: c_out = a_first g_first = P c_in + Q
                 Q = 0;
 #pragma unroll
                 for (int i = ITEMS - 1; i >= 0; --i) Q = a[i] * (Cs[i] * dy[i] + Q);
-                scan_down(P, Q, lane, Pe, Qe);
-                scalar_t c = Pe * gca[n] + Qe;  // a_{t+1} g_{t+1} entering from the right
+                if (lane == WARP - 1) Q += P * c_carry;  // lane 31 starts from the right's carry
+                const scalar_t c_first = scan_down(P, Q, lane);
+                scalar_t c = __shfl_down_sync(FULL, c_first, 1);  // a_{t+1} g_{t+1} from the right
+                if (lane == WARP - 1) c = c_carry;
                 scalar_t dA_acc = 0;
                 scalar_t* rb = red + (n % 2) * 2 * WARPS * ROW;  // states alternate buffers
 #pragma unroll
                 for (int i = ITEMS - 1; i >= 0; --i) {
                     const int s = lane * (ITEMS + 1) + i;
-                    const scalar_t g = Cs[i] * dy[i] + c;               // g_t
-                    const scalar_t hp = i > 0 ? hh[i > 0 ? i - 1 : 0] : h_in;  // h_{t-1}
-                    dui[i] += g * dt[i] * Bs[i];                        // delta_t B_t
-                    ddt[i] += g * (Bs[i] * uu[i] + hp * An * a[i]);     // d h_t / d delta_t
-                    dA_acc += g * hp * dt[i] * a[i];                    // dL/dA_n
-                    rb[w * ROW + s] = g * dt[i] * uu[i];                // dL/dB_t[n], this row
-                    rb[(WARPS + w) * ROW + s] = dy[i] * hh[i];          // dL/dC_t[n], this row
+                    const scalar_t g = Cs[i] * dy[i] + c;         // g_t
+                    const scalar_t hp = i > 0 ? h[i > 0 ? i - 1 : 0] : h_in;  // h_{t-1}
+                    S[i] += g * Bs[i];                            // dL/d(delta_t B_t u_t)
+                    rb[w * ROW + s] = g * dtu[i];                 // dL/dB_t[n], this row
+                    rb[(WARPS + w) * ROW + s] = dy[i] * h[i];     // dL/dC_t[n], this row
                     c = a[i] * g;
+                    const scalar_t x = c * hp;                    // g_t a_t h_{t-1}
+                    E[i] += x * An;                               // d h_t / d delta_t, via a_t
+                    dA_acc += x * dt[i];                          // dL/dA_n
                 }
-                const scalar_t c_first = __shfl_sync(FULL, c, 0);
                 dA_acc = warp_sum(dA_acc);
-                if (lane == 0) { gca[n] = c_first; dAs[n] += dA_acc; }
+                if (lane == 0) { gca[n] = c; dAs[n] += dA_acc; }
                 // The block adds its rows' dB, dC terms in warp order: one partial per block.
                 // One barrier per state: the next state writes the other buffer, and the
                 // one after waits at the next barrier for this sum to finish.
@@ -349,19 +367,28 @@ selective_scan_bwd(const scalar_t* __restrict__ dout, const scalar_t* __restrict
             }
         }
         __syncthreads();  // the sums are done before staging reuses the buffers
-        if (has_z) stage_in(z + row, valid, t0, L, stg, lane, a);  // z again
+        stage_in(u + row, valid, t0, L, stg, lane, a);  // u again
 #pragma unroll
         for (int i = 0; i < ITEMS; ++i) {
-            if (has_z) {  // dL/dz = dout y silu'(z), silu'(z) = s (1 + z (1 - s))
-                const scalar_t sg = scalar_t(1) / (scalar_t(1) + fexp(-a[i]));
-                y[i] = go[i] * y[i] * sg * (scalar_t(1) + a[i] * (scalar_t(1) - sg));
-            }
-            ddt[i] = (t0 + lane * ITEMS + i >= L) ? scalar_t(0) : ddt[i] * sp[i];
-            dbias_acc += ddt[i];
+            const bool past_end = t0 + lane * ITEMS + i >= L;
+            // softplus'(x) = sigmoid(x) = 1 - exp(-softplus(x))
+            const scalar_t sp = softplus ? -fexpm1(-dt[i]) : scalar_t(1);
+            E[i] = past_end ? scalar_t(0) : (a[i] * S[i] + E[i]) * sp;  // d delta_t
+            S[i] = dt[i] * S[i] + Dd * dy[i];                             // du_t (+ skip D u)
+            dbias_acc += E[i];
         }
-        stage_out(du + row, valid, t0, L, stg, lane, dui);
-        stage_out(ddelta + row, valid, t0, L, stg, lane, ddt);
-        if (has_z) stage_out(dz + row, valid, t0, L, stg, lane, y);
+        stage_out(du + row, valid, t0, L, stg, lane, S);
+        stage_out(ddelta + row, valid, t0, L, stg, lane, E);
+        if (HAS_Z) {  // dL/dz = dout y silu'(z), silu'(z) = s (1 + z (1 - s))
+            stage_in(dout + row, valid, t0, L, stg, lane, a);
+            stage_in(z + row, valid, t0, L, stg, lane, h);
+#pragma unroll
+            for (int i = 0; i < ITEMS; ++i) {
+                const scalar_t sg = scalar_t(1) / (scalar_t(1) + fexp(-h[i]));
+                y[i] = a[i] * y[i] * sg * (scalar_t(1) + h[i] * (scalar_t(1) - sg));
+            }
+            stage_out(dz + row, valid, t0, L, stg, lane, y);
+        }
     }
     dD_acc = warp_sum(dD_acc);
     dbias_acc = warp_sum(dbias_acc);
@@ -373,4 +400,28 @@ selective_scan_bwd(const scalar_t* __restrict__ dout, const scalar_t* __restrict
         }
         for (int n = lane; n < N; n += WARP) dA_part[((long)b * d_inner + d) * N + n] = dAs[n];
     }
+}
+
+extern "C" __global__ void __launch_bounds__(WARPS * WARP, MIN_BLOCKS)
+selective_scan_bwd(const scalar_t* __restrict__ dout, const scalar_t* __restrict__ u,
+                   const scalar_t* __restrict__ delta, const scalar_t* __restrict__ A,
+                   const scalar_t* __restrict__ B, const scalar_t* __restrict__ C,
+                   const scalar_t* __restrict__ D, const scalar_t* __restrict__ z,
+                   const scalar_t* __restrict__ delta_bias, scalar_t* __restrict__ hs,
+                   scalar_t* __restrict__ du, scalar_t* __restrict__ ddelta,
+                   scalar_t* __restrict__ dz, scalar_t* __restrict__ dB_part,
+                   scalar_t* __restrict__ dC_part, scalar_t* __restrict__ dA_part,
+                   scalar_t* __restrict__ dD_part, scalar_t* __restrict__ dbias_part,
+                   int d_inner, int L, int N, bool has_D, bool has_z, bool has_bias,
+                   bool softplus) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    scalar_t* sm = reinterpret_cast<scalar_t*>(smem_raw);
+    if (has_z)
+        scan_bwd<true>(sm, dout, u, delta, A, B, C, D, z, delta_bias, hs, du, ddelta, dz, dB_part,
+                       dC_part, dA_part, dD_part, dbias_part, d_inner, L, N, has_D, has_bias,
+                       softplus);
+    else
+        scan_bwd<false>(sm, dout, u, delta, A, B, C, D, z, delta_bias, hs, du, ddelta, dz, dB_part,
+                        dC_part, dA_part, dD_part, dbias_part, d_inner, L, N, has_D, has_bias,
+                        softplus);
 }
