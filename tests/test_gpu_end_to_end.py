@@ -49,6 +49,12 @@ def _normal_cdf(x):
     return normal_cdf(x)
 
 
+def _moe_losses(z):
+    from tinymoe.nn.moe.losses import load_balancing_loss, z_loss
+    index = ix([[0, 2], [2, -1], [1, 0], [2, 2]], z)                       # one empty slot
+    return load_balancing_loss(F.softmax(z, axis=-1), index, 3) + z_loss(z)
+
+
 def ix(values, like):
     """An integer index array on the device of tensor `like`."""
     return tinymoe.backend.to_device(np.array(values), like.device)
@@ -100,6 +106,7 @@ CASES = {
     "attention": (_attention, (sym(1, 2, 2, 5, 4), sym(1, 2, 1, 5, 4), sym(1, 2, 1, 5, 4)),
                   {"CausalAttention"}),
     "normal_cdf": (_normal_cdf, (sym(7),), {"NormalCDF"}),
+    "moe_losses": (_moe_losses, (sym(4, 3),), {"LoadBalancingLoss", "ZLoss"}),
 }
 
 

@@ -87,3 +87,12 @@ def test_balanced_assignment_beats_greedy_when_all_prefer_one_expert():
     assert set(np.flatnonzero(a == 0)) == {0, 1}                       # the two strongest keep it
     with pytest.raises(ValueError, match=r"balanced_assignment: scores must be \(T, E\)"):
         balanced_assignment(np.zeros(3))
+
+
+def test_z_loss_value_and_large_logits():
+    z = np.random.default_rng(5).standard_normal((6, 4))
+    lse = np.log(np.exp(z).sum(axis=1))
+    assert z_loss(tm.tensor(z)).item() == pytest.approx(np.mean(lse ** 2))
+    big = z_loss(tm.tensor(np.array([[1000.0, 1000.0]])))                 # no overflow
+    assert big.item() == pytest.approx((1000 + np.log(2)) ** 2)
+

@@ -26,16 +26,20 @@ template <typename T> __device__ T tinymoe_gelu_grad(T x) {
     return cdf + x * pdf;
 }
 
-// GELU, tanh form: y = x/2 (1 + tanh u),  u = sqrt(2/pi) (x + 0.044715 x^3)
+// GELU, tanh form: y = x/2 (1 + tanh u),  u = sqrt(2/pi) (x + 0.044715 x^3),
+// computed as y = x sigmoid(2u) (the same function: (1 + tanh u)/2 = sigmoid(2u)), which
+// does not cancel in 1 + tanh u for large negative x.
 template <typename T> __device__ T tinymoe_gelu_tanh(T x) {
     const T u = T(TINYMOE_SQRT_2_OVER_PI) * (x + T(TINYMOE_GELU_TANH_C) * x * x * x);
-    return T(0.5) * x * (T(1) + tanh(u));
+    return x * tinymoe_sigmoid(T(2) * u);
 }
 
 // dy/dx = (1 + tanh u)/2 + x/2 (1 - tanh^2 u) sqrt(2/pi) (1 + 3 * 0.044715 x^2)
+//       = s + 2 x s (1 - s) sqrt(2/pi) (1 + 3 * 0.044715 x^2),   s = sigmoid(2u)
 template <typename T> __device__ T tinymoe_gelu_tanh_grad(T x) {
-    const T t = tanh(T(TINYMOE_SQRT_2_OVER_PI) * (x + T(TINYMOE_GELU_TANH_C) * x * x * x));
-    return T(0.5) * (T(1) + t) + T(0.5) * x * (T(1) - t * t) * T(TINYMOE_SQRT_2_OVER_PI) *
+    const T u = T(TINYMOE_SQRT_2_OVER_PI) * (x + T(TINYMOE_GELU_TANH_C) * x * x * x);
+    const T s = tinymoe_sigmoid(T(2) * u);
+    return s + T(2) * x * s * (T(1) - s) * T(TINYMOE_SQRT_2_OVER_PI) *
            (T(1) + T(3 * TINYMOE_GELU_TANH_C) * x * x);
 }
 

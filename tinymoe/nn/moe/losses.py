@@ -32,8 +32,23 @@ def load_balancing_loss(probs, expert_index, num_experts: int):
     chose = expert_index.reshape(-1, 1) == xp.arange(num_experts)         # (T k, E)
     counts = chose.sum(axis=0)                                             # (E,)
     f = counts / xp.maximum(counts.sum(), 1)                               # (E,)
-    P = probs.mean(axis=0)                                                 # (E,)
-    return num_experts * (P * f.astype(probs.dtype)).sum()                 # E * sum_i f_i P_i
+    return LoadBalancingLoss.apply(probs, f.astype(probs.dtype))
+
+
+class LoadBalancingLoss(Function):
+    """L = E * sum_i f_i P_i,  P_i = mean_t p_ti;   dL/dp_ti = E f_i / T   (f is a constant).
+    One op (instead of mean, multiply, sum, scale): the router runs it every step."""
+
+    @staticmethod
+    def forward(ctx, probs, f):
+        T, E = probs.shape
+        ctx.shape, ctx.scale = probs.shape, f * (E / max(T, 1))           # (E,) dL/dp_t.
+        return E * (probs.mean(axis=0) * f).sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        xp = array_module(grad)
+        return xp.broadcast_to(grad * ctx.scale, ctx.shape).copy(), None  # (T, E)
 
 
 def cv_squared(v, eps: float = 1e-10):
@@ -56,8 +71,27 @@ def load_loss(prob_in_topk):
 
 def z_loss(logits):
     """ST-MoE: mean over tokens of (logsumexp of the router logits)^2."""
-    lse = logits.logsumexp(axis=-1)                                        # (T,)
-    return (lse * lse).mean()
+    return ZLoss.apply(logits)
+
+
+class ZLoss(Function):
+    """L = mean_t lse_t^2,  lse_t = log sum_i e^{z_ti};
+    dL/dz_ti = 2 lse_t / T * d lse_t / dz_ti = 2 lse_t softmax(z_t)_i / T"""
+
+    @staticmethod
+    def forward(ctx, logits):
+        xp = array_module(logits)
+        m = logits.max(axis=-1, keepdims=True)                             # (T, 1), for stability
+        e = xp.exp(logits - m)                                             # (T, E)
+        s = e.sum(axis=-1, keepdims=True)
+        lse = m + xp.log(s)                                                # (T, 1)
+        ctx.save(e / s, lse)                                               # softmax, lse
+        return (lse * lse).mean()
+
+    @staticmethod
+    def backward(ctx, grad):
+        softmax, lse = ctx.saved
+        return grad * (2 / max(softmax.shape[0], 1)) * lse * softmax
 
 
 class NormalCDF(Function):
