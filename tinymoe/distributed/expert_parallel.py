@@ -103,7 +103,7 @@ class ExpertParallelMoE(Module):
         order = source_to_expert_order(recv_counts)                            # (source, e) -> (e, source)
         xl = xr[xp.asarray(order)] if W > 1 and E_local > 1 else xr
         offsets = np.concatenate([[0], np.cumsum(recv_counts.sum(0))]).astype(np.int64)  # (E_local+1,)
-        yl = self.experts(xl, xp.asarray(offsets))                             # (sum recv_rows, d)
+        yl = self.experts(xl, offsets)                                         # (sum recv_rows, d)
         yr = yl[xp.asarray(np.argsort(order))] if W > 1 and E_local > 1 else yl  # back to (source, e)
         ys, _ = all_to_all(yr, recv_rows, self.comm, send_rows)                # (R, d) home again
 

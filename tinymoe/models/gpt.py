@@ -21,6 +21,7 @@ from ..nn import Embedding, LayerNorm, Linear, Module, ModuleList
 from ..nn import functional as F
 from ..nn.attention import KVCache, MultiHeadAttention
 from ..nn.moe import MoELayer
+from .last_loss import RemembersLastLoss
 
 
 @dataclass
@@ -92,7 +93,7 @@ class Block(Module):
         return x + ffn(self.ln2(x))
 
 
-class GPT(Module):
+class GPT(RemembersLastLoss, Module):
     def __init__(self, config: GPTConfig | None = None, **overrides):
         super().__init__()
         cfg = self.config = config or GPTConfig(**overrides)
@@ -140,7 +141,7 @@ class GPT(Module):
             return logits, None
         targets = backend.to_device(targets.data if isinstance(targets, Tensor) else targets, device)
         loss = F.cross_entropy(logits, targets)
-        self.last_ce = float(loss.item())
+        self._remember_ce(loss)                                        # model.last_ce, for the logs
         for moe in self.moe_layers():
             if moe.aux_loss is not None:
                 loss = loss + moe.aux_loss

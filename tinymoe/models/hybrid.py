@@ -27,6 +27,7 @@ from ..nn.moe import MoELayer
 from ..nn.ssm import MambaBlock
 from .gpt import MLP, _sample
 from .mamba import _array
+from .last_loss import RemembersLastLoss
 
 
 @dataclass
@@ -97,7 +98,7 @@ class HybridBlock(Module):
         return x_t + self.ffn(x_t)
 
 
-class HybridLM(Module):
+class HybridLM(RemembersLastLoss, Module):
     def __init__(self, config: HybridConfig | None = None, **overrides):
         super().__init__()
         cfg = self.config = config or HybridConfig(**overrides)
@@ -125,7 +126,7 @@ class HybridLM(Module):
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits, backend.to_device(_array(targets), backend.device_of(logits.data)))
-        self.last_ce = loss.item()                                     # for the trainer's logs
+        self._remember_ce(loss)                                        # model.last_ce, for the logs
         for moe in self.moe_layers():
             if moe.aux_loss is not None:
                 loss = loss + moe.aux_loss

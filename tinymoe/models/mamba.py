@@ -23,6 +23,7 @@ from ..nn import Embedding, Module, ModuleList, RMSNorm
 from ..nn import functional as F
 from ..nn.ssm import MambaBlock, S4DBlock
 from .gpt import _sample
+from .last_loss import RemembersLastLoss
 
 
 @dataclass
@@ -61,7 +62,7 @@ class ResidualBlock(Module):
         return x_t + self.mixer.step(self.norm(x_t), state)           # (B, d)
 
 
-class MambaLM(Module):
+class MambaLM(RemembersLastLoss, Module):
     def __init__(self, config: MambaConfig | None = None, **overrides):
         super().__init__()
         cfg = self.config = config or MambaConfig(**overrides)
@@ -100,7 +101,7 @@ class MambaLM(Module):
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits, backend.to_device(_array(targets), backend.device_of(logits.data)))
-        self.last_ce = loss.item()                                     # for the trainer's logs
+        self._remember_ce(loss)                                        # model.last_ce, for the logs
         return logits, loss
 
     def stats(self) -> dict:
