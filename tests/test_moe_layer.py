@@ -30,6 +30,7 @@ def test_permute_combine_gradcheck():
 @pytest.mark.parametrize("padding", [0.0, 10.0])     # 0: loop over experts; 10: one batched matmul
 def test_grouped_linear_gradcheck_and_values_with_an_empty_expert(padding, monkeypatch):
     monkeypatch.setattr(experts_module, "BATCHED_MAX_PADDING", padding)
+    monkeypatch.setattr(experts_module, "BATCHED_ON_CPU", True)
     rng = np.random.default_rng(1)
     offsets = np.array([0, 3, 3, 5])                                 # expert 1 has no rows
     xs = tm.tensor(rng.standard_normal((5, 4)), requires_grad=True)
@@ -48,6 +49,7 @@ def test_grouped_linear_batched_equals_loop(monkeypatch):
     rng = np.random.default_rng(3)
     bounds = (0, 0, 1, 8, 8, 13, 13)                                 # 6 experts, R = 13
     xs0, W0, g = rng.standard_normal((13, 5)), rng.standard_normal((6, 5, 7)), rng.standard_normal((13, 7))
+    monkeypatch.setattr(experts_module, "BATCHED_ON_CPU", True)
     results = []
     for padding in (0.0, 10.0):
         monkeypatch.setattr(experts_module, "BATCHED_MAX_PADDING", padding)

@@ -143,6 +143,8 @@ class Gelu(Function):
         if approximate == "tanh":
             u = math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)
             return 0.5 * x * (1 + np.tanh(u))
+        if x.dtype == np.float32:
+            return _gelu_cpu().gelu(x)                    # the same formula, one Numba pass
         return 0.5 * x * (1 + _erf(x / math.sqrt(2)))
 
     @staticmethod
@@ -154,6 +156,8 @@ class Gelu(Function):
             c = math.sqrt(2 / math.pi)
             t = np.tanh(c * (x + 0.044715 * x**3))
             return grad * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * c * (1 + 3 * 0.044715 * x * x))
+        if x.dtype == np.float32 and grad.dtype == np.float32:
+            return _gelu_cpu().gelu_backward(grad, x)
         cdf = 0.5 * (1 + _erf(x / math.sqrt(2)))
         pdf = np.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
         return grad * (cdf + x * pdf)
@@ -163,6 +167,13 @@ def _erf(x):
     from scipy.special import erf
 
     return erf(x).astype(x.dtype, copy=False)
+
+
+def _gelu_cpu():
+    """tinymoe.kernels.gelu_cpu, imported on first use (Numba compiles it then)."""
+    from ...kernels import gelu_cpu
+
+    return gelu_cpu
 
 
 class Silu(Function):

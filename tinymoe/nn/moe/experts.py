@@ -24,8 +24,11 @@ from ..parameter import Parameter
 # (~30 us on the GPU, more than a 2^27-MAC matmul takes there), so 1 + 2 launches beat 3 E;
 # large ones run at full speed per expert, and padding them costs copies (on an H200 the
 # loop took 11.3 ms, the batched form 14.5 ms at 8 experts x 4096 rows x 512 x 2048).
+# The CPU has no launch cost to save, so there padding is pure overhead: it loops (the main
+# job's training step took 270 ms looping, 300 ms batched) unless BATCHED_ON_CPU.
 BATCHED_MAX_PADDING = 1.5          # 0: always loop
 BATCHED_MAX_MACS = 2**27
+BATCHED_ON_CPU = False
 
 
 def host_bounds(offsets) -> tuple:
@@ -79,7 +82,8 @@ class GroupedLinear(Function):
         xp = backend.array_module(xs)
         ctx.bounds = bounds
         M = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
-        ctx.batched = (0 < R and E * M <= BATCHED_MAX_PADDING * R
+        ctx.batched = ((BATCHED_ON_CPU or backend.is_cupy_array(xs))
+                       and 0 < R and E * M <= BATCHED_MAX_PADDING * R
                        and M * W.shape[1] * W.shape[2] <= BATCHED_MAX_MACS)
         if ctx.batched:
             pos, M = _padded_rows(bounds, backend.device_of(xs))
