@@ -6,9 +6,13 @@
    stages for a 7.5B model on 64 GPUs (ZeRO's Figure 1);
 2. activations per layer as the sequence grows (Korthikanti et al.: s b h (34 + 5 a s / h));
 3. the KV cache of generation, MHA vs GQA vs MQA, and Mamba's constant state;
-4. tinymoe's own GPT: the estimate beside the peak that tracemalloc measures.
+4. tinymoe's own GPT: the estimate beside the peak that tracemalloc measures;
+5. the same step with every block recomputed in the backward (tinymoe.nn.recompute):
+   the memory it saves and the time it costs, side by side.
 Change the knobs below and run again.
 """
+import time
+
 import numpy as np
 
 from tinymoe.accounting import (
@@ -63,3 +67,23 @@ for k, v in est.items():
 print(f"   measured peak {peak / 1e6:6.2f} MB   (estimate / measured = {est['total'] / peak:.3f})")
 print(f"   of the activations, attention scores B H L^2: "
       f"{model.config.n_layer * act['attention_scores_per_layer'] / act['total']:.0%}")
+
+
+print("\n5. full recomputation (recompute=True): each block keeps only its input")
+for recompute in (False, True):
+    model = build_model("gpt", block_size=SEQ, recompute=recompute, **SMALL_GPT)
+    opt = AdamW(model.parameters(), lr=1e-3)
+    with track_memory("cpu") as mem:
+        for step in range(3):
+            if step == 2:
+                mem.reset_peak()                     # the third step, timed
+                start = time.perf_counter()
+            opt.zero_grad()
+            before = mem.current
+            _, loss = model(ids, ids)
+            kept = mem.current - before              # what the forward leaves for the backward
+            loss.backward()
+            opt.step()
+        seconds = time.perf_counter() - start
+    print(f"   recompute={recompute!s:<5}  kept after forward {kept / 1e6:6.2f} MB   "
+          f"step peak {mem.peak / 1e6:6.2f} MB   step {seconds * 1e3:6.0f} ms")

@@ -30,6 +30,7 @@ def test_python_dash_m_entry_point(tmp_path):
     (["--top-k", "9"], "router 'topk': top_k=9 must be between 1 and num_experts=8"),
     (["--capacity-factor", "0"], "capacity_factor must be > 0 or None (dropless), got 0.0"),
     (["--data", "/nonexistent/x.txt"], "--data: file '/nonexistent/x.txt' does not exist"),
+    (["--recompute"], "GPT: recompute=True needs a dense model (num_experts=0)"),
 ])
 def test_train_errors(tmp_path, capsys, args, message):
     assert main(["train", "--quick", "--no-progress", "--out-dir", str(tmp_path)] + args) == 2

@@ -24,7 +24,7 @@ MODEL_OPTIONS = {
     "top_k": "top_k", "router": "router", "moe_every": "moe_every",
     "capacity_factor": "capacity_factor", "eval_capacity_factor": "eval_capacity_factor",
     "shared_experts": "num_shared_experts", "aux_loss_weight": "aux_loss_weight",
-    "z_loss_weight": "z_loss_weight",
+    "z_loss_weight": "z_loss_weight", "recompute": "recompute",
 }
 # `--quick`: a smoke run in seconds (tests, trying the pipeline)
 QUICK = dict(steps=30, batch_size=4, block_size=32, eval_interval=15, eval_batches=2,
@@ -59,6 +59,8 @@ def add_train_arguments(p):
         m.add_argument(f"--{name}", type=int)
     m.add_argument("--activation", choices=["gelu", "swiglu", "relu"])
     m.add_argument("--dropout", type=float)
+    m.add_argument("--recompute", action="store_true",
+                   help="keep only each block's input, rerun the block in the backward (dense GPT)")
     t = p.add_argument_group("training (unset options keep TrainConfig's defaults)")
     t.argument_default = argparse.SUPPRESS
     t.add_argument("--data", help="a text file (default: the Python stdlib sources)")

@@ -17,7 +17,7 @@ import numpy as np
 from .. import backend
 from ..autograd.grad_mode import no_grad
 from ..autograd.tensor import Tensor
-from ..nn import Embedding, LayerNorm, Linear, Module, ModuleList
+from ..nn import Embedding, LayerNorm, Linear, Module, ModuleList, recompute
 from ..nn import functional as F
 from ..nn.attention import KVCache, MultiHeadAttention
 from ..nn.moe import MoELayer
@@ -46,6 +46,7 @@ class GPTConfig:
     num_shared_experts: int = 0
     aux_loss_weight: float = 1e-2
     z_loss_weight: float = 1e-3
+    recompute: bool = False             # keep only each block's input; rerun it in backward
 
     def is_moe_layer(self, i: int) -> bool:
         return self.num_experts > 0 and (i + 1) % self.moe_every == 0
@@ -99,6 +100,10 @@ class GPT(RemembersLastLoss, Module):
         cfg = self.config = config or GPTConfig(**overrides)
         if cfg.n_layer < 1 or cfg.block_size < 1:
             raise ValueError(f"GPT: n_layer and block_size must be >= 1, got {cfg.n_layer}, {cfg.block_size}")
+        if cfg.recompute and cfg.num_experts:
+            raise ValueError("GPT: recompute=True needs a dense model (num_experts=0): an MoE block's "
+                             "aux losses are added to the loss outside the block, so a recomputed "
+                             "block would lose their gradients")
         self.wte = Embedding(cfg.vocab_size, cfg.d_model)
         self.wpe = Embedding(cfg.block_size, cfg.d_model)
         self.blocks = ModuleList([Block(cfg, i) for i in range(cfg.n_layer)])
@@ -134,7 +139,10 @@ class GPT(RemembersLastLoss, Module):
         xp = backend.module_for(device)
         x = self.wte(ids) + self.wpe(xp.arange(start, start + L))            # (B, L, d)
         for block in self.blocks:
-            x = block(x, cache)
+            if self.config.recompute and cache is None:
+                x = recompute(block, x)                  # keeps x alone; block reruns in backward
+            else:
+                x = block(x, cache)
         x = self.ln_f(x)
         logits = F.linear(x, self.wte.weight)                                 # (B, L, V) tied
         if targets is None:

@@ -8,8 +8,9 @@ from .linear import Linear
 from .module import Module
 from .norm import LayerNorm, RMSNorm
 from .parameter import Parameter
+from .recompute import recompute
 
 __all__ = [
     "F", "functional", "Module", "Parameter", "Linear", "Embedding", "LayerNorm",
-    "RMSNorm", "Dropout", "Sequential", "ModuleList",
+    "RMSNorm", "Dropout", "Sequential", "ModuleList", "recompute",
 ]

@@ -37,6 +37,15 @@ def _pool_peak_hook():
     return PoolPeak()
 
 
+def _import_cpu_kernels():
+    """Import the Numba kernels that ops load on first use. tracemalloc counts every Python
+    allocation, and importing Numba (and loading a compiled kernel) allocates some 50 MB once
+    per process: without this, whichever measured step first used GELU or the selective
+    scan would report it as training memory."""
+    from ..kernels import gelu_cpu  # noqa: F401
+    from ..kernels.selective_scan import numba_cpu  # noqa: F401
+
+
 class track_memory:
     """Context manager: `.current` and `.peak` bytes of arrays allocated inside it."""
 
@@ -45,6 +54,7 @@ class track_memory:
 
     def __enter__(self):
         if self.device == "cpu":
+            _import_cpu_kernels()
             if tracemalloc.is_tracing():
                 raise RuntimeError("track_memory: tracemalloc is already tracing; "
                                    "nested or concurrent measurements are not supported")

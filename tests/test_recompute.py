@@ -1,0 +1,97 @@
+"""Activation recomputation: same values and gradients, less memory kept for the backward."""
+import numpy as np
+import pytest
+
+import tinymoe as tm
+from tinymoe import nn
+from tinymoe.autograd import gradcheck, no_grad
+from tinymoe.models import build_model
+from tinymoe.nn import functional as F
+from tinymoe.nn import recompute
+from tinymoe.profile.memory import track_memory
+
+
+class Block(nn.Module):
+    def __init__(self, d, dropout=0.0):
+        super().__init__()
+        self.norm, self.fc1, self.fc2, self.dropout = nn.LayerNorm(d), nn.Linear(d, 3 * d), nn.Linear(3 * d, d), dropout
+
+    def forward(self, x):
+        h = F.dropout(F.gelu(self.fc1(self.norm(x))), self.dropout, self.training)
+        return x + self.fc2(h)
+
+
+def test_gradcheck_through_a_recomputed_block_inputs_and_parameters():
+    tm.manual_seed(0)
+    block = Block(4)
+    for p in block.parameters():
+        p.data = p.data.astype(np.float64)
+    x = tm.tensor(np.random.default_rng(0).standard_normal((3, 4)), requires_grad=True)
+    assert gradcheck(lambda x: recompute(block, x), [x])
+    block.zero_grad()
+    x.grad = None
+    recompute(block, x).sum().backward()
+    recomputed = [p.grad.copy() for p in block.parameters()] + [x.grad.copy()]
+    block.zero_grad()
+    x.grad = None
+    block(x).sum().backward()                           # the same graph, stored
+    stored = [p.grad for p in block.parameters()] + [x.grad]
+    for g_recomputed, g_stored in zip(recomputed, stored):
+        np.testing.assert_allclose(g_recomputed, g_stored, rtol=1e-12, atol=1e-12)
+
+
+def test_dropout_masks_replay_in_the_recomputation():
+    tm.manual_seed(3)
+    block = Block(8, dropout=0.5)
+    x = tm.randn(5, 8, requires_grad=True)
+    tm.manual_seed(7)
+    y = recompute(block, x)
+    (y * y).sum().backward()
+    gx_recomputed, gw_recomputed = x.grad.copy(), block.fc1.weight.grad.copy()
+    x.grad = None
+    block.zero_grad()
+    tm.manual_seed(7)
+    y_stored = block(x)
+    (y_stored * y_stored).sum().backward()
+    np.testing.assert_array_equal(y.data, y_stored.data)
+    np.testing.assert_allclose(gx_recomputed, x.grad, rtol=1e-6)
+    np.testing.assert_allclose(gw_recomputed, block.fc1.weight.grad, rtol=1e-6)
+
+
+def test_plain_call_without_a_graph_and_error_for_a_non_tensor_result():
+    block = Block(4)
+    x = tm.randn(2, 4, requires_grad=True)
+    with no_grad():
+        assert recompute(block, x)._ctx is None
+    assert recompute(block, tm.randn(2, 4)).requires_grad   # no input needs grad: recorded as usual
+    with pytest.raises(TypeError, match="recompute: the function must return one Tensor, got tuple"):
+        recompute(lambda x: (x, x), x)
+
+
+def _gpt_step(recompute_blocks, B=4, L=32):
+    tm.manual_seed(0)
+    model = build_model("gpt", vocab_size=64, n_layer=3, n_head=2, d_model=32, d_ff=128,
+                        block_size=L, dropout=0.1, recompute=recompute_blocks)
+    for p in model.parameters():
+        p.data = p.data.astype(np.float64)
+    ids = np.random.default_rng(1).integers(0, 64, (B, L + 1))
+    with track_memory("cpu") as mem:
+        tm.manual_seed(5)
+        _, loss = model(ids[:, :-1], ids[:, 1:])
+        kept = mem.current                               # what the graph holds for backward
+    loss.backward()
+    return loss.item(), {n: p.grad for n, p in model.named_parameters()}, kept
+
+
+def test_gpt_with_recompute_equals_gpt_without_and_keeps_less():
+    loss0, grads0, kept0 = _gpt_step(False)
+    loss1, grads1, kept1 = _gpt_step(True)
+    assert loss1 == loss0
+    for name in grads0:
+        np.testing.assert_allclose(grads1[name], grads0[name], rtol=1e-10, atol=1e-12, err_msg=name)
+    assert kept1 < kept0 / 3, (kept1, kept0)            # 3 blocks: only their inputs stay
+
+
+def test_recompute_refuses_moe_blocks():
+    with pytest.raises(ValueError, match="recompute=True needs a dense model"):
+        build_model("moe-gpt", num_experts=4, recompute=True)
