@@ -181,8 +181,33 @@ def check_data_parallel(comm, steps=3, device="cpu"):
     return {n: to_numpy(p.data).copy() for n, p in model.named_parameters()}
 
 
+def check_zero(comm, steps=3, device="cpu"):
+    """ZeRO-1 (optimizer states partitioned) keeps the ranks' parameters identical, and each
+    rank holds the AdamW states of its slice alone. Returns rank's parameters and state size."""
+    import tinymoe
+    from tinymoe import nn
+    from tinymoe.distributed.data_parallel import broadcast_parameters, checksum
+    from tinymoe.distributed.zero import ZeroAdamW
+
+    tinymoe.manual_seed(200 + comm.rank)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 3)).to(device, dtype=np.float64)
+    broadcast_parameters(model.parameters(), comm)
+    opt = ZeroAdamW(model.parameters(), comm, lr=0.05, weight_decay=0.1)
+    for step in range(steps):
+        g = np.random.default_rng([step, comm.rank])
+        x, t = g.standard_normal((5, 4)), g.standard_normal((5, 3))
+        loss = ((model(tinymoe.tensor(x, device=device)) - tinymoe.tensor(t, device=device)) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    mine = checksum(model.parameters())
+    root = bytes(to_numpy(comm.broadcast(np.frombuffer(mine.encode(), np.uint8).copy(), root=0))).decode()
+    assert mine == root, f"rank {comm.rank}: ZeRO-1 parameters differ from rank 0's after {steps} steps"
+    return {n: to_numpy(p.data).copy() for n, p in model.named_parameters()}, opt.state_bytes, opt.total
+
+
 CHECKS = [check_all_to_all, check_large_messages, check_all_reduce, check_broadcast, check_all_to_all_grad, check_expert_parallel,
-          check_data_parallel]
+          check_data_parallel, check_zero]
 
 
 def main(argv=None):
