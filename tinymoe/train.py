@@ -28,6 +28,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .data import BatchSampler, check_length, decode, encode, eval_batches, load_corpus
 from .models import build_model
 from .nn import functional as F
+from .nn.moe import MoELayer
 from .distributed import training as ep
 from .distributed.communicator import SingleProcess
 from .distributed.data_parallel import all_reduce_gradients
@@ -197,7 +198,8 @@ def train(cfg: TrainConfig) -> dict:
     elif lead:
         open(log_path, "w").close()
     if lead:
-        where = f" on {W} rank{'s' * (W > 1)} ({comm.backend}: experts sharded, batch split)" if comm is not None else ""
+        sharded = "experts sharded, " if any(isinstance(m, MoELayer) for m in model.modules()) else ""
+        where = f" on {W} rank{'s' * (W > 1)} ({comm.backend}: {sharded}batch split)" if comm is not None else ""
         print(f"{cfg.model}: {model.num_parameters():,} parameters{where} | {corpus} | run dir {out}")
         with open(os.path.join(out, "config.json"), "w") as f:
             json.dump({"train": dataclasses.asdict(cfg),
