@@ -92,6 +92,26 @@ def test_gpt_with_recompute_equals_gpt_without_and_keeps_less():
     assert kept1 < kept0 / 3, (kept1, kept0)            # 3 blocks: only their inputs stay
 
 
+def test_mamba_lm_with_recompute_equals_mamba_lm_without_and_keeps_less():
+    ids = np.random.default_rng(2).integers(0, 32, (2, 17))
+    results = []
+    for flag in (False, True):
+        tm.manual_seed(0)
+        model = build_model("mamba", vocab_size=32, d_model=16, n_layer=2, d_state=4, recompute=flag)
+        for p in model.parameters():
+            p.data = p.data.astype(np.float64)
+        with track_memory("cpu") as mem:
+            _, loss = model(ids[:, :-1], ids[:, 1:])
+            kept = mem.current
+        loss.backward()
+        results.append((loss.item(), {n: p.grad for n, p in model.named_parameters()}, kept))
+    (loss0, grads0, kept0), (loss1, grads1, kept1) = results
+    assert loss1 == loss0
+    for name in grads0:
+        np.testing.assert_allclose(grads1[name], grads0[name], rtol=1e-10, atol=1e-12, err_msg=name)
+    assert kept1 < kept0 / 2, (kept1, kept0)
+
+
 def test_recompute_refuses_moe_blocks():
     with pytest.raises(ValueError, match="recompute=True needs a dense model"):
         build_model("moe-gpt", num_experts=4, recompute=True)

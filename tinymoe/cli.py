@@ -60,7 +60,7 @@ def add_train_arguments(p):
     m.add_argument("--activation", choices=["gelu", "swiglu", "relu"])
     m.add_argument("--dropout", type=float)
     m.add_argument("--recompute", action="store_true",
-                   help="keep only each block's input, rerun the block in the backward (dense GPT)")
+                   help="keep only each block's input, rerun the block in the backward (dense GPT, mamba)")
     t = p.add_argument_group("training (unset options keep TrainConfig's defaults)")
     t.argument_default = argparse.SUPPRESS
     t.add_argument("--data", help="a text file (default: the Python stdlib sources)")

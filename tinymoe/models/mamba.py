@@ -19,7 +19,7 @@ import numpy as np
 from .. import backend
 from ..autograd.grad_mode import no_grad
 from ..autograd.tensor import Tensor
-from ..nn import Embedding, Module, ModuleList, RMSNorm
+from ..nn import Embedding, Module, ModuleList, RMSNorm, recompute
 from ..nn import functional as F
 from ..nn.ssm import MambaBlock, S4DBlock
 from .gpt import _sample
@@ -40,6 +40,7 @@ class MambaConfig:
     mixer: str = "mamba"                # "mamba" (selective S6) | "s4d" (LTI baseline)
     block_size: int = 128               # training context length, for the trainer; the
                                         # recurrence itself has no maximum length
+    recompute: bool = False             # keep only each layer's input; rerun it in backward
 
 
 def _array(x):
@@ -96,7 +97,7 @@ class MambaLM(RemembersLastLoss, Module):
             raise ValueError(f"MambaLM: ids must be (B, L), got shape {tuple(ids.shape)}")
         h = self.embedding(ids)                                        # (B, L, d)
         for layer in self.layers:
-            h = layer(h)
+            h = recompute(layer, h) if self.config.recompute else layer(h)
         logits = self._logits(h)
         if targets is None:
             return logits, None
