@@ -7,8 +7,9 @@
 2. activations per layer as the sequence grows (Korthikanti et al.: s b h (34 + 5 a s / h));
 3. the KV cache of generation, MHA vs GQA vs MQA, and Mamba's constant state;
 4. tinymoe's own GPT: the estimate beside the peak that tracemalloc measures;
-5. the same step with every block recomputed in the backward (tinymoe.nn.recompute):
-   the memory it saves and the time it costs, side by side.
+5. recomputation: the same step keeping the softmax's log-normalizer instead of the
+   attention probabilities (selective), and with every block recomputed in the backward
+   (full, tinymoe.nn.recompute): the memory each saves and the time it costs, side by side.
 Change the knobs below and run again.
 """
 import time
@@ -69,9 +70,10 @@ print(f"   of the activations, attention scores B H L^2: "
       f"{model.config.n_layer * act['attention_scores_per_layer'] / act['total']:.0%}")
 
 
-print("\n5. full recomputation (recompute=True): each block keeps only its input")
-for recompute in (False, True):
-    model = build_model("gpt", block_size=SEQ, recompute=recompute, **SMALL_GPT)
+print("\n5. recomputation: selective (the attention probabilities) and full (whole blocks)")
+for name, flags in (("stored", {}), ("selective", {"recompute_attention": True}),
+                    ("full", {"recompute": True})):
+    model = build_model("gpt", block_size=SEQ, **flags, **SMALL_GPT)
     opt = AdamW(model.parameters(), lr=1e-3)
     with track_memory("cpu") as mem:
         for step in range(3):
@@ -85,5 +87,5 @@ for recompute in (False, True):
             loss.backward()
             opt.step()
         seconds = time.perf_counter() - start
-    print(f"   recompute={recompute!s:<5}  kept after forward {kept / 1e6:6.2f} MB   "
+    print(f"   {name:<9}  kept after forward {kept / 1e6:6.2f} MB   "
           f"step peak {mem.peak / 1e6:6.2f} MB   step {seconds * 1e3:6.0f} ms")

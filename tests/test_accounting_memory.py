@@ -44,6 +44,7 @@ CONFIGS = [
     dict(vocab_size=256, n_layer=2, n_head=4, d_model=64, d_ff=256),
     dict(vocab_size=256, n_layer=2, n_head=4, n_kv_head=1, d_model=64, d_ff=256,
          activation="swiglu", dropout=0.1),
+    dict(vocab_size=256, n_layer=2, n_head=4, d_model=64, d_ff=256, recompute_attention=True),
 ]
 
 

@@ -7,17 +7,34 @@ from tinymoe.kernels.attention import attention_reference
 from tinymoe.nn.attention import CausalAttention, KVCache, MultiHeadAttention
 
 
+@pytest.mark.parametrize("keep_probs", [True, False], ids=["P kept", "P recomputed"])
 @pytest.mark.parametrize("Hkv,G,Lq,Lk", [(2, 1, 3, 3), (1, 3, 4, 4), (2, 2, 2, 5), (1, 1, 1, 1)])
-def test_causal_attention_gradcheck_and_reference(Hkv, G, Lq, Lk):
+def test_causal_attention_gradcheck_and_reference(Hkv, G, Lq, Lk, keep_probs):
     rng = np.random.default_rng(0)
     q = tm.tensor(rng.standard_normal((2, Hkv, G, Lq, 3)), requires_grad=True)
     k = tm.tensor(rng.standard_normal((2, Hkv, 1, Lk, 3)), requires_grad=True)
     v = tm.tensor(rng.standard_normal((2, Hkv, 1, Lk, 3)), requires_grad=True)
-    out = CausalAttention.apply(q, k, v).numpy()
+    out = CausalAttention.apply(q, k, v, keep_probs=keep_probs).numpy()
     shape = q.shape[:-2] + (Lk, 3)
     ref = attention_reference(q.data, np.broadcast_to(k.data, shape), np.broadcast_to(v.data, shape))
     np.testing.assert_allclose(out, ref, atol=1e-12)
-    tm.gradcheck(lambda q, k, v: CausalAttention.apply(q, k, v), [q, k, v])
+    tm.gradcheck(lambda q, k, v: CausalAttention.apply(q, k, v, keep_probs=keep_probs), [q, k, v])
+
+
+def test_recomputed_probabilities_give_the_stored_gradients_and_keep_no_l_squared_array():
+    rng = np.random.default_rng(1)
+    q, k, v = (rng.standard_normal((2, 2, 1, 6, 4)) for _ in range(3))
+    g = rng.standard_normal((2, 2, 1, 6, 4))
+    grads, saved = [], []
+    for keep_probs in (True, False):
+        ts = [tm.tensor(a, requires_grad=True) for a in (q, k, v)]
+        out = CausalAttention.apply(*ts, keep_probs=keep_probs)
+        saved.append(max(a.shape[-1] for a in out._ctx.saved))           # widest saved array
+        out.backward(g)
+        grads.append([t.grad for t in ts])
+    for stored, recomputed in zip(*grads):
+        np.testing.assert_allclose(recomputed, stored, rtol=1e-12, atol=1e-14)
+    assert saved == [6, 4]                     # P (..., Lq, Lk) kept; then nothing wider than d
 
 
 @pytest.mark.parametrize("H,Hkv", [(4, 4), (4, 2), (4, 1)])

@@ -175,6 +175,22 @@ def test_backward_follows_its_forward_node_not_its_shape():
     assert rows["wide"]["flops"] == 2 * (2 * 4 * 40 * 5)      # dx and dW of a (4,40)@(40,5)
 
 
+def test_recomputed_attention_backward_counts_the_extra_scores():
+    """keep_probs=False rebuilds P in the backward: Q K^T again (2 d per score) and 3 more
+    per score (scale, - lse, exp); the profiler reads the forward's params for the backward."""
+    from tinymoe.nn.attention import CausalAttention
+    rng = np.random.default_rng(0)
+    flops = {}
+    for keep in (True, False):
+        q, k, v = (tinymoe.tensor(rng.standard_normal((1, 2, 1, 5, 4)), requires_grad=True) for _ in range(3))
+        with profile() as prof:
+            CausalAttention.apply(q, k, v, keep_probs=keep).sum().backward()
+        flops[keep] = prof.flops("backward") - sum(r.flops or 0 for r in prof.records
+                                                    if r.phase == "backward" and r.op != "CausalAttention")
+    scores = 2 * 5 * 5                                     # (heads) x Lq x Lk
+    assert flops[False] - flops[True] == scores * (2 * 4 + 3)
+
+
 def test_summary_rejects_unknown_grouping():
     with profile() as prof:
         pass

@@ -112,6 +112,29 @@ def test_mamba_lm_with_recompute_equals_mamba_lm_without_and_keeps_less():
     assert kept1 < kept0 / 2, (kept1, kept0)
 
 
+def test_gpt_recompute_attention_keeps_no_attention_probabilities():
+    B, L, H, layers = 4, 32, 2, 3
+    results = []
+    for flag in (False, True):
+        tm.manual_seed(0)
+        model = build_model("gpt", vocab_size=64, n_layer=layers, n_head=H, d_model=32, d_ff=64,
+                            block_size=L, recompute_attention=flag)
+        for p in model.parameters():
+            p.data = p.data.astype(np.float64)
+        ids = np.random.default_rng(1).integers(0, 64, (B, L + 1))
+        with track_memory("cpu") as mem:
+            _, loss = model(ids[:, :-1], ids[:, 1:])
+            kept = mem.current
+        loss.backward()
+        results.append((loss.item(), {n: p.grad for n, p in model.named_parameters()}, kept))
+    (loss0, grads0, kept0), (loss1, grads1, kept1) = results
+    assert loss1 == loss0
+    for name in grads0:
+        np.testing.assert_allclose(grads1[name], grads0[name], rtol=1e-10, atol=1e-12, err_msg=name)
+    saved = layers * (B * H * L * L - B * H * L) * 8                     # P out, lse in (float64)
+    assert saved <= kept0 - kept1 <= 1.1 * saved      # the P arrays, give or take small objects
+
+
 def test_recompute_refuses_moe_blocks():
     with pytest.raises(ValueError, match="recompute=True needs a dense model"):
         build_model("moe-gpt", num_experts=4, recompute=True)

@@ -25,6 +25,7 @@ MODEL_OPTIONS = {
     "capacity_factor": "capacity_factor", "eval_capacity_factor": "eval_capacity_factor",
     "shared_experts": "num_shared_experts", "aux_loss_weight": "aux_loss_weight",
     "z_loss_weight": "z_loss_weight", "recompute": "recompute",
+    "recompute_attention": "recompute_attention",
 }
 # `--quick`: a smoke run in seconds (tests, trying the pipeline)
 QUICK = dict(steps=30, batch_size=4, block_size=32, eval_interval=15, eval_batches=2,
@@ -61,6 +62,8 @@ def add_train_arguments(p):
     m.add_argument("--dropout", type=float)
     m.add_argument("--recompute", action="store_true",
                    help="keep only each block's input, rerun the block in the backward (dense GPT, mamba)")
+    m.add_argument("--recompute-attention", action="store_true",
+                   help="keep the softmax's log-normalizer, not the (L, L) probabilities (GPT)")
     t = p.add_argument_group("training (unset options keep TrainConfig's defaults)")
     t.argument_default = argparse.SUPPRESS
     t.add_argument("--data", help="a text file (default: the Python stdlib sources)")

@@ -103,6 +103,7 @@ def tinymoe_gpt_activation_bytes(config, batch: int, seq_len: int, bytes_per_val
       residual input x, LayerNorm xhat and output (x2)               3 T d
       qkv projection (H + 2 Hkv) d_head                              T w_qkv
       attention probabilities P (the O(L^2) term)                    B H L^2
+        (recompute_attention: the softmax's log-normalizer instead       B H L)
       attention output, its head-merged copy, projection output      3 T d
       residual sum, LayerNorm xhat and output                        3 T d
       MLP: fc1 output and GELU output (SwiGLU: fc1, sigmoid, silu,
@@ -126,11 +127,12 @@ def tinymoe_gpt_activation_bytes(config, batch: int, seq_len: int, bytes_per_val
     w_qkv = (H + 2 * Hkv) * (d // H)
     mlp = (5 if c.activation == "swiglu" else 2) * T * f
     dropout = 2 * 2 * T * d if c.dropout > 0 else 0          # mask scale + output, 2 sites
-    per_layer = 10 * T * d + T * w_qkv + B * H * L * L + mlp + 2 * T + dropout
+    scores = B * H * L if getattr(c, "recompute_attention", False) else B * H * L * L
+    per_layer = 10 * T * d + T * w_qkv + scores + mlp + 2 * T + dropout
     head = T * d + L * d + T * d + 2 * T * d + 2 * T * V
     return {
         "per_layer": per_layer * bytes_per_value,
-        "attention_scores_per_layer": B * H * L * L * bytes_per_value,
+        "attention_scores_per_layer": scores * bytes_per_value,
         "layers": c.n_layer * per_layer * bytes_per_value,
         "embeddings_and_head": head * bytes_per_value,
         "total": (c.n_layer * per_layer + head) * bytes_per_value,

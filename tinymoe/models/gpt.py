@@ -47,6 +47,7 @@ class GPTConfig:
     aux_loss_weight: float = 1e-2
     z_loss_weight: float = 1e-3
     recompute: bool = False             # keep only each block's input; rerun it in backward
+    recompute_attention: bool = False   # keep the softmax's lse, not the (L, L) probabilities
 
     def is_moe_layer(self, i: int) -> bool:
         return self.num_experts > 0 and (i + 1) % self.moe_every == 0
@@ -77,7 +78,8 @@ class Block(Module):
         super().__init__()
         self.ln1 = LayerNorm(cfg.d_model, bias=cfg.bias)
         self.attn = MultiHeadAttention(cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.bias,
-                                       cfg.dropout, layer_index=i)
+                                       cfg.dropout, layer_index=i,
+                                       recompute_scores=cfg.recompute_attention)
         self.ln2 = LayerNorm(cfg.d_model, bias=cfg.bias)
         if cfg.is_moe_layer(i):
             self.moe = MoELayer(cfg.d_model, cfg.d_ff, cfg.num_experts, cfg.top_k, cfg.router,

@@ -27,30 +27,51 @@ class CausalAttention(Function):
     rowsum(dP * P) = rowsum(dO * O) (FlashAttention-2's D): an (Lq,) vector from (Lq, d)
     arrays, so that the backward holds one (Lq, Lk) temporary, dP, turned into dS in place.
 
+    keep_probs=False is selective recomputation (Korthikanti et al. 2022; FlashAttention's
+    backward): instead of P, the (Lq, Lk) term of the activations, keep the softmax's log
+    normalizer lse = m + log sum_j e^(S_j - m) per row, (Lq,), and in the backward rebuild
+    P = exp(S - lse) from Q and K: one more Q K^T, and no O(L^2) array between the passes.
+
     Shapes: q (B, Hkv, G, Lq, d), k, v (B, Hkv, 1, Lk, d): the group axis G broadcasts, and
     the K/V gradients are summed over it (sum_to_shape)."""
 
     @staticmethod
-    def forward(ctx, q, k, v):
+    def forward(ctx, q, k, v, keep_probs=True):
+        ctx.scale = 1.0 / math.sqrt(q.shape[-1])
+        s = CausalAttention._scores(q, k, ctx.scale)                          # (B, Hkv, G, Lq, Lk)
+        xp = backend.array_module(q)
+        m = s.max(axis=-1, keepdims=True)
+        s -= m
+        p = xp.exp(s, out=s)
+        total = p.sum(axis=-1, keepdims=True)                                 # (B, Hkv, G, Lq, 1)
+        p /= total                                                            # softmax
+        out = p @ v                                                           # (B, Hkv, G, Lq, d)
+        ctx.keep_probs = keep_probs
+        if keep_probs:
+            ctx.save(q, k, v, p, out)
+        else:
+            ctx.save(q, k, v, m + xp.log(total), out)                         # lse, not P
+        return out
+
+    @staticmethod
+    def _scores(q, k, scale):
+        """S = Q K^T * scale, -inf where a query would see the future: (..., Lq, Lk)."""
         xp = backend.array_module(q)
         Lq, Lk = q.shape[-2], k.shape[-2]
-        scale = 1.0 / math.sqrt(q.shape[-1])
-        s = q @ xp.swapaxes(k, -1, -2)                                        # (B, Hkv, G, Lq, Lk)
+        s = q @ xp.swapaxes(k, -1, -2)
         s *= scale
         future = xp.arange(Lk)[None, :] > xp.arange(Lq)[:, None] + (Lk - Lq)  # (Lq, Lk) masked
         s[..., future] = -xp.inf
-        s -= s.max(axis=-1, keepdims=True)
-        p = xp.exp(s, out=s)
-        p /= p.sum(axis=-1, keepdims=True)                                    # softmax
-        out = p @ v                                                           # (B, Hkv, G, Lq, d)
-        ctx.save(q, k, v, p, out)
-        ctx.scale = scale
-        return out
+        return s
 
     @staticmethod
     def backward(ctx, grad):
         q, k, v, p, out = ctx.saved
         xp = backend.array_module(grad)
+        if not ctx.keep_probs:                                                # lse was kept:
+            s = CausalAttention._scores(q, k, ctx.scale)                      # recompute P
+            s -= p
+            p = xp.exp(s, out=s)                                              # P = exp(S - lse)
         dv = sum_to_shape(xp.swapaxes(p, -1, -2) @ grad, v.shape)
         rowsum = (grad * out).sum(axis=-1, keepdims=True)                     # (B, Hkv, G, Lq, 1)
         ds = grad @ xp.swapaxes(v, -1, -2)                                    # dP (B, Hkv, G, Lq, Lk)
@@ -89,7 +110,8 @@ class MultiHeadAttention(Module):
     """Causal self-attention: x (B, L, d_model) -> (B, L, d_model)."""
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None,
-                 bias: bool = False, dropout: float = 0.0, layer_index: int = 0):
+                 bias: bool = False, dropout: float = 0.0, layer_index: int = 0,
+                 recompute_scores: bool = False):
         super().__init__()
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
         if d_model % n_heads:
@@ -100,6 +122,7 @@ class MultiHeadAttention(Module):
                              f"n_kv_heads={n_kv_heads}")
         self.n_heads, self.n_kv_heads, self.d_head = n_heads, n_kv_heads, d_model // n_heads
         self.dropout, self.layer_index = dropout, layer_index
+        self.recompute_scores = recompute_scores      # keep lse, not the (L, L) probabilities
         # One projection for q, k, v: (H + 2 Hkv) heads of d_head.
         self.qkv = Linear(d_model, (n_heads + 2 * n_kv_heads) * self.d_head, bias=bias)
         self.proj = Linear(n_heads * self.d_head, d_model, bias=bias)
@@ -115,7 +138,7 @@ class MultiHeadAttention(Module):
             k_all, v_all = cache.update(self.layer_index, k.data, v.data)     # (B, Hkv, 1, S, dh)
             y = CausalAttention.apply(q, k_all, v_all)
         else:
-            y = CausalAttention.apply(q, k, v)                                # (B, Hkv, G, L, dh)
+            y = CausalAttention.apply(q, k, v, keep_probs=not self.recompute_scores)  # (B, Hkv, G, L, dh)
         y = y.transpose(0, 3, 1, 2, 4).reshape(B, L, H * dh)                 # heads side by side
         y = self.proj(y)
         return F.dropout(y, self.dropout, self.training)

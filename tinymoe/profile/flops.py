@@ -208,7 +208,8 @@ def _data_movement(name):
 def _causal_attention(phase, inputs, outputs, params):
     """softmax(Q K^T * scale + M) V: two matmuls over the (Lq, Lk) scores, 6 FLOPs per
     score for scale, max, subtract, exp, sum, divide. Backward (dQ, dK, dV all needed):
-    dV = P^T dO, dP = dO V^T, dQ = dS K, dK = dS^T Q and 5 per score for dS."""
+    dV = P^T dO, dP = dO V^T, dQ = dS K, dK = dS^T Q and 5 per score for dS; with
+    keep_probs=False, P is first rebuilt: Q K^T again and 3 per score (scale, - lse, exp)."""
     if phase == "forward":
         q, k, out = inputs[0], inputs[1], outputs[0]
         scores = _size(out) // out.shape[-1] * k.shape[-2]
@@ -216,7 +217,8 @@ def _causal_attention(phase, inputs, outputs, params):
     (g,) = inputs
     d, Lk = outputs[0].shape[-1], outputs[-1].shape[-2]
     scores = _size(g) // g.shape[-1] * Lk
-    return scores * (2 * g.shape[-1] * 2 + 2 * d * 2 + 5)
+    recompute = 0 if params.get("keep_probs", True) else 2 * d + 3
+    return scores * (2 * g.shape[-1] * 2 + 2 * d * 2 + 5 + recompute)
 
 
 def _selective_scan(phase, inputs, outputs, params):

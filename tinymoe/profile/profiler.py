@@ -96,10 +96,13 @@ class Profiler:
     def _on_op(self, event):
         if event.phase == "forward":
             module = self._stack[-1] if self._stack else ""
-            event.ctx.profiled_module = module          # read back by this node's backward
+            event.ctx.profiled_module = module          # read back by this node's backward,
+            event.ctx.profiled_params = event.params    # with the forward's keyword params
+            params = event.params
         else:
             module = getattr(event.ctx, "profiled_module", "")
-        flops = op_flops(event.op, event.phase, event.inputs, event.outputs, event.params)
+            params = getattr(event.ctx, "profiled_params", {})
+        flops = op_flops(event.op, event.phase, event.inputs, event.outputs, params)
         read, written = op_bytes(event.op, event.phase, event.inputs, event.outputs)
         record = Record(event.op, event.phase, module, flops, read, written, event.seconds)
         self.records.append(record)
