@@ -68,69 +68,53 @@ def test_plain_call_without_a_graph_and_error_for_a_non_tensor_result():
         recompute(lambda x: (x, x), x)
 
 
-def _gpt_step(recompute_blocks, B=4, L=32):
+def _kept_and_grads(name, ids, **config):
+    """One float64 forward + backward of a fresh model (same seed, same init): the loss,
+    the parameters' gradients, and the bytes the graph holds between the two passes."""
     tm.manual_seed(0)
-    model = build_model("gpt", vocab_size=64, n_layer=3, n_head=2, d_model=32, d_ff=128,
-                        block_size=L, dropout=0.1, recompute=recompute_blocks)
+    model = build_model(name, **config)
     for p in model.parameters():
         p.data = p.data.astype(np.float64)
-    ids = np.random.default_rng(1).integers(0, 64, (B, L + 1))
     with track_memory("cpu") as mem:
-        tm.manual_seed(5)
+        tm.manual_seed(5)                                # the same dropout masks each time
         _, loss = model(ids[:, :-1], ids[:, 1:])
-        kept = mem.current                               # what the graph holds for backward
+        kept = mem.current
     loss.backward()
     return loss.item(), {n: p.grad for n, p in model.named_parameters()}, kept
 
 
-def test_gpt_with_recompute_equals_gpt_without_and_keeps_less():
-    loss0, grads0, kept0 = _gpt_step(False)
-    loss1, grads1, kept1 = _gpt_step(True)
+def _same_training(stored, recomputed):
+    """Equal losses and gradients; returns the bytes kept by each."""
+    (loss0, grads0, kept0), (loss1, grads1, kept1) = stored, recomputed
     assert loss1 == loss0
     for name in grads0:
         np.testing.assert_allclose(grads1[name], grads0[name], rtol=1e-10, atol=1e-12, err_msg=name)
+    return kept0, kept1
+
+
+GPT = dict(vocab_size=64, n_layer=3, n_head=2, d_model=32, block_size=32)
+
+
+def test_gpt_with_recompute_equals_gpt_without_and_keeps_less():
+    ids = np.random.default_rng(1).integers(0, 64, (4, 33))
+    kept0, kept1 = _same_training(*(_kept_and_grads("gpt", ids, d_ff=128, dropout=0.1, recompute=flag, **GPT)
+                                     for flag in (False, True)))
     assert kept1 < kept0 / 3, (kept1, kept0)            # 3 blocks: only their inputs stay
 
 
 def test_mamba_lm_with_recompute_equals_mamba_lm_without_and_keeps_less():
     ids = np.random.default_rng(2).integers(0, 32, (2, 17))
-    results = []
-    for flag in (False, True):
-        tm.manual_seed(0)
-        model = build_model("mamba", vocab_size=32, d_model=16, n_layer=2, d_state=4, recompute=flag)
-        for p in model.parameters():
-            p.data = p.data.astype(np.float64)
-        with track_memory("cpu") as mem:
-            _, loss = model(ids[:, :-1], ids[:, 1:])
-            kept = mem.current
-        loss.backward()
-        results.append((loss.item(), {n: p.grad for n, p in model.named_parameters()}, kept))
-    (loss0, grads0, kept0), (loss1, grads1, kept1) = results
-    assert loss1 == loss0
-    for name in grads0:
-        np.testing.assert_allclose(grads1[name], grads0[name], rtol=1e-10, atol=1e-12, err_msg=name)
+    config = dict(vocab_size=32, d_model=16, n_layer=2, d_state=4)
+    kept0, kept1 = _same_training(*(_kept_and_grads("mamba", ids, recompute=flag, **config)
+                                     for flag in (False, True)))
     assert kept1 < kept0 / 2, (kept1, kept0)
 
 
 def test_gpt_recompute_attention_keeps_no_attention_probabilities():
-    B, L, H, layers = 4, 32, 2, 3
-    results = []
-    for flag in (False, True):
-        tm.manual_seed(0)
-        model = build_model("gpt", vocab_size=64, n_layer=layers, n_head=H, d_model=32, d_ff=64,
-                            block_size=L, recompute_attention=flag)
-        for p in model.parameters():
-            p.data = p.data.astype(np.float64)
-        ids = np.random.default_rng(1).integers(0, 64, (B, L + 1))
-        with track_memory("cpu") as mem:
-            _, loss = model(ids[:, :-1], ids[:, 1:])
-            kept = mem.current
-        loss.backward()
-        results.append((loss.item(), {n: p.grad for n, p in model.named_parameters()}, kept))
-    (loss0, grads0, kept0), (loss1, grads1, kept1) = results
-    assert loss1 == loss0
-    for name in grads0:
-        np.testing.assert_allclose(grads1[name], grads0[name], rtol=1e-10, atol=1e-12, err_msg=name)
+    B, L, H, layers = 4, GPT["block_size"], GPT["n_head"], GPT["n_layer"]
+    ids = np.random.default_rng(1).integers(0, 64, (B, L + 1))
+    kept0, kept1 = _same_training(*(_kept_and_grads("gpt", ids, d_ff=64, recompute_attention=flag, **GPT)
+                                     for flag in (False, True)))
     saved = layers * (B * H * L * L - B * H * L) * 8                     # P out, lse in (float64)
     assert saved <= kept0 - kept1 <= 1.1 * saved      # the P arrays, give or take small objects
 
