@@ -75,6 +75,8 @@ def _kept_and_grads(name, ids, **config):
     model = build_model(name, **config)
     for p in model.parameters():
         p.data = p.data.astype(np.float64)
+    with no_grad():
+        model(ids[:, :-1])                               # warm-up: caches (the causal mask) filled
     with track_memory("cpu") as mem:
         tm.manual_seed(5)                                # the same dropout masks each time
         _, loss = model(ids[:, :-1], ids[:, 1:])
