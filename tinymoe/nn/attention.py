@@ -24,8 +24,8 @@ from .module import Module
 @lru_cache(maxsize=32)
 def causal_mask(Lq: int, Lk: int, dtype: str, device: str):
     """M (Lq, Lk): 0 where query i (the last Lq of Lk positions) may look, -inf in its future.
-    Added to the scores, not assigned through a boolean index: one broadcast add (30x faster
-    in NumPy, and no device sync in CuPy)."""
+    Added to the scores, not assigned through a boolean index: one broadcast add, 30x faster
+    in NumPy at (16, 4, 128, 128)."""
     xp = backend.module_for(device)
     future = xp.arange(Lk)[None, :] > xp.arange(Lq)[:, None] + (Lk - Lq)      # (Lq, Lk)
     return xp.where(future, -xp.inf, 0.0).astype(dtype)
