@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# One GPU: every gpu-marked test and every GPU benchmark, in one call (about 6 minutes on an
+# H200). From the repo root:
+#     OUT=/tmp/gpu_out bash benchmarks/gpu_all.sh
+# (with CuPy, torch, JAX and numba-cuda importable; on the device machine, NumPy < 2.5 first:
+#  see docs/kernels.md, "Running on the GPU machine"). Logs go to $OUT/<step>.log; a failed
+# step does not stop the next one; the exit code is the number of failed steps.
+set -uo pipefail
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MPLBACKEND=Agg
+export NUMBA_CUDA_ARRAY_INTERFACE_SYNC=0
+OUT=${OUT:-/tmp/gpu_out}
+mkdir -p "$OUT"
+FAILED=0
+
+step() {  # step NAME LIMIT_S command...
+  local name=$1 limit=$2; shift 2
+  echo "== $name (limit ${limit} s, at ${SECONDS} s)"
+  timeout -k 5 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  tail -n 12 "$OUT/$name.log"
+  echo "== $name: exit $rc"
+  (( rc != 0 )) && FAILED=$((FAILED + 1))
+  return 0
+}
+
+step gpu_tests 240 python3 -m pytest -q -p no:cacheprovider -m gpu -rf
+step autograd 60 python3 benchmarks/bench_autograd.py --device cuda
+step scan 120 python3 benchmarks/bench_scan.py
+step moe 90 python3 benchmarks/bench_moe.py
+step train 120 python3 benchmarks/bench_train.py
+echo "== done in ${SECONDS} s, ${FAILED} failed"
+exit $FAILED

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Two GPUs of one host: the NCCL backend end to end, in under 420 s (2 x H200). From the repo root:
+#     OUT=/tmp/x2_out bash benchmarks/nccl_2gpu.sh
+# (with CuPy, torch and numba-cuda importable; on the device machine, NumPy < 2.5 first:
+#  see docs/kernels.md, "Running on the GPU machine")
+# 1. the NCCL selftest (launcher, 2 ranks)   2. the GPU tests (NCCL selftest, 2-GPU training == 1 CPU process)
+# 3. bench_alltoall gpu: tinymoe NCCL all-to-all vs torch all_to_all_single, EP step split   -> $OUT
+# 4. 20 steps of examples/train_moe_gpt.py --expert-parallel --backend nccl                  -> $OUT/train_*
+# Every step runs under `timeout` (GNU timeout signals the whole process group: no orphaned ranks);
+# a failed step does not stop the next one. Exit code: the number of failed steps.
+set -uo pipefail
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1   # never NVLink multicast
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MPLBACKEND=Agg
+OUT=${OUT:-/tmp/x2_out}
+PY=${PY:-python3}
+BUDGET=${BUDGET:-405}          # seconds for the whole script
+mkdir -p "$OUT"
+FAILED=0
+SUMMARY=""
+
+step() {  # step NAME LIMIT_S command...: under timeout (capped by the time left), output in $OUT/NAME.log
+  local name=$1 limit=$2; shift 2
+  local left=$((BUDGET - SECONDS))
+  if (( left < 20 )); then
+    echo "== $name: skipped, ${left} s left"; SUMMARY+="$name: skipped"$'\n'; FAILED=$((FAILED + 1)); return
+  fi
+  (( limit > left )) && limit=$left
+  echo "== $name (limit ${limit} s, at ${SECONDS} s): $*"
+  local t0=$SECONDS
+  timeout -k 5 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  tail -n 30 "$OUT/$name.log"
+  echo "== $name: exit $rc in $((SECONDS - t0)) s"
+  SUMMARY+="$name: exit $rc ($((SECONDS - t0)) s)$([ $rc = 124 ] && echo ', TIMED OUT')"$'\n'
+  (( rc != 0 )) && FAILED=$((FAILED + 1))
+  return 0
+}
+
+step preflight 30 bash -c "nvidia-smi -L; $PY - <<'PY'
+import importlib, sys
+print('python', sys.version.split()[0])
+for m in ('numpy', 'cupy', 'torch', 'safetensors', 'tqdm', 'matplotlib', 'numba', 'pytest'):
+    try:
+        print(m, importlib.import_module(m).__version__)
+    except Exception as e:
+        print(m, 'MISSING:', e)
+import cupy
+from cupy.cuda import nccl; print('GPUs', cupy.cuda.runtime.getDeviceCount(), 'NCCL', nccl.get_version())
+PY"
+
+step selftest 60 "$PY" -m tinymoe.distributed.launch --nproc 2 -m tinymoe.distributed.selftest --backend nccl
+
+step gpu_tests 120 "$PY" -m pytest -q -p no:cacheprovider -m gpu -rs \
+    tests/test_distributed_nccl.py tests/test_train_distributed.py
+
+step train 100 bash -c "rm -rf runs/moe-gpt-example && \
+    $PY -m tinymoe.distributed.launch --nproc 2 --timeout 120 examples/train_moe_gpt.py \
+        --expert-parallel --backend nccl --steps 20 && \
+    for f in log.jsonl config.json sample.txt loss.png expert_load.png; do \
+        cp runs/moe-gpt-example/\$f $OUT/train_\$f; done"
+
+step bench 150 "$PY" -m tinymoe.distributed.launch --nproc 2 --timeout 120 \
+    benchmarks/bench_alltoall.py gpu --json "$OUT/a2a_gpu.json" --plots "$OUT"
+
+echo "== summary (${SECONDS} s)"
+printf '%s' "$SUMMARY"
+exit $FAILED
