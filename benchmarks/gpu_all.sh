@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One GPU: every gpu-marked test and every GPU benchmark, in one call (about 6 minutes on an
-# H200). From the repo root:
-#     OUT=/tmp/gpu_out bash benchmarks/gpu_all.sh
+# One GPU: every gpu-marked test and every GPU benchmark. From the repo root:
+#     OUT=/tmp/gpu_out bash benchmarks/gpu_all.sh [tests|bench|all]
+# tests: the gpu-marked tests, then every example with --device cuda (about 6 minutes on an
+# H200); bench: the GPU benchmarks (about 4 minutes); all (the default): both, in that order.
 # (with CuPy, torch, JAX and numba-cuda importable; on the device machine, NumPy < 2.5 first:
 #  see docs/kernels.md, "Running on the GPU machine"). Logs go to $OUT/<step>.log; a failed
 # step does not stop the next one; the exit code is the number of failed steps.
@@ -23,10 +24,16 @@ step() {  # step NAME LIMIT_S command...
   return 0
 }
 
-step gpu_tests 240 python3 -m pytest -q -p no:cacheprovider -m gpu -rf
-step autograd 60 python3 benchmarks/bench_autograd.py --device cuda
-step scan 120 python3 benchmarks/bench_scan.py
-step moe 90 python3 benchmarks/bench_moe.py
-step train 120 python3 benchmarks/bench_train.py
+WHAT=${1:-all}
+if [[ $WHAT == tests || $WHAT == all ]]; then
+  step gpu_tests 240 python3 -m pytest -q -p no:cacheprovider -m gpu -rf --ignore=tests/test_examples.py
+  step examples 360 python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/test_examples.py
+fi
+if [[ $WHAT == bench || $WHAT == all ]]; then
+  step autograd 60 python3 benchmarks/bench_autograd.py --device cuda
+  step scan 120 python3 benchmarks/bench_scan.py
+  step moe 90 python3 benchmarks/bench_moe.py
+  step train 120 python3 benchmarks/bench_train.py
+fi
 echo "== done in ${SECONDS} s, ${FAILED} failed"
 exit $FAILED

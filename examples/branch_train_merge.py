@@ -92,6 +92,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default="docs/img")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = p.parse_args()
     s0, s1 = (100, 100) if args.quick else (300, 300)
     manual_seed(0)
@@ -99,7 +100,7 @@ def main():
     samplers = {d: BatchSampler(c.train, B, L, seed=i) for i, (d, c) in enumerate(corpora.items())}
     mixture = Mixture(list(samplers.values()))
 
-    seed = fit(build_model("gpt", **MODEL), mixture, s0)
+    seed = fit(build_model("gpt", **MODEL).to(args.device), mixture, s0)
     branches = {d: fit(copy.deepcopy(seed), samplers[d], s1) for d in DOMAINS}
     baseline = fit(copy.deepcopy(seed), mixture, s1 * len(DOMAINS))
     averaged = average_parameters(list(branches.values()))

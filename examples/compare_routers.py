@@ -49,11 +49,13 @@ def main():
     p.add_argument("--quick", action="store_true", help="fewer steps")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--out", default="docs/img")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = p.parse_args()
     steps = args.steps or (150 if args.quick else 600)
     base = dict(steps=steps, batch_size=8, block_size=64, lr=3e-3, warmup_steps=20,
                 eval_interval=max(steps // 6, 1), eval_batches=4, log_interval=10,
                 checkpoint_interval=10**9, sample_tokens=0, plots=False, progress=False,
+                device=args.device,
                 out_dir="runs/compare_routers", max_corpus_bytes=4_000_000)
     val = load_corpus(None, base["max_corpus_bytes"]).val
     results = {}

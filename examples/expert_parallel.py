@@ -22,6 +22,7 @@ import numpy as np
 
 import tinymoe
 import tinymoe.distributed as dist
+from tinymoe.backend import to_numpy
 from tinymoe.distributed.data_parallel import all_reduce_gradients
 from tinymoe.distributed.expert_parallel import ExpertParallelMoE
 from tinymoe.nn.moe import MoELayer
@@ -52,17 +53,18 @@ def batch(g, centres, maps, popularity):
 def train(comm, steps=STEPS):
     W, r = comm.world_size, comm.rank
     E = EXPERTS_PER_RANK * W
+    device = "cuda" if comm.backend == "nccl" else "cpu"                     # NCCL: each rank's GPU
     tinymoe.manual_seed(0)                                                    # same init on every rank
     layer = ExpertParallelMoE(MoELayer(D_MODEL, D_FF, num_experts=E, top_k=TOP_K,
-                                       capacity_factor=CAPACITY_FACTOR), comm)
+                                       capacity_factor=CAPACITY_FACTOR), comm).to(device)
     opt = AdamW(layer.parameters(), lr=LR, weight_decay=0.0)
     centres, maps, popularity = task(E)
     g = np.random.default_rng(1000 + r)                                      # own data on every rank
     log = []
     for step in range(steps):
         x, y = batch(g, centres, maps, popularity)
-        out = layer(tinymoe.tensor(x))
-        loss = ((out - tinymoe.tensor(y)) ** 2).mean() + layer.aux_loss
+        out = layer(tinymoe.tensor(x, device=device))
+        loss = ((out - tinymoe.tensor(y, device=device)) ** 2).mean() + layer.aux_loss
         opt.zero_grad()
         loss.backward()
         all_reduce_gradients(layer.parameters(), comm)
@@ -71,7 +73,7 @@ def train(comm, steps=STEPS):
         mine = np.array([sum(st["rows_received"]), 2 * st["bytes_sent"], loss.item(), st["dropped_fraction"]])
         everyone = np.zeros((W, 4))
         everyone[r] = mine
-        log.append(comm.all_reduce(everyone))                                 # (W, 4) on every rank
+        log.append(to_numpy(comm.all_reduce(everyone)))                       # (W, 4) on every rank
     return np.stack(log)                                                      # (steps, W, 4)
 
 

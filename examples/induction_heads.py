@@ -33,17 +33,18 @@ SEED = 0
 def evaluate(model, L, n=256):
     x, y = induction_heads(n, L, VOCAB, rng=1000 + L)
     with no_grad():
-        return token_accuracy(model(x)[0].data, y)
+        return token_accuracy(model(x)[0].numpy(), y)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=STEPS)
     p.add_argument("--plot", default="docs/img/induction_heads.png")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = p.parse_args()
     tinymoe.manual_seed(SEED)
     model = MambaLM(MambaConfig(vocab_size=VOCAB, d_model=D_MODEL, n_layer=N_LAYER,
-                                d_state=D_STATE))
+                                d_state=D_STATE)).to(args.device)
     opt = AdamW(model.parameters(), lr=LR, weight_decay=0.0)
     rng = np.random.default_rng(SEED)
     start = time.perf_counter()

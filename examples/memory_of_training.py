@@ -1,6 +1,6 @@
 """Memory of training, from the lecture's formulas to a measured tinymoe step.
 
-    python examples/memory_of_training.py
+    python examples/memory_of_training.py [--device cuda]
 
 1. model states per parameter: mixed-precision Adam (2 + 2 + 12 = 16 bytes), ZeRO
    stages for a 7.5B model on 64 GPUs (ZeRO's Figure 1);
@@ -12,6 +12,7 @@
    (full, tinymoe.nn.recompute): the memory each saves and the time it costs, side by side.
 Change the knobs below and run again.
 """
+import argparse
 import time
 
 import numpy as np
@@ -21,6 +22,7 @@ from tinymoe.accounting import (
     transformer_activation_bytes,
 )
 from tinymoe.accounting.memory import tinymoe_gpt_activation_bytes, training_step_bytes
+from tinymoe.backend import synchronize
 from tinymoe.models import build_model
 from tinymoe.optim import AdamW
 from tinymoe.profile.memory import track_memory
@@ -29,6 +31,10 @@ PSI, GPUS = 7.5e9, 64                               # ZeRO's example
 GPT3_LAYER = dict(d_model=12288, n_heads=96)        # one GPT-3 175B layer
 SMALL_GPT = dict(vocab_size=256, n_layer=4, n_head=4, d_model=128, d_ff=512)
 BATCH, SEQ = 8, 128
+parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="where parts 4 and 5 train (memory: tracemalloc / CuPy's pool)")
+DEVICE = parser.parse_args().device
 
 print("1. model states, 7.5B parameters, mixed-precision Adam, 64 data-parallel GPUs")
 for stage, name in enumerate(["baseline", "ZeRO-1 (P_os)", "ZeRO-2 (P_os+g)", "ZeRO-3 (P_os+g+p)"]):
@@ -47,9 +53,9 @@ for name, kv in (("MHA", 32), ("GQA-8", 8), ("MQA", 1)):
 print(f"   Mamba state (d_inner 8192, N 16), any length: "
       f"{mamba_state_bytes(32, 8192, 16, 4) / 2**20:.1f} MiB")
 
-print(f"\n4. tinymoe GPT {SMALL_GPT}, batch {BATCH} x {SEQ}, AdamW, float32 (CPU)")
-with track_memory("cpu") as mem:
-    model = build_model("gpt", block_size=SEQ, **SMALL_GPT)
+print(f"\n4. tinymoe GPT {SMALL_GPT}, batch {BATCH} x {SEQ}, AdamW, float32 ({DEVICE})")
+with track_memory(DEVICE) as mem:
+    model = build_model("gpt", block_size=SEQ, **SMALL_GPT).to(DEVICE)
     opt = AdamW(model.parameters(), lr=1e-3)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, SMALL_GPT["vocab_size"], (BATCH, SEQ))
@@ -73,9 +79,9 @@ print(f"   of the activations, attention scores B H L^2: "
 print("\n5. recomputation: selective (the attention probabilities) and full (whole blocks)")
 for name, flags in (("stored", {}), ("selective", {"recompute_attention": True}),
                     ("full", {"recompute": True})):
-    model = build_model("gpt", block_size=SEQ, **flags, **SMALL_GPT)
+    model = build_model("gpt", block_size=SEQ, **flags, **SMALL_GPT).to(DEVICE)
     opt = AdamW(model.parameters(), lr=1e-3)
-    with track_memory("cpu") as mem:
+    with track_memory(DEVICE) as mem:
         for step in range(3):
             if step == 2:
                 mem.reset_peak()                     # the third step, timed
@@ -86,6 +92,7 @@ for name, flags in (("stored", {}), ("selective", {"recompute_attention": True})
             kept = mem.current - before              # what the forward leaves for the backward
             loss.backward()
             opt.step()
+        synchronize(DEVICE)                          # a GPU runs the step asynchronously
         seconds = time.perf_counter() - start
     print(f"   {name:<9}  kept after forward {kept / 1e6:6.2f} MB   "
           f"step peak {mem.peak / 1e6:6.2f} MB   step {seconds * 1e3:6.0f} ms")

@@ -52,13 +52,14 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default="docs/img")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = p.parse_args()
     steps = 150 if args.quick else 400
     manual_seed(0)
     rng = np.random.default_rng(0)
     E, L = 8, 48
     model = build_model("moe-gpt", n_layer=2, d_model=48, n_head=4, num_experts=E, top_k=1,
-                        d_ff=96, router="switch", capacity_factor=None, block_size=L)
+                        d_ff=96, router="switch", capacity_factor=None, block_size=L).to(args.device)
     opt = optim.AdamW(model.parameters(), lr=3e-3)
     for step in range(steps):
         x, y = batch(rng.choice(TASKS, 16), L, rng)

@@ -31,11 +31,13 @@ def main():
     p.add_argument("--quick", action="store_true")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--out", default="docs/img")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = p.parse_args()
     steps = args.steps or (1000 if args.quick else 3000)
     base = dict(steps=steps, batch_size=16, block_size=64, lr=3e-3, warmup_steps=20,
                 eval_interval=max(steps // 8, 1), eval_batches=4, log_interval=10,
                 checkpoint_interval=10**9, sample_tokens=0, plots=False, progress=False,
+                device=args.device,
                 out_dir="runs/scaling_experts", max_corpus_bytes=4_000_000)
     curves, rows = {}, []
     for E in EXPERTS:

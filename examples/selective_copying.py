@@ -48,12 +48,12 @@ def build(kind):
 def evaluate(model, x, y):
     with no_grad():
         logits, _ = model(x)
-    return token_accuracy(logits.data, y)
+    return token_accuracy(logits.numpy(), y)
 
 
-def train(kind, steps):
+def train(kind, steps, device="cpu"):
     tinymoe.manual_seed(SEED)
-    model = build(kind)
+    model = build(kind).to(device)
     opt = AdamW(model.parameters(), lr=LR, weight_decay=0.0)
     rng = np.random.default_rng(SEED)
     x_eval, y_eval = selective_copying(512, SEQ_LEN, NUM_TOKENS, VOCAB, rng=12345)
@@ -77,10 +77,11 @@ def main():
     p.add_argument("--steps", type=int, default=STEPS)
     p.add_argument("--models", default="mamba,lti,attention")
     p.add_argument("--plot", default="docs/img/selective_copying.png")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = p.parse_args()
     results = {}
     for kind in args.models.split(","):
-        curve, seconds, params = train(kind, args.steps)
+        curve, seconds, params = train(kind, args.steps, args.device)
         results[kind] = {"curve": curve, "seconds": round(seconds, 1), "parameters": params,
                          "final_accuracy": curve[-1][1]}
     print(json.dumps({k: {f: v[f] for f in ("final_accuracy", "seconds", "parameters")}

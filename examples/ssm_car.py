@@ -17,6 +17,9 @@ its step. For several step sizes Delta, with zero-order hold (ZOH) and bilinear:
    step, O(Delta).
 
     python examples/ssm_car.py                       # writes docs/img/ssm_car.png
+
+The one example without --device: its systems are 2 x 2 matrices (NumPy, SciPy's expm),
+nothing a GPU would speed up; the trainable SSMs of the later examples take --device cuda.
 """
 import argparse
 import os

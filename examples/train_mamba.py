@@ -37,12 +37,13 @@ def main():
     p.add_argument("--steps", type=int, default=STEPS)
     p.add_argument("--data", default=None, help="a text file (default: the stdlib corpus)")
     p.add_argument("--prompt", default="def ")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = p.parse_args()
 
     tinymoe.manual_seed(SEED)
     corpus = load_corpus(args.data, max_bytes=MAX_BYTES)
     model = MambaLM(MambaConfig(vocab_size=256, d_model=D_MODEL, n_layer=N_LAYER,
-                                d_state=D_STATE))
+                                d_state=D_STATE)).to(args.device)
     print(f"{model.num_parameters() / 1e6:.2f}M parameters; corpus {corpus}")
     opt = AdamW(model.parameters(), lr=LR, weight_decay=0.1)
     schedule = WarmupCosine(opt, min(WARMUP, args.steps), args.steps)

@@ -45,11 +45,14 @@ if __name__ == "__main__":
     p.add_argument("--expert-parallel", action="store_true", help="train on every rank of the launch")
     p.add_argument("--backend", choices=["toy", "mpi", "nccl"], default=None,
                    help="default: from the launcher (toy) or mpiexec (mpi); nccl trains on the GPUs")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="default: cpu, or cuda with --backend nccl")
     args = p.parse_args()
     model = dict(MODEL, n_layer=2, d_model=32, n_head=2, d_ff=64) if args.quick else MODEL
     run = {**TRAIN, **(QUICK if args.quick else {})}
     if args.steps is not None:
         run["steps"] = args.steps
+    run["device"] = args.device or ("cuda" if args.backend == "nccl" else "cpu")
     if args.expert_parallel:   # E = 8 experts: 1, 2, 4 or 8 ranks
-        run.update(expert_parallel=True, backend=args.backend, device="cuda" if args.backend == "nccl" else "cpu")
+        run.update(expert_parallel=True, backend=args.backend)
     train(TrainConfig(**run, model_config=model))

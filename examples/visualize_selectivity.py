@@ -25,9 +25,9 @@ STEPS = 500
 SEED = 0
 
 
-def train(steps):
+def train(steps, device="cpu"):
     tinymoe.manual_seed(SEED)
-    model = MambaLM(MambaConfig(vocab_size=VOCAB, d_model=D_MODEL, n_layer=N_LAYER))
+    model = MambaLM(MambaConfig(vocab_size=VOCAB, d_model=D_MODEL, n_layer=N_LAYER)).to(device)
     opt = AdamW(model.parameters(), lr=LR, weight_decay=0.0)
     rng = np.random.default_rng(SEED)
     for step in range(steps):
@@ -41,14 +41,16 @@ def train(steps):
 
 def selectivity(model, x, layer=0):
     """Delta (d_inner, L) and the gate silu(z) (d_inner, L) of `layer` for one sequence."""
+    device = tinymoe.backend.device_of(model.embedding.weight.data)
     with no_grad():
-        h = model.embedding(x)
+        h = model.embedding(tinymoe.backend.to_device(x, device))
         for block in model.layers[:layer]:
             h = block(h)
         mixer = model.layers[layer].mixer
         _, dt, _, _, z = mixer.selection(model.layers[layer].norm(h))
-        delta = np.logaddexp(0, dt.data + mixer.dt_proj.bias.data[:, None])   # softplus
-        gate = z.data / (1 + np.exp(-z.data))
+        dt, z, bias = dt.numpy(), z.numpy(), mixer.dt_proj.bias.numpy()
+        delta = np.logaddexp(0, dt + bias[:, None])                          # softplus
+        gate = z / (1 + np.exp(-z))
     return delta[0], gate[0]
 
 
@@ -56,11 +58,12 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=STEPS)
     p.add_argument("--plot", default="docs/img/selectivity.png")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = p.parse_args()
-    model = train(args.steps)
+    model = train(args.steps, args.device)
     x_eval, y_eval = selective_copying(256, SEQ_LEN, NUM_TOKENS, VOCAB, rng=1)
     with no_grad():
-        acc = token_accuracy(model(x_eval)[0].data, y_eval)
+        acc = token_accuracy(model(x_eval)[0].numpy(), y_eval)
     print(f"trained {args.steps} steps: selective-copying accuracy {acc:.3f}")
 
     x = x_eval[:1]

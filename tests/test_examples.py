@@ -27,15 +27,31 @@ EXAMPLES = [
 ]
 
 
-@pytest.mark.parametrize("script,args,outputs", EXAMPLES,
-                         ids=[(e.values if hasattr(e, "values") else e)[0] for e in EXAMPLES])
-def test_example_runs(script, args, outputs, tmp_path):
+IDS = [(e.values if hasattr(e, "values") else e)[0] for e in EXAMPLES]
+# expert_parallel.py takes its device from the backend (NCCL: the GPUs), not from --device
+ON_GPU = [e for e, name in zip(EXAMPLES, IDS) if name != "expert_parallel.py"]
+
+
+def _run(script, args, outputs, tmp_path, device_args=()):
     out = tmp_path / "out"
     out.mkdir()
     env = dict(os.environ, MPLBACKEND="Agg",
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, str(ROOT / "examples" / script)] + [a.format(out=out) for a in args]
-    run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    run = subprocess.run(cmd + list(device_args), cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=400)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     for name in outputs:
         assert (out / name).stat().st_size > 0, f"{script} did not write {name}"
+
+
+@pytest.mark.parametrize("script,args,outputs", EXAMPLES, ids=IDS)
+def test_example_runs(script, args, outputs, tmp_path):
+    _run(script, args, outputs, tmp_path)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("script,args,outputs", ON_GPU,
+                         ids=[name for name in IDS if name != "expert_parallel.py"])
+def test_example_runs_on_the_gpu(script, args, outputs, tmp_path):
+    _run(script, args, outputs, tmp_path, ["--device", "cuda"])

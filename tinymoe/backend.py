@@ -59,6 +59,12 @@ def check_device(device) -> str:
     return device
 
 
+def synchronize(device: str = "cpu") -> None:
+    """Wait until the device has run all queued work (timing on a GPU); nothing on the CPU."""
+    if check_device(device) == "cuda":
+        cupy().cuda.Device().synchronize()
+
+
 def module_for(device: str):
     """The array module that holds data on `device`."""
     return cupy() if check_device(device) == "cuda" else np
