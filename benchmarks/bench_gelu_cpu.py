@@ -2,21 +2,20 @@
 
     python benchmarks/bench_gelu_cpu.py [--rows 4096 --d-ff 256 --repeat 20]
 
-The spec is the array code of tinymoe/autograd/ops/unary.py :: Gelu (five NumPy/SciPy
-passes forward, eight backward, SciPy's erf a scalar loop); the kernel is
-tinymoe/kernels/gelu_cpu.py. Both run single-threaded here, side by side, on a hidden
-of the main job's shape (tokens x top-k rows, d_ff columns); also PyTorch's
+The spec is tinymoe/autograd/ops/unary.py :: gelu_exact, gelu_exact_backward (five
+NumPy/SciPy passes forward, eight backward, SciPy's erf a scalar loop; Gelu runs them for
+float64); the kernel is tinymoe/kernels/gelu_cpu.py. Both run single-threaded here, side
+by side, on a hidden of the main job's shape (tokens x top-k rows, d_ff columns); also PyTorch's
 `torch.nn.functional.gelu` when torch is importable. Best of `repeat` runs each.
 """
 from __future__ import annotations
 
 import argparse
-import math
 import time
 
 import numpy as np
-from scipy.special import erf
 
+from tinymoe.autograd.ops.unary import gelu_exact, gelu_exact_backward
 from tinymoe.kernels import gelu_cpu
 
 
@@ -30,16 +29,6 @@ def best_ms(fn, repeat):
     return 1e3 * min(times)
 
 
-def spec_forward(x):
-    return 0.5 * x * (1 + erf(x / math.sqrt(2)).astype(x.dtype))
-
-
-def spec_backward(g, x):
-    cdf = 0.5 * (1 + erf(x / math.sqrt(2)).astype(x.dtype))
-    pdf = np.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
-    return g * (cdf + x * pdf)
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rows", type=int, default=4096)
@@ -49,8 +38,8 @@ def main():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((a.rows, a.d_ff)).astype(np.float32)     # (rows, d_ff)
     g = rng.standard_normal((a.rows, a.d_ff)).astype(np.float32)
-    rows = [("NumPy + SciPy (the spec)", best_ms(lambda: spec_forward(x), a.repeat),
-             best_ms(lambda: spec_backward(g, x), a.repeat)),
+    rows = [("NumPy + SciPy (the spec)", best_ms(lambda: gelu_exact(x), a.repeat),
+             best_ms(lambda: gelu_exact_backward(g, x), a.repeat)),
             ("tinymoe Numba kernel", best_ms(lambda: gelu_cpu.gelu(x), a.repeat),
              best_ms(lambda: gelu_cpu.gelu_backward(g, x), a.repeat))]
     try:
@@ -63,7 +52,7 @@ def main():
                      best_ms(lambda: torch.autograd.grad(ty, tx, tg, retain_graph=True), a.repeat)))
     except ImportError:
         print("PyTorch is not importable here: its row is left out")
-    err = np.abs(gelu_cpu.gelu(x).astype(np.float64) - spec_forward(x.astype(np.float64))).max()
+    err = np.abs(gelu_cpu.gelu(x).astype(np.float64) - gelu_exact(x.astype(np.float64))).max()
     print(f"GELU (exact) float32, ({a.rows}, {a.d_ff}), one thread; kernel's largest error vs float64: {err:.1e}")
     print(f"{'implementation':34s} {'fwd ms':>8s} {'bwd ms':>8s} {'fwd: spec / this':>17s} {'bwd: spec / this':>17s}")
     for name, fwd, bwd in rows:

@@ -16,12 +16,11 @@ import numpy as np
 
 from .. import backend
 from ..autograd.grad_mode import no_grad
-from ..autograd.tensor import Tensor
 from ..nn import Embedding, LayerNorm, Linear, Module, ModuleList, recompute
 from ..nn import functional as F
 from ..nn.attention import KVCache, MultiHeadAttention
 from ..nn.moe import MoELayer
-from .last_loss import RemembersLastLoss
+from .lm import RemembersLastLoss, host_ids, ids_on
 
 
 @dataclass
@@ -132,7 +131,7 @@ class GPT(RemembersLastLoss, Module):
     def forward(self, ids, targets=None, cache: KVCache | None = None):
         """ids (B, L) int -> logits (B, L, V), loss (mean cross-entropy + aux losses) or None."""
         device = backend.device_of(self.wte.weight.data)
-        ids = backend.to_device(ids.data if isinstance(ids, Tensor) else ids, device)   # (B, L)
+        ids = ids_on(ids, device)                                            # (B, L)
         B, L = ids.shape
         start = cache.length if cache is not None else 0
         if start + L > self.config.block_size:
@@ -149,7 +148,7 @@ class GPT(RemembersLastLoss, Module):
         logits = F.linear(x, self.wte.weight)                                 # (B, L, V) tied
         if targets is None:
             return logits, None
-        targets = backend.to_device(targets.data if isinstance(targets, Tensor) else targets, device)
+        targets = ids_on(targets, device)
         loss = F.cross_entropy(logits, targets)
         self._remember_ce(loss)                                        # model.last_ce, for the logs
         for moe in self.moe_layers():
@@ -170,9 +169,7 @@ class GPT(RemembersLastLoss, Module):
         is rebuilt from the last block_size // 2 tokens."""
         if temperature < 0:
             raise ValueError(f"generate: temperature must be >= 0, got {temperature}")
-        ids = np.asarray(backend.to_numpy(ids.data if isinstance(ids, Tensor) else ids), dtype=np.int64)
-        if ids.ndim == 1:
-            ids = ids[None]
+        ids = host_ids(ids)                                                   # (B, L)
         block = self.config.block_size
         was_training = self.training
         self.eval()

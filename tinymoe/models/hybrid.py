@@ -26,8 +26,7 @@ from ..nn.attention import KVCache, MultiHeadAttention
 from ..nn.moe import MoELayer
 from ..nn.ssm import MambaBlock
 from .gpt import MLP, _sample
-from .mamba import _array
-from .last_loss import RemembersLastLoss
+from .lm import RemembersLastLoss, host_ids, ids_on
 
 
 @dataclass
@@ -116,7 +115,7 @@ class HybridLM(RemembersLastLoss, Module):
 
     def forward(self, ids, targets=None):
         """ids (B, L) int -> logits (B, L, V), loss (cross-entropy + MoE aux losses) or None."""
-        ids = backend.to_device(_array(ids), backend.device_of(self.embedding.weight.data))
+        ids = ids_on(ids, backend.device_of(self.embedding.weight.data))
         if ids.ndim != 2:
             raise ValueError(f"HybridLM: ids must be (B, L), got shape {tuple(ids.shape)}")
         h = self.embedding(ids)                                        # (B, L, d)
@@ -125,7 +124,7 @@ class HybridLM(RemembersLastLoss, Module):
         logits = F.linear(self.norm_f(h), self.embedding.weight)      # (B, L, V), tied
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits, backend.to_device(_array(targets), backend.device_of(logits.data)))
+        loss = F.cross_entropy(logits, ids_on(targets, backend.device_of(logits.data)))
         self._remember_ce(loss)                                        # model.last_ce, for the logs
         for moe in self.moe_layers():
             if moe.aux_loss is not None:
@@ -156,9 +155,7 @@ class HybridLM(RemembersLastLoss, Module):
         """Sample max_new_tokens after ids (B, L), one recurrent step per token."""
         if temperature < 0:
             raise ValueError(f"generate: temperature must be >= 0, got {temperature}")
-        ids = np.asarray(backend.to_numpy(_array(ids)), dtype=np.int64)
-        if ids.ndim == 1:
-            ids = ids[None]
+        ids = host_ids(ids)                                                   # (B, L)
         was_training = self.training
         self.eval()                                                    # MoE eval capacity
         xp = backend.array_module(self.embedding.weight.data)

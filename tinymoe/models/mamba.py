@@ -18,12 +18,11 @@ import numpy as np
 
 from .. import backend
 from ..autograd.grad_mode import no_grad
-from ..autograd.tensor import Tensor
 from ..nn import Embedding, Module, ModuleList, RMSNorm, recompute
 from ..nn import functional as F
 from ..nn.ssm import MambaBlock, S4DBlock
 from .gpt import _sample
-from .last_loss import RemembersLastLoss
+from .lm import RemembersLastLoss, host_ids, ids_on
 
 
 @dataclass
@@ -41,11 +40,6 @@ class MambaConfig:
     block_size: int = 128               # training context length, for the trainer; the
                                         # recurrence itself has no maximum length
     recompute: bool = False             # keep only each layer's input; rerun it in backward
-
-
-def _array(x):
-    """The ndarray behind a Tensor (ids and targets may come as either)."""
-    return x.data if isinstance(x, Tensor) else x
 
 
 class ResidualBlock(Module):
@@ -92,7 +86,7 @@ class MambaLM(RemembersLastLoss, Module):
 
     def forward(self, ids, targets=None):
         """ids (B, L) int -> logits (B, L, V), mean cross-entropy (or None)."""
-        ids = backend.to_device(_array(ids), backend.device_of(self.embedding.weight.data))
+        ids = ids_on(ids, backend.device_of(self.embedding.weight.data))
         if ids.ndim != 2:
             raise ValueError(f"MambaLM: ids must be (B, L), got shape {tuple(ids.shape)}")
         h = self.embedding(ids)                                        # (B, L, d)
@@ -101,7 +95,7 @@ class MambaLM(RemembersLastLoss, Module):
         logits = self._logits(h)
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits, backend.to_device(_array(targets), backend.device_of(logits.data)))
+        loss = F.cross_entropy(logits, ids_on(targets, backend.device_of(logits.data)))
         self._remember_ce(loss)                                        # model.last_ce, for the logs
         return logits, loss
 
@@ -127,9 +121,7 @@ class MambaLM(RemembersLastLoss, Module):
         read token by token into the states, then each new token costs O(1)."""
         if temperature < 0:
             raise ValueError(f"generate: temperature must be >= 0, got {temperature}")
-        ids = np.asarray(backend.to_numpy(_array(ids)), dtype=np.int64)
-        if ids.ndim == 1:
-            ids = ids[None]
+        ids = host_ids(ids)                                                   # (B, L)
         if ids.shape[1] < 1:
             raise ValueError("generate: the prompt needs at least one token")
         xp = backend.array_module(self.embedding.weight.data)

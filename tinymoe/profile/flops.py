@@ -94,7 +94,7 @@ def _matmul(phase, inputs, outputs, params):
 
 def _linear(phase, inputs, outputs, params):
     if phase == "forward":
-        x, w = inputs[0], inputs[1]
+        w = inputs[1]
         bias = len(inputs) > 2 and inputs[2] is not None
         out = outputs[0]
         return 2 * _size(out) * w.shape[1] + (_size(out) if bias else 0)

@@ -145,7 +145,7 @@ class Gelu(Function):
             return 0.5 * x * (1 + np.tanh(u))
         if x.dtype == np.float32:
             return _gelu_cpu().gelu(x)                    # the same formula, one Numba pass
-        return 0.5 * x * (1 + _erf(x / math.sqrt(2)))
+        return gelu_exact(x)
 
     @staticmethod
     def backward(ctx, grad):
@@ -158,9 +158,19 @@ class Gelu(Function):
             return grad * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * c * (1 + 3 * 0.044715 * x * x))
         if x.dtype == np.float32 and grad.dtype == np.float32:
             return _gelu_cpu().gelu_backward(grad, x)
-        cdf = 0.5 * (1 + _erf(x / math.sqrt(2)))
-        pdf = np.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
-        return grad * (cdf + x * pdf)
+        return gelu_exact_backward(grad, x)
+
+
+def gelu_exact(x):
+    """The spec of exact GELU in NumPy: y = x Phi(x), Phi(x) = (1 + erf(x / sqrt 2)) / 2."""
+    return 0.5 * x * (1 + _erf(x / math.sqrt(2)))
+
+
+def gelu_exact_backward(grad, x):
+    """The spec of its backward: dL/dx = grad (Phi(x) + x phi(x)), phi(x) = e^(-x^2/2) / sqrt(2 pi)."""
+    cdf = 0.5 * (1 + _erf(x / math.sqrt(2)))
+    pdf = np.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+    return grad * (cdf + x * pdf)
 
 
 def _erf(x):

@@ -31,7 +31,7 @@ from functools import lru_cache
 import numpy as np
 from numba import cuda, from_dtype
 
-from ..cuda_utils import WARP, shfl_down, shfl_idx, shfl_up, syncwarp
+from ..cuda_utils import WARP, shfl_down, shfl_up, syncwarp
 from ...backend import array_module
 
 # Launch shapes, chosen by benchmarks/bench_scan.py --sweep (see cupy_raw.py). Numba
