@@ -255,8 +255,9 @@ def train(cfg: TrainConfig) -> dict:
             if step % cfg.checkpoint_interval == 0:
                 save()
             bar.update(1)
-            bar.set_postfix(loss=f"{model.last_ce:.3f}", val=f"{val:.3f}" if val else "-",
-                            tok_s=f"{tok_s:,.0f}")
+            if cfg.progress and lead:                                 # reading last_ce waits for a GPU
+                bar.set_postfix(loss=f"{model.last_ce:.3f}", val=f"{val:.3f}" if val else "-",
+                                tok_s=f"{tok_s:,.0f}")
             over = cfg.time_limit is not None and time.time() - start > cfg.time_limit
             if comm is not None:
                 over = ep.rank0_says(over, comm)                      # one clock decides for all
@@ -306,7 +307,6 @@ def _progress(cfg, initial, lead=True):
 
     class _Silent:
         def update(self, n): pass
-        def set_postfix(self, **kw): pass
         def close(self): pass
     return _Silent()
 
