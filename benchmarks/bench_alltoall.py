@@ -8,8 +8,18 @@ On this machine (CPU):
      time inside all-to-alls and the rest, as the experts' hidden size grows.
 On GPUs, one process per GPU (NCCL):
     NCCL_NVLS_ENABLE=0 python -m tinymoe.distributed.launch --nproc 2 benchmarks/bench_alltoall.py gpu
-  3. tinymoe's NCCL all-to-all vs torch.distributed.all_to_all_single, side by side in the
-     same processes, and the expert-parallel split on the GPUs.
+  3. the same all-to-all five ways, in the same processes, each size's rows one after another:
+       nccl             tinymoe's single-buffer path, comm.all_to_all_rows (what AllToAll and the
+                        expert-parallel layer call): checks, one allocation, one NCCL group
+       nccl_list        tinymoe's list path, comm.all_to_all(chunks): W allocations
+       cupy_raw         no tinymoe code: the same NCCL group through CuPy, preallocated buffers,
+                        CuPy's current (legacy default) stream
+       cupy_raw_stream  the same on a non-blocking stream of its own (torch's NCCL has its own)
+       torch            torch.distributed.all_to_all_single, preallocated buffers
+     Every call starts right after a device-level barrier (an NCCL all-reduce, then a device
+     synchronize), so no row pays for the ranks arriving apart; per call: the time to
+     completion (synchronized) and the host time alone (until the call returns, unsynchronized:
+     the Python and library overhead). Then the expert-parallel split on the GPUs.
 Every number is the median of repeated runs, the slowest rank's time, after a warm-up.
 """
 from __future__ import annotations
@@ -64,13 +74,19 @@ class TimedComm:
     def __getattr__(self, name):
         return getattr(self.comm, name)
 
-    def all_to_all(self, *args, **kwargs):
+    def _timed(self, fn, *args, **kwargs):
         sync(self.device)
         start = time.perf_counter()
-        out = self.comm.all_to_all(*args, **kwargs)
+        out = fn(*args, **kwargs)
         sync(self.device)
         self.seconds += time.perf_counter() - start
         return out
+
+    def all_to_all(self, *args, **kwargs):
+        return self._timed(self.comm.all_to_all, *args, **kwargs)
+
+    def all_to_all_rows(self, *args, **kwargs):   # what AllToAll and the EP layer call
+        return self._timed(self.comm.all_to_all_rows, *args, **kwargs)
 
 
 # ---------------------------------------------------------------- 1 + 3: bandwidth
@@ -106,36 +122,124 @@ def memcpy_bandwidth(sizes):
     return rows
 
 
-def torch_bandwidth(rank, world, sizes):
-    """torch.distributed.all_to_all_single (NCCL), the same sizes, in the same processes."""
+# ---------------------------------------------------------------- 3: the GPU rows, one harness
+GPU_SERIES = ("nccl", "nccl_list", "cupy_raw", "cupy_raw_stream", "torch")
+
+
+def gpu_reps(size):
+    return 200 if size <= 4 * 2 ** 20 else 50 if size <= 64 * 2 ** 20 else 20
+
+
+def gpu_time(comm, fn, reps):
+    """fn's time per call (median over reps; each call after a device-level barrier, timed to
+    completion) and its host time per call (until fn returns, no synchronize), the slowest rank's;
+    plus the time per call of reps calls back to back with one synchronize at the end."""
+    import cupy
+    flag = cupy.zeros(1, cupy.float32)
+    dev = cupy.cuda.Device()
+
+    def barrier():  # both GPUs finish one all-reduce, both hosts wait for it
+        comm.all_reduce(flag)
+        dev.synchronize()
+
+    for _ in range(3):  # warm-up: connections, allocator, kernels
+        fn()
+    dev.synchronize()
+    total, host = [], []
+    for _ in range(reps):
+        barrier()
+        t0 = time.perf_counter()
+        fn()
+        t1 = time.perf_counter()
+        dev.synchronize()
+        total.append(time.perf_counter() - t0)
+        host.append(t1 - t0)
+    barrier()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    dev.synchronize()
+    piped = (time.perf_counter() - t0) / reps
+    worst = comm.all_reduce(np.array([np.median(total), np.median(host), piped]), op="max").get()
+    return [float(v) for v in worst]
+
+
+def gpu_bandwidth(comm, sizes):
+    """Each size: the five rows of the module docstring, one after another, float32."""
+    import cupy
+    import torch
+    import torch.distributed as td
+    from cupy.cuda import nccl
+
+    W, raw = comm.world_size, comm.comm                 # raw: CuPy's NcclCommunicator itself
+    own = cupy.cuda.Stream(non_blocking=True)
+    results = {k: [] for k in GPU_SERIES}
+    for size in sizes:
+        n = size // 4                                    # float32 per peer
+        x = cupy.ones(W * n, cupy.float32)               # (W n,): rows for rank 0 | rank 1 | ...
+        y = cupy.empty_like(x)
+        rows = [n] * W
+        chunks = [x[j * n:(j + 1) * n] for j in range(W)]
+        tx = torch.ones(W * n, dtype=torch.float32, device="cuda")
+        ty = torch.empty_like(tx)
+
+        def raw_group(stream):
+            def fn():                                    # no tinymoe code: pointers computed here
+                s, sp, rp = stream.ptr, x.data.ptr, y.data.ptr
+                nccl.groupStart()
+                for p in range(W):
+                    raw.send(sp + p * size, size, nccl.NCCL_UINT8, p, s)
+                    raw.recv(rp + p * size, size, nccl.NCCL_UINT8, p, s)
+                nccl.groupEnd()
+            return fn
+
+        fns = {"nccl": lambda: comm.all_to_all_rows(x, rows, rows),
+               "nccl_list": lambda: comm.all_to_all(chunks, recv_rows=rows),
+               "cupy_raw": raw_group(cupy.cuda.get_current_stream()),
+               "cupy_raw_stream": raw_group(own),
+               "torch": lambda: td.all_to_all_single(ty, tx)}
+        for key, fn in fns.items():
+            t, host, piped = gpu_time(comm, fn, gpu_reps(size))
+            results[key].append({"bytes_per_peer": size, "seconds": t, "GB_per_s": (W - 1) * size / t / 1e9,
+                                 "host_us": 1e6 * host, "pipelined_s": piped})
+        if comm.rank == 0:
+            print(f"  {size:>10} B/peer  " + "  ".join(
+                f"{k} {results[k][-1]['GB_per_s']:.3g} GB/s ({results[k][-1]['host_us']:.0f} us host)"
+                for k in GPU_SERIES), flush=True)
+    if not np.array_equal(comm.all_to_all_rows(cupy.arange(4 * W, dtype=cupy.float32), [4] * W, [4] * W).get()[:4],
+                          np.arange(4 * comm.rank, 4 * comm.rank + 4, dtype=np.float32)):
+        raise AssertionError("all_to_all_rows moved the wrong rows")   # a last sanity check
+    return results
+
+
+def start_torch(rank, world):
+    """torch.distributed over NCCL in the same processes (its own NCCL communicator)."""
     import torch
     import torch.distributed as td
     torch.cuda.set_device(rank % torch.cuda.device_count())
     if not td.is_initialized():
         td.init_process_group("nccl", init_method="tcp://127.0.0.1:29533", rank=rank, world_size=world)
-    rows = []
-    for size in sizes:
-        x = torch.ones(world * size // 4, dtype=torch.float32, device="cuda")
-        y = torch.empty_like(x)
-        td.all_to_all_single(y, x)
-        torch.cuda.synchronize()
-        td.barrier()
-        times, reps = [], 0
-        while reps < 3 or sum(times) < 0.2:
-            start = time.perf_counter()
-            td.all_to_all_single(y, x)
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-            reps += 1
-            flag = torch.tensor([int(reps >= 3 and sum(times) >= 0.2)], device="cuda")
-            td.broadcast(flag, 0)
-            if flag.item():
-                break
-        t = torch.tensor([float(np.median(times))], device="cuda")
-        td.all_reduce(t, op=td.ReduceOp.MAX)
-        rows.append({"bytes_per_peer": size, "seconds": t.item(), "GB_per_s": (world - 1) * size / t.item() / 1e9})
-        progress(rank, "torch", rows[-1])
-    return rows
+    t = torch.ones(1, device="cuda")
+    td.all_reduce(t)                                    # communicator made now, not inside a timing
+    torch.cuda.synchronize()
+
+
+def nccl_versions():
+    """The NCCL each library calls (a different bundled NCCL could explain a gap), and the
+    libnccl files mapped into this process."""
+    import torch
+    from cupy.cuda import nccl
+    maps = set()
+    try:
+        with open("/proc/self/maps") as f:
+            maps = {line.split()[-1] for line in f if "libnccl" in line}
+    except OSError:
+        pass
+    v = torch.cuda.nccl.version()                       # (2, 27, 3) in recent torch
+    c = nccl.get_version()                              # 22703 = 2.27.3
+    return {"cupy_nccl": f"{c // 10000}.{c // 100 % 100}.{c % 100}" if c >= 10000 else str(c),
+            "torch_nccl": ".".join(map(str, v)) if isinstance(v, tuple) else str(v),
+            "libnccl_mapped": sorted(maps)}
 
 
 # ---------------------------------------------------------------- 2: compute vs communication
@@ -158,14 +262,16 @@ def ep_split(comm, device, d_model, d_ffs, tokens, num_experts, dtype):
             out = ep(x)
             (out * out).sum().backward()
 
-        timed_comm.seconds, calls = 0.0, [0]
+        calls = [0]
 
-        def counted():
-            calls[0] += 1
+        def counted():  # timed() calls once to warm up: that call's all-to-all time is not counted
             step()
+            calls[0] += 1
+            if calls[0] == 1:
+                timed_comm.seconds = 0.0
 
         total = timed(comm, counted, device)
-        comm_s = timed_comm.seconds / calls[0]
+        comm_s = timed_comm.seconds / max(calls[0] - 1, 1)
         rows.append({"d_ff": d_ff, "step_s": total, "comm_s": comm_s, "comm_fraction": comm_s / total,
                      "bytes_sent_per_rank": ep.last_stats["bytes_sent"] * 2})   # there and back
         progress(comm.rank, "ep", rows[-1])
@@ -211,16 +317,24 @@ def run_gpu(args):
 
     import tinymoe.distributed as dist
     comm = dist.init("nccl")
-    results = {"nproc": comm.world_size, "device": cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()}
+    start_torch(comm.rank, comm.world_size)
+    results = {"nproc": comm.world_size, "device": cupy.cuda.runtime.getDeviceProperties(0)["name"].decode(),
+               "versions": nccl_versions()}
+    if comm.rank == 0:
+        print(f"NCCL: CuPy {cupy.__version__} calls {results['versions']['cupy_nccl']}, torch calls "
+              f"{results['versions']['torch_nccl']}; mapped: {results['versions']['libnccl_mapped']}", flush=True)
     sections = {
-        "nccl": lambda: bandwidth(comm, GPU_SIZES, "cuda"),
-        "torch": lambda: torch_bandwidth(comm.rank, comm.world_size, GPU_SIZES),
+        "bandwidth": lambda: gpu_bandwidth(comm, GPU_SIZES),
         "ep_nccl": lambda: ep_split(comm, "cuda", d_model=1024, d_ffs=[512, 2048, 8192], tokens=4096,
                                     num_experts=8, dtype=np.float32),
     }
     for name, section in sections.items():  # results are written after each section
         start = time.perf_counter()
-        results[name] = section()
+        out = section()
+        if name == "bandwidth":
+            results.update(out)           # one list of rows per series: results["nccl"], ["torch"], ...
+        else:
+            results[name] = out
         if comm.rank == 0:
             print(f"[{name} done in {time.perf_counter() - start:.0f} s]", flush=True)
             if args.json:
@@ -232,20 +346,36 @@ def run_gpu(args):
             plot(results, args.plots)
 
 
+LABELS = {"memcpy": "one memcpy", "nccl": "tinymoe (one buffer)", "nccl_list": "tinymoe (list)",
+          "cupy_raw": "raw CuPy NCCL", "cupy_raw_stream": "raw CuPy NCCL, own stream", "torch": "torch.distributed"}
+
+
 def report(results):
-    series = [k for k in ("memcpy", "toy", "mpi", "nccl", "torch") if k in results]
+    series = [k for k in ("memcpy", "toy", "mpi") + GPU_SERIES if k in results]
+    short = {"nccl": "1buf", "nccl_list": "list", "cupy_raw": "raw", "cupy_raw_stream": "raw_strm"}
     print(f"all-to-all, {results['nproc']} ranks: GB/s per rank (bytes sent to the others / time)")
-    print("bytes/peer " + "".join(f"{k:>10}" for k in series) + ("   nccl/torch" if "torch" in results else ""))
+    if "versions" in results:
+        print(f"NCCL: CuPy's {results['versions']['cupy_nccl']}, torch's {results['versions']['torch_nccl']}")
+    ratios = ("nccl", "nccl_list", "cupy_raw") if "torch" in results else ()
+    print("bytes/peer " + "".join(f"{short.get(k, k):>10}" for k in series)
+          + "".join(f"{short[k] + '/torch':>14}" for k in ratios))
     for i, row in enumerate(results[series[0]]):
         line = f"{row['bytes_per_peer']:>10} " + "".join(f"{results[k][i]['GB_per_s']:>10.3f}" for k in series)
-        if "torch" in results:
-            line += f"   {results['nccl'][i]['GB_per_s'] / results['torch'][i]['GB_per_s']:>8.2f}x"
+        line += "".join(f"{results[k][i]['GB_per_s'] / results['torch'][i]['GB_per_s']:>13.2f}x" for k in ratios)
         print(line)
-    if "torch" in results:  # the issue's target: at least 0.9x torch where bandwidth matters (>= 1 MiB)
-        ratios = [a["GB_per_s"] / b["GB_per_s"] for a, b in zip(results["nccl"], results["torch"])
-                  if a["bytes_per_peer"] >= 2 ** 20]
-        print(f"nccl/torch at >= 1 MiB per peer: min {min(ratios):.2f}x, median {np.median(ratios):.2f}x "
-              f"(target >= 0.9x): {'met' if min(ratios) >= 0.9 else 'NOT met'}")
+    if "torch" in results:
+        print("\nhost time per call, us (until the call returns, not synchronized), and us per call back to back")
+        print("bytes/peer " + "".join(f"{short.get(k, k) + ' host':>14}" for k in GPU_SERIES)
+              + "".join(f"{short.get(k, k) + ' b2b':>14}" for k in GPU_SERIES))
+        for i, row in enumerate(results["torch"]):
+            print(f"{row['bytes_per_peer']:>10} " + "".join(f"{results[k][i]['host_us']:>14.1f}" for k in GPU_SERIES)
+                  + "".join(f"{1e6 * results[k][i]['pipelined_s']:>14.1f}" for k in GPU_SERIES))
+        # the issue's target: at least 0.9x torch where bandwidth matters (>= 1 MiB per peer)
+        for k in ratios:
+            r = [a["GB_per_s"] / b["GB_per_s"] for a, b in zip(results[k], results["torch"])
+                 if a["bytes_per_peer"] >= 2 ** 20]
+            print(f"{LABELS[k]} / torch at >= 1 MiB per peer: min {min(r):.2f}x, median {np.median(r):.2f}x"
+                  + (f" (target >= 0.9x): {'met' if min(r) >= 0.9 else 'NOT met'}" if k == "nccl" else ""))
     for key in ("ep_toy", "ep_nccl"):
         if key in results:
             print(f"\nexpert-parallel step ({key}): d_ff, step ms, all-to-all ms, communication share")
@@ -260,13 +390,13 @@ def plot(results, folder):
     os.makedirs(folder, exist_ok=True)
     gpu = "nccl" in results
     fig, ax = plt.subplots(1, 2, figsize=(9, 3.4))
-    for k in ("memcpy", "toy", "mpi", "nccl", "torch"):
+    for k in ("memcpy", "toy", "mpi") + GPU_SERIES:
         if k in results:
             ax[0].plot([r["bytes_per_peer"] for r in results[k]], [r["GB_per_s"] for r in results[k]], "o-",
-                       label={"memcpy": "one memcpy", "torch": "torch.distributed"}.get(k, k), ms=3)
+                       label=LABELS.get(k, k), ms=3)
     ax[0].set(xscale="log", yscale="log", xlabel="bytes per peer", ylabel="GB/s per rank",
               title=f"all-to-all, {results['nproc']} ranks" + (f" ({results['device']})" if gpu else " (CPU)"))
-    ax[0].legend()
+    ax[0].legend(fontsize=7)
     ep = results["ep_nccl" if gpu else "ep_toy"]
     d = [str(r["d_ff"]) for r in ep]
     comm_ms = [1e3 * r["comm_s"] for r in ep]

@@ -3,9 +3,12 @@
 #     OUT=/tmp/x2_out bash benchmarks/nccl_2gpu.sh
 # (with CuPy, torch and numba-cuda importable; on the device machine, NumPy < 2.5 first:
 #  see docs/kernels.md, "Running on the GPU machine")
-# 1. the NCCL selftest (launcher, 2 ranks)   2. the GPU tests (NCCL selftest, 2-GPU training == 1 CPU process)
-# 3. bench_alltoall gpu: tinymoe NCCL all-to-all vs torch all_to_all_single, EP step split   -> $OUT
+# 1. the NCCL selftest (launcher, 2 ranks; every check, ZeRO-1 and the single-buffer all-to-all included)
+# 2. bench_alltoall gpu: tinymoe's single-buffer and list all-to-alls, raw CuPy NCCL (own and default
+#    stream) and torch all_to_all_single side by side, host time per call, NCCL versions; EP split -> $OUT
+# 3. the GPU tests (NCCL selftest, the single-buffer path on 2 GPUs, 2-GPU training == 1 CPU process)
 # 4. 20 steps of examples/train_moe_gpt.py --expert-parallel --backend nccl                  -> $OUT/train_*
+# (the bench runs second so that the measurement comes back even if a later step runs long)
 # Every step runs under `timeout` (GNU timeout signals the whole process group: no orphaned ranks);
 # a failed step does not stop the next one. Exit code: the number of failed steps.
 set -uo pipefail
@@ -29,7 +32,7 @@ step() {  # step NAME LIMIT_S command...: under timeout (capped by the time left
   local t0=$SECONDS
   timeout -k 5 "$limit" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
-  tail -n 30 "$OUT/$name.log"
+  tail -n "${TAIL:-30}" "$OUT/$name.log"
   echo "== $name: exit $rc in $((SECONDS - t0)) s"
   SUMMARY+="$name: exit $rc ($((SECONDS - t0)) s)$([ $rc = 124 ] && echo ', TIMED OUT')"$'\n'
   (( rc != 0 )) && FAILED=$((FAILED + 1))
@@ -50,7 +53,10 @@ PY"
 
 step selftest 60 "$PY" -m tinymoe.distributed.launch --nproc 2 -m tinymoe.distributed.selftest --backend nccl
 
-step gpu_tests 120 "$PY" -m pytest -q -p no:cacheprovider -m gpu -rs \
+TAIL=48 step bench 150 "$PY" -m tinymoe.distributed.launch --nproc 2 --timeout 120 \
+    benchmarks/bench_alltoall.py gpu --json "$OUT/a2a_gpu.json" --plots "$OUT"
+
+step gpu_tests 150 "$PY" -m pytest -q -p no:cacheprovider -m gpu -rs \
     tests/test_distributed_nccl.py tests/test_train_distributed.py
 
 step train 100 bash -c "rm -rf runs/moe-gpt-example && \
@@ -58,9 +64,6 @@ step train 100 bash -c "rm -rf runs/moe-gpt-example && \
         --expert-parallel --backend nccl --steps 20 && \
     for f in log.jsonl config.json sample.txt loss.png expert_load.png; do \
         cp runs/moe-gpt-example/\$f $OUT/train_\$f; done"
-
-step bench 150 "$PY" -m tinymoe.distributed.launch --nproc 2 --timeout 120 \
-    benchmarks/bench_alltoall.py gpu --json "$OUT/a2a_gpu.json" --plots "$OUT"
 
 echo "== summary (${SECONDS} s)"
 printf '%s' "$SUMMARY"

@@ -20,9 +20,29 @@ def test_nccl_selftest_one_process_per_gpu():
                           "tinymoe.distributed.selftest", "--backend", "nccl"],
                          capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert out.returncode == 0, out.stdout + out.stderr
-    for check in ("check_all_to_all", "check_large_messages", "check_all_reduce", "check_broadcast", "check_all_to_all_grad",
-                  "check_expert_parallel", "check_data_parallel"):
+    for check in ("check_all_to_all", "check_all_to_all_rows", "check_large_messages", "check_all_reduce",
+                  "check_broadcast", "check_all_to_all_grad", "check_expert_parallel", "check_data_parallel",
+                  "check_zero"):
         assert f"selftest nccl x{nproc}: {check} ok" in out.stdout, out.stdout
+
+
+@pytest.mark.gpu
+def test_nccl_all_to_all_rows_on_two_gpus():
+    """The single-buffer path (one grouped send/recv on pointer offsets into x and y) equals the
+    list path on 2 GPUs, with uneven, zero and all-empty row counts and a strided input; the
+    expert-parallel layer, which uses it, equals one process."""
+    import cupy
+
+    if cupy.cuda.runtime.getDeviceCount() < 2:
+        pytest.skip("needs 2 GPUs")
+    env = dict(os.environ, NCCL_NVLS_ENABLE="0")
+    out = subprocess.run([sys.executable, "-m", "tinymoe.distributed.launch", "--nproc", "2", "-m",
+                          "tinymoe.distributed.selftest", "--backend", "nccl",
+                          "--only", "check_all_to_all_rows,check_all_to_all_grad,check_expert_parallel"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    for check in ("check_all_to_all_rows", "check_all_to_all_grad", "check_expert_parallel"):
+        assert f"selftest nccl x2: {check} ok" in out.stdout, out.stdout
 
 
 def test_nccl_without_cupy_says_which_extra(monkeypatch):

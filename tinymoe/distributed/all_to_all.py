@@ -8,22 +8,16 @@ output stacks the rows received, grouped by source rank (`recv_rows[i]` from ran
 Backward: every output row is a copy of one input row on some rank, so dL/dx is
 dL/dy sent back where each row came from: the same all-to-all with the roles of
 send_rows and recv_rows swapped (the reverse all-to-all).
+
+Both directions are one `comm.all_to_all_rows` call: the buffer travels as it is, its
+chunks addressed by row offsets (no split into arrays, no concatenate afterwards).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from tinymoe.autograd import Function, Tensor
-from tinymoe.backend import array_module, to_numpy
-
-
-def _split(x, rows):
-    """x (sum(rows), ...) -> [x[0:rows[0]], x[rows[0]:rows[0]+rows[1]], ...]"""
-    return array_module(x).split(x, np.cumsum(rows)[:-1].tolist())
-
-
-def _stack(chunks):
-    return array_module(chunks[0]).concatenate(chunks)
+from tinymoe.backend import to_numpy
 
 
 class AllToAll(Function):
@@ -32,20 +26,19 @@ class AllToAll(Function):
     @staticmethod
     def forward(ctx, x, comm=None, send_rows=None, recv_rows=None):
         ctx.comm, ctx.send_rows, ctx.recv_rows = comm, send_rows, recv_rows
-        return _stack(comm.all_to_all(_split(x, send_rows), recv_rows=recv_rows))
+        return comm.all_to_all_rows(x, send_rows, recv_rows)                  # (sum recv_rows, ...)
 
     @staticmethod
     def backward(ctx, grad):
-        back = ctx.comm.all_to_all(_split(grad, ctx.recv_rows), recv_rows=ctx.send_rows)
-        return _stack(back)
+        return ctx.comm.all_to_all_rows(grad, ctx.recv_rows, ctx.send_rows)   # (sum send_rows, ...)
 
 
 def exchange_counts(comm, send_rows) -> np.ndarray:
     """Step one of every all-to-all: tell each rank how many rows it will get from us.
     send_rows (world,) int -> recv_rows (world,) int64, recv_rows[i] = rows rank i sends us."""
-    send_rows = np.asarray(send_rows, np.int64)
-    got = comm.all_to_all([send_rows[j:j + 1] for j in range(comm.world_size)], recv_rows=[1] * comm.world_size)
-    return np.concatenate([to_numpy(g).reshape(1) for g in got]).astype(np.int64)
+    send_rows = np.asarray(send_rows, np.int64)                               # (W,): one row per rank
+    ones = [1] * comm.world_size
+    return to_numpy(comm.all_to_all_rows(send_rows, ones, ones)).astype(np.int64)
 
 
 def all_to_all(x: Tensor, send_rows, comm=None, recv_rows=None):

@@ -10,6 +10,20 @@ Expert parallelism needs one collective above all, the all-to-all:
 Chunk j of rank i goes to rank j, where it becomes chunk i: a transpose of the
 (sender, receiver) grid. Chunks may differ in their first dimension (uneven splits,
 zero rows included) but share dtype and trailing shape.
+
+Two forms of the same collective:
+
+    all_to_all(chunks)                       a list of W arrays in, a list of W arrays out
+    all_to_all_rows(x, send_rows, recv_rows) one buffer in, one buffer out (what real
+                                             systems do: torch's all_to_all_single, MPI's
+                                             Alltoallv): chunk j is the row range
+                                             x[off_j : off_j + send_rows[j]], received
+                                             chunk i lands in y's i-th row range
+
+The list form is the picture above; the buffer form is the fast one (one allocation, no
+concatenate, chunks addressed by offsets), and the one AllToAll and the expert-parallel
+layer use. The base class implements the buffer form through the list form, so every
+backend has both; NCCL and MPI override it.
 """
 from __future__ import annotations
 
@@ -42,6 +56,26 @@ class Communicator:
         when the caller already knows it (the expert-parallel layer exchanges counts
         first); backends that need it (MPI, NCCL) skip their own counts exchange."""
         raise NotImplementedError
+
+    def all_to_all_rows(self, x, send_rows: Sequence[int], recv_rows: Sequence[int] | None = None):
+        """The all-to-all on one buffer: x (sum(send_rows), ...) -> y (sum(recv_rows), ...).
+
+        x's rows are grouped by destination: the first send_rows[0] go to rank 0, the next
+        send_rows[1] to rank 1, ... y's rows are grouped by source: recv_rows[i] rows from
+        rank i, in rank order. send_rows / recv_rows are host integers (lists or NumPy
+        arrays). Without recv_rows, the counts are exchanged first.
+
+        This generic version goes through the list form (split x into views, all_to_all,
+        concatenate); NCCL and MPI move the rows straight between the two buffers."""
+        send_rows, recv_rows = self._check_rows(x, send_rows, recv_rows)
+        xp = array_module(x)
+        chunks = xp.split(x, np.cumsum(send_rows)[:-1].tolist())     # views, not copies
+        got = self.all_to_all(chunks, recv_rows=recv_rows)
+        y = xp.concatenate(got)
+        if recv_rows is not None and y.shape[0] != sum(recv_rows):
+            raise ValueError(f"{self.backend} all_to_all: recv_rows says {sum(recv_rows)} rows in all, but "
+                             f"{y.shape[0]} arrived ({[c.shape[0] for c in got]} per rank) on rank {self.rank}")
+        return y
 
     def all_reduce(self, array, op: str = "sum"):
         """Every rank gets op(array of rank 0, ..., array of rank world_size-1), identical bits."""
@@ -90,6 +124,31 @@ class Communicator:
                                  "first dimension")
         return chunks
 
+    def _check_rows(self, x, send_rows, recv_rows=None) -> tuple[list, list | None]:
+        """all_to_all_rows' arguments are valid (the list form's checks, on counts): one count
+        per rank, counts that add up to x's rows, none negative, and what this rank sends
+        itself is what it expects from itself. Returns both as lists of Python ints."""
+        name, W = f"{self.backend} all_to_all", self.world_size
+        if not hasattr(x, "shape") or x.ndim == 0:
+            raise TypeError(f"{name}: x must be an array with at least one dimension, got {x!r:.60}")
+        send_rows = send_rows.tolist() if hasattr(send_rows, "tolist") else [int(n) for n in send_rows]
+        if len(send_rows) != W:
+            raise ValueError(f"{name}: send_rows has {len(send_rows)} entries but the world has {W} ranks "
+                             f"(rank {self.rank}); give exactly one count (possibly 0) per rank")
+        if sum(send_rows) != x.shape[0] or min(send_rows) < 0:
+            raise ValueError(f"{name}: send_rows {send_rows} add up to {sum(send_rows)} rows but x has shape "
+                             f"{x.shape}" + (" (negative counts)" if min(send_rows) < 0 else ""))
+        if recv_rows is not None:
+            recv_rows = recv_rows.tolist() if hasattr(recv_rows, "tolist") else [int(n) for n in recv_rows]
+            if len(recv_rows) != W:
+                raise ValueError(f"{name}: recv_rows has {len(recv_rows)} entries, expected {W}")
+            if min(recv_rows) < 0:
+                raise ValueError(f"{name}: recv_rows {recv_rows} has negative counts")
+            if recv_rows[self.rank] != send_rows[self.rank]:
+                raise ValueError(f"{name}: rank {self.rank} sends itself {send_rows[self.rank]} rows but "
+                                 f"recv_rows says {recv_rows[self.rank]}")
+        return send_rows, recv_rows
+
     def _count_sent(self, chunks) -> None:
         self.bytes_sent += sum(int(c.nbytes) for j, c in enumerate(chunks) if j != self.rank)
 
@@ -125,6 +184,10 @@ class SingleProcess(Communicator):
 
     def all_to_all(self, send_chunks, recv_rows=None):
         return [c.copy() for c in self._check_chunks(send_chunks, recv_rows)]
+
+    def all_to_all_rows(self, x, send_rows, recv_rows=None):
+        self._check_rows(x, send_rows, recv_rows)
+        return x.copy()
 
     def all_reduce(self, array, op="sum"):
         self._check_op(op, "single all_reduce")

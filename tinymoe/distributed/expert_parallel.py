@@ -11,7 +11,8 @@ routes its own tokens with the full gate, then
     return     all-to-all back            each row goes home, in its original place
     combine    out[t] = sum_j weights[t, j] ys[slot (t, j)]
 
-The all-to-alls are `AllToAll` Functions, so backward runs the same path in reverse.
+Every all-to-all is one `comm.all_to_all_rows` call on one buffer (counts included); the
+payload ones are `AllToAll` Functions, so backward runs the same path in reverse.
 With the same weights and inputs, each rank's output and gradients equal those of the
 single-process MoELayer on that rank's tokens; the experts' gradients are the sums over
 all ranks' tokens (see data_parallel.py for the 1/W of a mean loss).
@@ -93,8 +94,9 @@ class ExpertParallelMoE(Module):
 
         # counts first: rows for each expert, sent to the expert's owner
         counts = to_numpy(plan.counts).astype(np.int64).reshape(W, E_local)    # (W, E_local)
-        got = self.comm.all_to_all(list(counts), recv_rows=[E_local] * W)
-        recv_counts = np.stack([to_numpy(c) for c in got]).astype(np.int64)    # (W, E_local)
+        per_rank = [1] * W                                                     # one row of E_local counts per rank
+        got = self.comm.all_to_all_rows(counts, per_rank, per_rank)            # (W, E_local), one buffer
+        recv_counts = to_numpy(got).astype(np.int64)                           # (W, E_local)
         send_rows, recv_rows = counts.sum(1), recv_counts.sum(1)               # (W,), (W,)
 
         # then the payload: our rows to their experts' ranks, their rows to ours

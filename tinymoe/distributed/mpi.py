@@ -12,6 +12,9 @@ with a count and a displacement (offset) per destination, exactly the picture
 Counts are in bytes (MPI.BYTE), so one code path serves every dtype. A receiver must
 know its counts before the data arrive: unless the caller passes `recv_rows`, the
 row counts go first, in a small Alltoall.
+
+`all_to_all_rows(x, send_rows, recv_rows)` is that picture with no chunks at all: x is
+the send buffer, y (allocated once) the receive buffer.
 """
 from __future__ import annotations
 
@@ -39,22 +42,37 @@ class MPICommunicator(Communicator):
         chunks = self._check_chunks(send_chunks, recv_rows)
         device = device_of(chunks[0])
         host = [np.ascontiguousarray(to_numpy(c)) for c in chunks]  # this MPI is not CUDA-aware
-        row_shape, dtype = host[0].shape[1:], host[0].dtype
-        row_bytes = dtype.itemsize * int(np.prod(row_shape, dtype=np.int64))
         send_rows = np.array([c.shape[0] for c in host], np.int64)
+        sendbuf = np.concatenate(host) if len(host) > 1 else host[0]
+        recv_rows, recvbuf = self._alltoallv(sendbuf, send_rows, recv_rows)
+        self._count_sent(host)
+        pieces = np.split(recvbuf, np.cumsum(recv_rows)[:-1])
+        return [to_device(p, device) for p in pieces]
+
+    def all_to_all_rows(self, x, send_rows, recv_rows=None):
+        send_rows, recv_rows = self._check_rows(x, send_rows, recv_rows)
+        sendbuf = np.ascontiguousarray(to_numpy(x))                 # this MPI is not CUDA-aware
+        send_rows = np.array(send_rows, np.int64)
+        _, recvbuf = self._alltoallv(sendbuf, send_rows, recv_rows)
+        row_bytes = sendbuf.itemsize * int(np.prod(sendbuf.shape[1:], dtype=np.int64))
+        self.bytes_sent += int(send_rows.sum() - send_rows[self.rank]) * row_bytes
+        return to_device(recvbuf, device_of(x))
+
+    def _alltoallv(self, sendbuf, send_rows, recv_rows):
+        """One Alltoallv of whole rows from one flat buffer into a new one: counts first
+        (a small Alltoall) unless recv_rows is known, then the payload, in bytes."""
+        row_shape, dtype = sendbuf.shape[1:], sendbuf.dtype
+        row_bytes = dtype.itemsize * int(np.prod(row_shape, dtype=np.int64))
         if recv_rows is None:  # counts first ...
             recv_rows = np.empty_like(send_rows)
             self.comm.Alltoall(send_rows, recv_rows)
         recv_rows = np.asarray(recv_rows, np.int64)
         # ... then the payload
-        sendbuf = np.concatenate(host) if len(host) > 1 else host[0]
         recvbuf = np.empty((int(recv_rows.sum()), *row_shape), dtype)
         send_bytes, recv_bytes = send_rows * row_bytes, recv_rows * row_bytes
         self.comm.Alltoallv([sendbuf, (send_bytes, _exclusive_cumsum(send_bytes)), MPI.BYTE],
                             [recvbuf, (recv_bytes, _exclusive_cumsum(recv_bytes)), MPI.BYTE])
-        self._count_sent(host)
-        pieces = np.split(recvbuf, np.cumsum(recv_rows)[:-1])
-        return [to_device(p, device) for p in pieces]
+        return recv_rows, recvbuf
 
     def all_reduce(self, array, op="sum"):
         self._check_op(op, "mpi all_reduce")

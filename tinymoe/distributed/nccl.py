@@ -6,10 +6,20 @@ ncclGroupStart and ncclGroupEnd (the same thing torch.distributed.all_to_all doe
 The processes meet first through a host communicator (the toy launcher or MPI), which
 carries rank 0's NCCL unique id to everybody.
 
+`all_to_all_rows(x, send_rows, recv_rows)`, the form AllToAll and the expert-parallel
+layer use, is that group on two flat buffers, as torch's all_to_all_single:
+
+    x: [ rows for rank 0 | rows for rank 1 | ... ]   send(x.ptr + offset_j, bytes_j, peer j)
+    y: [ rows from rank 0 | rows from rank 1 | ... ]  recv(y.ptr + offset_i, bytes_i, peer i)
+
+y is allocated once; no chunk arrays, no concatenate. An input that already is a
+C-contiguous CuPy array on this rank's GPU is used as it is.
+
 Keep NVLink multicast off on shared machines: export NCCL_NVLS_ENABLE=0.
 """
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -40,6 +50,7 @@ class NCCLCommunicator(Communicator):
         self.device = cp.cuda.Device(local_rank % cp.cuda.runtime.getDeviceCount())
         self.device.use()
         self.comm = nccl.NcclCommunicator(self.world_size, self._shared_unique_id(), self.rank)
+        self._cp, self._device_id = cp, self.device.id   # looked up once, not per call
 
     def _shared_unique_id(self):
         """Rank 0's NCCL id (128 bytes), sent to everybody through the host communicator.
@@ -54,39 +65,82 @@ class NCCLCommunicator(Communicator):
         return raw[:128].tobytes() if raw[128] else tuple(raw[:128].view(np.int8).tolist())
 
     def _stream(self):
-        return cupy().cuda.get_current_stream().ptr
+        return self._cp.cuda.get_current_stream().ptr
+
+    def _on_device(self, x):
+        """x as a C-contiguous CuPy array on this rank's GPU; no work (no copy, no call into
+        CuPy) when it already is one, the usual case."""
+        cp = self._cp
+        if isinstance(x, cp.ndarray) and x.flags.c_contiguous:
+            if x.data.device_id != self._device_id:
+                raise ValueError(f"nccl all_to_all: rank {self.rank} runs on GPU {self._device_id} but got an "
+                                 f"array on GPU {x.data.device_id}")
+            return x
+        with self.device:
+            return cp.ascontiguousarray(cp.asarray(x))
 
     def _exchange(self, sends, recvs) -> None:
         """One grouped round of point-to-point messages: sends[j] to rank j, recvs[i] from rank i
         (raw bytes: NCCL_UINT8 with count = nbytes, so every dtype goes the same way).
         The rank's own chunk goes through the group too (a send to itself), so that its copy
         runs concurrently with the transfers instead of after them."""
-        stream = self._stream()
+        comm, stream, u8 = self.comm, self._stream(), nccl.NCCL_UINT8
         nccl.groupStart()
         for peer in range(self.world_size):
             if sends[peer].nbytes:
-                self.comm.send(sends[peer].data.ptr, sends[peer].nbytes, nccl.NCCL_UINT8, peer, stream)
+                comm.send(sends[peer].data.ptr, sends[peer].nbytes, u8, peer, stream)
             if recvs[peer].nbytes:
-                self.comm.recv(recvs[peer].data.ptr, recvs[peer].nbytes, nccl.NCCL_UINT8, peer, stream)
+                comm.recv(recvs[peer].data.ptr, recvs[peer].nbytes, u8, peer, stream)
         nccl.groupEnd()
 
+    def _exchange_rows(self, send_ptr, send_rows, recv_ptr, recv_rows, row_bytes) -> None:
+        """The same group between two flat buffers: rows [off_j, off_j + send_rows[j]) of the
+        send buffer go to rank j, rows from rank i land at [off_i, off_i + recv_rows[i]) of the
+        receive buffer; offsets are pointer arithmetic, no arrays are made."""
+        comm, stream, u8 = self.comm, self._stream(), nccl.NCCL_UINT8
+        nccl.groupStart()
+        for peer in range(self.world_size):
+            n = send_rows[peer] * row_bytes
+            if n:
+                comm.send(send_ptr, n, u8, peer, stream)
+                send_ptr += n
+            n = recv_rows[peer] * row_bytes
+            if n:
+                comm.recv(recv_ptr, n, u8, peer, stream)
+                recv_ptr += n
+        nccl.groupEnd()
+
+    def _exchange_counts(self, send_rows: list) -> list:
+        """Counts first: one int64 per peer, then the host reads them (it allocates with them)."""
+        cp, W = self._cp, self.world_size
+        sent = cp.asarray(np.array(send_rows, np.int64))   # (W,)
+        got = cp.empty(W, cp.int64)                          # (W,)
+        self._exchange_rows(sent.data.ptr, [1] * W, got.data.ptr, [1] * W, 8)
+        return got.get().tolist()
+
     def all_to_all(self, send_chunks, recv_rows=None):
-        cp = cupy()
-        chunks = [cp.ascontiguousarray(to_device(c, "cuda")) for c in self._check_chunks(send_chunks, recv_rows)]
+        chunks = [self._on_device(c) for c in self._check_chunks(send_chunks, recv_rows)]
         row_shape, dtype = chunks[0].shape[1:], chunks[0].dtype
-        if recv_rows is None:  # counts first (one int64 per peer), then the payload
-            send_rows = cp.asarray(np.array([c.shape[0] for c in chunks], np.int64))   # (W,)
-            got = cp.empty(self.world_size, cp.int64)                                  # (W,)
-            self._exchange([send_rows[j:j + 1] for j in range(self.world_size)],
-                           [got[i:i + 1] for i in range(self.world_size)])
-            recv_rows = got.get()  # the host needs the sizes to allocate
+        if recv_rows is None:  # counts first, then the payload
+            recv_rows = self._exchange_counts([c.shape[0] for c in chunks])
         elif int(recv_rows[self.rank]) != chunks[self.rank].shape[0]:
             raise ValueError(f"nccl all_to_all: rank {self.rank} sends itself {chunks[self.rank].shape[0]} rows "
                              f"but recv_rows says {int(recv_rows[self.rank])}")
-        recv = [cp.empty((int(n), *row_shape), dtype) for n in recv_rows]
+        recv = [self._cp.empty((int(n), *row_shape), dtype) for n in recv_rows]
         self._exchange(chunks, recv)
         self._count_sent(chunks)
         return recv
+
+    def all_to_all_rows(self, x, send_rows, recv_rows=None):
+        x = self._on_device(x)                                             # (sum send_rows, ...)
+        send_rows, recv_rows = self._check_rows(x, send_rows, recv_rows)   # lists of ints
+        if recv_rows is None:
+            recv_rows = self._exchange_counts(send_rows)
+        row_bytes = x.itemsize * math.prod(x.shape[1:])
+        y = self._cp.empty((sum(recv_rows), *x.shape[1:]), x.dtype)       # (sum recv_rows, ...), once
+        self._exchange_rows(x.data.ptr, send_rows, y.data.ptr, recv_rows, row_bytes)
+        self.bytes_sent += (x.shape[0] - send_rows[self.rank]) * row_bytes
+        return y
 
     def all_reduce(self, array, op="sum"):
         self._check_op(op, "nccl all_reduce")

@@ -39,6 +39,44 @@ def check_all_to_all(comm, seed=0, device="cpu"):
         assert all(np.array_equal(to_numpy(a), to_numpy(b)) for a, b in zip(again, recv))
 
 
+def check_all_to_all_rows(comm, seed=0, device="cpu"):
+    """all_to_all_rows (one buffer in, one out) == the list all_to_all, concatenated: uneven
+    and zero row counts, a world whose chunks are all empty, recv_rows given or exchanged,
+    a strided (non-contiguous) input, and the same bytes_sent; bad counts raise."""
+    W, r = comm.world_size, comm.rank
+    cases = [((3,), np.float32, seed), ((), np.int64, seed + 1), ((2, 5), np.float64, seed + 2)]
+    for row_shape, dtype, s in cases:
+        send = [to_device(_chunk(s, r, j, row_shape, dtype), device) for j in range(W)]
+        rows = [_chunk(s, i, r, row_shape, dtype).shape[0] for i in range(W)]
+        want = np.concatenate([to_numpy(c) for c in comm.all_to_all(send)])
+        x = to_device(np.concatenate([to_numpy(c) for c in send]), device)
+        send_rows = [c.shape[0] for c in send]
+        before = comm.bytes_sent
+        for got in (comm.all_to_all_rows(x, send_rows, rows), comm.all_to_all_rows(x, np.array(send_rows)),
+                    comm.all_to_all_rows(to_device(np.repeat(to_numpy(x), 2, axis=0), device)[::2], send_rows, rows)):
+            got = to_numpy(got)
+            assert got.dtype == want.dtype and got.shape == want.shape, \
+                f"rank {r}: all_to_all_rows gave {got.dtype} {got.shape}, expected {want.dtype} {want.shape}"
+            assert np.array_equal(got, want), f"rank {r}: all_to_all_rows differs from the list all_to_all"
+        sent = sum(c.nbytes for j, c in enumerate(send) if j != r)
+        assert comm.bytes_sent - before == 3 * sent, f"rank {r}: bytes_sent grew by {comm.bytes_sent - before}"
+        if comm.backend == "nccl":  # a contiguous CuPy array on the rank's GPU is used as it is
+            assert comm._on_device(x) is x, "nccl: a contiguous CuPy input was copied"
+    empty = to_device(np.zeros((0, 4), np.float32), device)                  # nobody sends anything
+    got = comm.all_to_all_rows(empty, [0] * W, [0] * W)
+    assert got.shape == (0, 4) and got.dtype == np.float32, f"rank {r}: empty exchange gave {got.shape}"
+    assert to_numpy(comm.all_to_all_rows(empty, [0] * W)).shape == (0, 4)
+    for bad, match in [(([1] * W, None), "add up to"), (([0] * (W + 1), None), "send_rows has"),
+                       (([0] * W, [0] * (W + 1)), "recv_rows has"),
+                       (([0] * W, [1 if i == r else 0 for i in range(W)]), "sends itself")]:
+        try:
+            comm.all_to_all_rows(empty, *bad)
+        except ValueError as e:
+            assert match in str(e), f"rank {r}: wrong error for {bad}: {e}"
+        else:
+            raise AssertionError(f"rank {r}: all_to_all_rows{bad} did not raise")
+
+
 def check_large_messages(comm, device="cpu"):
     """Arrays past the toy backend's eager limit (through its mailboxes): mixed sizes, the
     mailbox growing, two all-to-alls back to back (the second must wait for "read")."""
@@ -206,8 +244,8 @@ def check_zero(comm, steps=3, device="cpu"):
     return {n: to_numpy(p.data).copy() for n, p in model.named_parameters()}, opt.state_bytes, opt.total
 
 
-CHECKS = [check_all_to_all, check_large_messages, check_all_reduce, check_broadcast, check_all_to_all_grad, check_expert_parallel,
-          check_data_parallel, check_zero]
+CHECKS = [check_all_to_all, check_all_to_all_rows, check_large_messages, check_all_reduce, check_broadcast,
+          check_all_to_all_grad, check_expert_parallel, check_data_parallel, check_zero]
 
 
 def main(argv=None):
@@ -215,10 +253,14 @@ def main(argv=None):
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--backend", default=None, help="toy, mpi or nccl (default: from the launcher)")
+    p.add_argument("--only", default=None, help="comma-separated check names (default: every check)")
     a = p.parse_args(argv)
+    checks = CHECKS if not a.only else [c for c in CHECKS if c.__name__ in a.only.split(",")]
+    if a.only and len(checks) != len(a.only.split(",")):
+        p.error(f"--only: unknown check in {a.only!r}; the checks are {[c.__name__ for c in CHECKS]}")
     comm = dist.init(a.backend)
     device = "cuda" if comm.backend == "nccl" else "cpu"
-    for check in CHECKS:
+    for check in checks:
         check(comm, device=device)
         comm.barrier()
         if comm.rank == 0:
