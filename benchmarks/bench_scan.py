@@ -3,7 +3,9 @@
     python benchmarks/bench_scan.py [--batch 8 --d-inner 1536 --L 2048 --N 16] [--sweep]
 
 All in one run, float32, Mamba's options (D, delta_bias, delta_softplus; no z):
-- tinymoe `cupy` (CUDA C RawKernel) and `numba_cuda`, forward and forward+backward;
+- tinymoe `cupy` (CUDA C RawKernel) and `numba_cuda`, forward and forward+backward, as
+  training runs them: the forward keeps each tile's starting state, the backward starts
+  from them (the backward alone, recomputing them, is timed too);
 - tinymoe `reference` on CuPy (a Python loop over L, one set of CuPy ops per step);
 - PyTorch: the same sequential loop in eager mode (autograd for the backward);
 - JAX: `lax.associative_scan` over (a_t, b_t) pairs, jitted (jax.vjp for the backward).
@@ -157,11 +159,13 @@ def main():
     rows = []
     ref_out = reference.selective_scan_fwd(u, delta, A, B, C, D, None, bias, True)
     for name, mod in (("cupy", cupy_raw), ("numba_cuda", numba_cuda)):
-        out = mod.selective_scan_fwd(u, delta, A, B, C, **kw)
+        out, states = mod.selective_scan_fwd(u, delta, A, B, C, **kw, return_states=True)
         err = float(cp.linalg.norm(out - ref_out) / cp.linalg.norm(ref_out))
-        f_ms = gpu_ms(lambda: mod.selective_scan_fwd(u, delta, A, B, C, **kw))
-        b_ms = gpu_ms(lambda: mod.selective_scan_bwd(dout, u, delta, A, B, C, **kw))
+        f_ms = gpu_ms(lambda: mod.selective_scan_fwd(u, delta, A, B, C, **kw, return_states=True))
+        b_ms = gpu_ms(lambda: mod.selective_scan_bwd(dout, u, delta, A, B, C, **kw, states=states))
+        alone_ms = gpu_ms(lambda: mod.selective_scan_bwd(dout, u, delta, A, B, C, **kw))
         rows.append((f"tinymoe {name}", f_ms, f_ms + b_ms, b_ms, err))
+        rows.append((f"  {name} bwd recomputing the states", nan, nan, alone_ms, nan))
     if a.sweep:  # other launch shapes of the CUDA C kernels (nchunk shrinks to fit 48 KB)
         for items, warps, nchunk, mb in FWD_SWEEP:
             cfg = dict(items=items, warps=warps, nchunk=nchunk, min_blocks=mb)
@@ -169,7 +173,10 @@ def main():
             rows.append((f"  cupy fwd {items}/{warps}/{nchunk}/{mb}", f_ms, nan, nan, nan))
         for items, warps, nchunk, mb in BWD_SWEEP:
             cfg = dict(items=items, warps=warps, nchunk=nchunk, min_blocks=mb)
-            b_ms = gpu_ms(lambda: cupy_raw.selective_scan_bwd(dout, u, delta, A, B, C, config=cfg, **kw))
+            _, st = cupy_raw.selective_scan_fwd(u, delta, A, B, C, config=dict(items=items), **kw,
+                                     return_states=True)
+            b_ms = gpu_ms(lambda: cupy_raw.selective_scan_bwd(dout, u, delta, A, B, C, config=cfg, **kw,
+                                                            states=st))
             rows.append((f"  cupy bwd {items}/{warps}/{nchunk}/{mb}", nan, nan, b_ms, nan))
         for items, warps, nchunk, mb in NUMBA_FWD_SWEEP:
             cfg = dict(items=items, warps=warps, nchunk=nchunk, min_blocks=mb)
@@ -177,7 +184,10 @@ def main():
             rows.append((f"  numba fwd {items}/{warps}/{nchunk}/{mb}", f_ms, nan, nan, nan))
         for items, warps, nchunk, mb in NUMBA_BWD_SWEEP:
             cfg = dict(items=items, warps=warps, nchunk=nchunk, min_blocks=mb)
-            b_ms = gpu_ms(lambda: numba_cuda.selective_scan_bwd(dout, u, delta, A, B, C, config=cfg, **kw))
+            _, st = numba_cuda.selective_scan_fwd(u, delta, A, B, C, config=dict(items=items), **kw,
+                                     return_states=True)
+            b_ms = gpu_ms(lambda: numba_cuda.selective_scan_bwd(dout, u, delta, A, B, C, config=cfg, **kw,
+                                                            states=st))
             rows.append((f"  numba bwd {items}/{warps}/{nchunk}/{mb}", nan, nan, b_ms, nan))
     if not a.skip_baselines:
         f_ms = gpu_ms(lambda: reference.selective_scan_fwd(u, delta, A, B, C, D, None, bias, True),

@@ -45,11 +45,12 @@ def check_against_reference(module, shape, opts, softplus, seed, config, dtype, 
         else tinymoe.backend.cupy()
     ref_in = make_inputs(*shape, opts, softplus, seed)
     args = make_inputs(*shape, opts, softplus, seed, xp=xp, dtype=dtype)
-    out = module.selective_scan_fwd(*args[1:], delta_softplus=softplus, config=config)
+    out, states = module.selective_scan_fwd(*args[1:], delta_softplus=softplus, config=config,
+                                            return_states=True)
     want = reference.selective_scan_fwd(*ref_in[1:], delta_softplus=softplus)
     np.testing.assert_allclose(tinymoe.backend.to_numpy(out), want, rtol=rtol, atol=rtol,
                                err_msg=f"out {shape} {opts}")
-    got = module.selective_scan_bwd(*args, delta_softplus=softplus, config=config)
+    got = module.selective_scan_bwd(*args, delta_softplus=softplus, config=config, states=states)
     want = reference.selective_scan_bwd(*ref_in, delta_softplus=softplus)
     for name, g, w in zip(NAMES, got, want):
         if w is None:
@@ -127,6 +128,25 @@ def test_gpu_scan_backward_is_deterministic(impl):
         again = module.selective_scan_bwd(*args, delta_softplus=True)
         for name, g, h in zip(NAMES, first, again):
             assert bool((g == h).all()), f"{impl}: {name} changed between runs"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["numba_cuda", "cupy"])
+def test_gpu_backward_without_the_forwards_states_recomputes_them(impl):
+    """The backward from the forward's tile-start states, from none, and from states of
+    another tiling (ignored, recomputed): the same bits."""
+    module = _gpu_module(impl)
+    args = make_inputs(2, 20, 1100, 16, "Dzb", True, 5, xp=tinymoe.backend.cupy(),
+                       dtype=np.float32)
+    _, states = module.selective_scan_fwd(*args[1:], delta_softplus=True, return_states=True)
+    _, other = module.selective_scan_fwd(*args[1:], delta_softplus=True, return_states=True,
+                                         config=dict(items=4, warps=4, nchunk=4))
+    assert states.hs.shape == (2, 20, 5, 16) and other.items == 4
+    want = module.selective_scan_bwd(*args, delta_softplus=True, states=states)
+    for given in (None, other):
+        got = module.selective_scan_bwd(*args, delta_softplus=True, states=given)
+        for name, g, w in zip(NAMES, got, want):
+            assert bool((g == w).all()), f"{impl}: {name} differs with states={given}"
 
 
 @pytest.mark.gpu

@@ -2,7 +2,9 @@
 
     out = selective_scan_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                              delta_softplus=False, impl=None)
-    du, ddelta, dA, dB, dC, dD, dz, ddelta_bias = selective_scan_bwd(dout, u, ...)
+    out, states = selective_scan_fwd(..., return_states=True)      # for a backward
+    du, ddelta, dA, dB, dC, dD, dz, ddelta_bias = selective_scan_bwd(dout, u, ...,
+                                                                     states=states)
     out = selective_state_update(state, x, dt, A, B, C, ...)   # one step, in place
 
 u, delta, z, out: (batch, d_inner, L); A: (d_inner, N); B, C: (batch, N, L);
@@ -24,6 +26,8 @@ IMPLS = {
     "numba_cuda": "tinymoe.kernels.selective_scan.numba_cuda",
     "cupy": "tinymoe.kernels.selective_scan.cupy_raw",
 }
+# Impls whose forward can hand its backward the states at tile starts (return_states=).
+STATEFUL = {IMPLS["numba_cuda"], IMPLS["cupy"]}
 # What impl=None tries on each device, fastest first (the first that imports wins).
 DEFAULT_IMPLS = {"cpu": ("numba", "reference"), "cuda": ("cupy", "reference")}
 
@@ -81,22 +85,34 @@ def check_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softp
 
 
 def selective_scan_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None,
-                       delta_softplus=False, impl=None):
-    """out (batch, d_inner, L) = the selective scan of u (see the module docstring)."""
+                       delta_softplus=False, impl=None, return_states=False):
+    """out (batch, d_inner, L) = the selective scan of u (see the module docstring).
+
+    return_states: (out, states), where states is what this impl's backward can start
+    from instead of recomputing (the GPU kernels: each tile's starting state), or None."""
     check_inputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    return _impl(impl, u).selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias,
-                                             delta_softplus)
+    module = _impl(impl, u)
+    args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    if not return_states:
+        return module.selective_scan_fwd(*args)
+    if module.__name__ in STATEFUL:
+        return module.selective_scan_fwd(*args, return_states=True)
+    return module.selective_scan_fwd(*args), None
 
 
 def selective_scan_bwd(dout, u, delta, A, B, C, D=None, z=None, delta_bias=None,
-                       delta_softplus=False, impl=None):
-    """(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias), None for inputs that are None."""
+                       delta_softplus=False, impl=None, states=None):
+    """(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias), None for inputs that are None.
+    states: the forward's (return_states), if any."""
     check_inputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     if _shape(dout) != _shape(u):
         raise ValueError(f"selective_scan: dout {_shape(dout)} must have the shape of u "
                          f"{_shape(u)}")
-    return _impl(impl, u).selective_scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias,
-                                             delta_softplus)
+    module = _impl(impl, u)
+    args = (dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    if module.__name__ in STATEFUL:
+        return module.selective_scan_bwd(*args, states=states)
+    return module.selective_scan_bwd(*args)
 
 
 def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None,
@@ -120,5 +136,5 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None,
     return step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
 
 
-__all__ = ["IMPLS", "DEFAULT_IMPLS", "check_inputs", "selective_scan_fwd",
+__all__ = ["IMPLS", "STATEFUL", "DEFAULT_IMPLS", "check_inputs", "selective_scan_fwd",
            "selective_scan_bwd", "selective_state_update"]

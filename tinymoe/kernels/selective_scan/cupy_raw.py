@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from ...backend import cupy
-from .numba_cuda import SMEM_LIMIT, _prepare, _sums, fit_config, smem_bytes
+from .common import TileStates, sum_partials, tile_count
+from .numba_cuda import SMEM_LIMIT, _prepare, fit_config, smem_bytes
 
 SOURCE = Path(__file__).with_name("selective_scan.cu")
 WARP = 32
@@ -34,7 +35,7 @@ def nvcc_options(dtype, items, warps, nchunk, min_blocks=1):
 @lru_cache(maxsize=None)
 def _module(dtype, items, warps, nchunk, min_blocks):
     cp = cupy()
-    return cp.RawModule(code=SOURCE.read_text(), options=("--std=c++17",) +
+    return cp.RawModule(code=SOURCE.read_text(), options=("--std=c++17", "-lineinfo") +
                         nvcc_options(dtype, items, warps, nchunk, min_blocks))
 
 
@@ -52,47 +53,49 @@ def _flags(D, z, delta_bias, delta_softplus):
 
 
 def selective_scan_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None,
-                       delta_softplus=False, config=None):
-    """out (batch, d_inner, L); CuPy arrays in and out."""
+                       delta_softplus=False, config=None, return_states=False):
+    """out (batch, d_inner, L); with return_states, (out, TileStates) for the backward.
+    CuPy arrays in and out."""
     xp, dtype, arrs = _prepare(u, delta, A, B, C, D, z, delta_bias)
     cfg = fit_config(config, FWD_CONFIG, A.shape[1], np.dtype(dtype).itemsize, False, SMEM_OPT_IN)
     batch, d_inner, L = u.shape
     N = A.shape[1]
     out = xp.empty((batch, d_inner, L), dtype)
-    if out.size == 0:
-        return out
-    grid = ((d_inner + cfg["warps"] - 1) // cfg["warps"], batch)
-    smem = smem_bytes(cfg, N, np.dtype(dtype).itemsize, False)
-    _launch("selective_scan_fwd", cfg, dtype, grid, smem,
-            (*arrs, out, np.int32(d_inner), np.int32(L), np.int32(N),
-             *_flags(D, z, delta_bias, delta_softplus)))
-    return out
+    hs = xp.empty((batch, d_inner, tile_count(L, cfg["items"]), N), dtype) if return_states else out
+    if out.size:
+        grid = ((d_inner + cfg["warps"] - 1) // cfg["warps"], batch)
+        smem = smem_bytes(cfg, N, np.dtype(dtype).itemsize, False)
+        _launch("selective_scan_fwd", cfg, dtype, grid, smem,
+                (*arrs, out, hs, np.int32(d_inner), np.int32(L), np.int32(N),
+                 *_flags(D, z, delta_bias, delta_softplus), np.bool_(return_states)))
+    return (out, TileStates(cfg["items"], hs)) if return_states else out
 
 
 def selective_scan_bwd(dout, u, delta, A, B, C, D=None, z=None, delta_bias=None,
-                       delta_softplus=False, config=None):
-    """(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias); None for absent inputs."""
+                       delta_softplus=False, config=None, states=None):
+    """(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias); None for absent inputs. `states`:
+    the forward's TileStates; without them (or for another tiling) a forward makes them."""
     xp, dtype, arrs = _prepare(u, delta, A, B, C, D, z, delta_bias)
     if dout.shape != u.shape:
         raise ValueError(f"selective_scan_bwd: dout {dout.shape} must match u {u.shape}")
     cfg = fit_config(config, BWD_CONFIG, A.shape[1], np.dtype(dtype).itemsize, True, SMEM_OPT_IN)
+    if states is None or states.items != cfg["items"]:
+        _, states = selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                       dict(FWD_CONFIG, items=cfg["items"]), return_states=True)
     batch, d_inner, L = u.shape
     N = A.shape[1]
-    tile = WARP * cfg["items"]
     blocks = (d_inner + cfg["warps"] - 1) // cfg["warps"]
-    hs = xp.empty((batch, d_inner, max(1, (L + tile - 1) // tile), N), dtype)  # tile-start h
     du, ddelta = xp.empty_like(arrs[0]), xp.empty_like(arrs[0])
     dz = xp.empty_like(arrs[0]) if z is not None else arrs[6]
-    dB_part = xp.empty((batch, blocks, N, L), dtype)  # every entry written when L > 0
-    dC_part = xp.empty((batch, blocks, N, L), dtype)
+    dBC_part = xp.empty((2, batch, blocks, N, L), dtype)  # every entry written when L > 0
     dA_part = xp.zeros((batch, d_inner, N), dtype)
     dD_part = xp.zeros((batch, d_inner), dtype)
     dbias_part = xp.zeros((batch, d_inner), dtype)
     if u.size:
         smem = smem_bytes(cfg, N, np.dtype(dtype).itemsize, True)
         _launch("selective_scan_bwd", cfg, dtype, (blocks, batch), smem,
-                (xp.ascontiguousarray(dout, dtype=dtype), *arrs, hs, du, ddelta, dz,
-                 dB_part, dC_part, dA_part, dD_part, dbias_part,
+                (xp.ascontiguousarray(dout, dtype=dtype), *arrs, states.hs, du, ddelta, dz,
+                 dBC_part[0], dBC_part[1], dA_part, dD_part, dbias_part,
                  np.int32(d_inner), np.int32(L), np.int32(N),
                  *_flags(D, z, delta_bias, delta_softplus)))
-    return _sums(du, ddelta, dA_part, dB_part, dC_part, dD_part, dz, dbias_part, D, z, delta_bias)
+    return sum_partials(du, ddelta, dA_part, dBC_part, dD_part, dz, dbias_part, D, z, delta_bias)

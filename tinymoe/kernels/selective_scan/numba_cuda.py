@@ -14,11 +14,12 @@ Work split (docs/kernels.md draws it):
   rounds) composes the maps of the lanes before it, and a second pass over its items
   gives every h_t; the last lane's state carries into the next tile.
 Nothing of size (batch, d_inner, L, N) is ever written. The backward recomputes the
-states: a forward pass stores only each tile's starting state, then tiles are walked
-backwards with a reverse scan for dL/dh.
+states: the forward stores only each tile's starting state (when asked: TileStates in
+common.py), then the backward walks the tiles last to first, recomputing each tile's
+states from its start, with a reverse scan for dL/dh.
 
 Determinism: dB and dC sum over d. Each block adds its warps in a fixed order in shared
-memory and writes one partial per block; the wrapper sums the partials with xp.sum.
+memory and writes one partial per block; the wrapper sums the partials in block order.
 dA, dD, d delta_bias are summed per row by a fixed shuffle tree, then over batch by xp.sum.
 No float atomics anywhere, so results are identical run to run.
 """
@@ -33,6 +34,7 @@ from numba import cuda, from_dtype
 
 from ..cuda_utils import WARP, shfl_down, shfl_up, syncwarp
 from ...backend import array_module
+from .common import TileStates, sum_partials, tile_count
 
 # Launch shapes, chosen by benchmarks/bench_scan.py --sweep (see cupy_raw.py). Numba
 # cannot opt in above 48 KB of shared memory: the backward runs 8 warps per block
@@ -145,7 +147,8 @@ def _kernels(np_dtype, items, warps, nchunk, min_blocks=1, has_z=False):
             dt[i] = x
 
     @cuda.jit(fastmath=True, **bounds)
-    def fwd(u, delta, A, B, C, D, z, delta_bias, out, has_D, has_z, has_bias, use_softplus):
+    def fwd(u, delta, A, B, C, D, z, delta_bias, out, hs, has_D, has_z, has_bias, use_softplus,
+            save_states):
         b = cuda.blockIdx.y
         w = cuda.threadIdx.x // WARP
         lane = cuda.threadIdx.x % WARP
@@ -169,6 +172,11 @@ def _kernels(np_dtype, items, warps, nchunk, min_blocks=1, has_z=False):
             sm[arow + n] = A[d, n]
         Dd = D[d] if has_D else ZERO
         for t0 in range(0, L, TILE):
+            if save_states:  # the state entering this tile: the backward starts from it
+                syncwarp()
+                for n in range(lane, N, WARP):
+                    if valid:
+                        hs[b, d, t0 // TILE, n] = sm[car + n]
             stage_in(u, b, d, valid, t0, L, sm, stg, lane, uu)
             stage_in(delta, b, d, valid, t0, L, sm, stg, lane, dt)
             prepare_delta(dt, d, valid, t0, L, lane, delta_bias, has_bias, use_softplus)
@@ -208,9 +216,9 @@ def _kernels(np_dtype, items, warps, nchunk, min_blocks=1, has_z=False):
     @cuda.jit(fastmath=True, **bounds)
     def bwd(dout, u, delta, A, B, C, D, z, delta_bias, hs, du, ddelta, dz,
             dB_part, dC_part, dA_part, dD_part, dbias_part, has_D, has_bias, use_softplus):
-        """Per row, registers hold per step: delta_t, delta_t u_t, dy_t, the sums over
-        states S_t = sum_n g_t[n] B_t[n] and E_t = sum_n g_t[n] h_{t-1}[n] A_n a_t[n]
-        (then du_t = delta_t S_t + D dy_t, d delta_t = (u_t S_t + E_t) softplus'), and per
+        """hs[b, d, tile, n]: the state entering each tile, from the forward. Per row,
+        registers hold per step: delta_t, delta_t u_t, dy_t, the sums over states
+        S_t = sum_n g_t[n] B_t[n] and E_t = sum_n g_t[n] h_{t-1}[n] A_n a_t[n] (then du_t = delta_t S_t + D dy_t, d delta_t = (u_t S_t + E_t) softplus'), and per
         state a_t, h_t. has_z is a compile-time constant: without z, y is not recomputed."""
         b = cuda.blockIdx.y
         w = cuda.threadIdx.x // WARP
@@ -225,8 +233,8 @@ def _kernels(np_dtype, items, warps, nchunk, min_blocks=1, has_z=False):
         sm = cuda.shared.array(0, T)
         red = 2 * nchunk * ROW  # (2 buffers, 2, warps, ROW): dB, dC terms; also staging
         stg = red + w * ROW
-        car = red + 4 * warps * ROW + w * N  # carried h[n] (phase 1); tile-start h[n] (phase 2)
-        gca = car + warps * N  # carried a_t dL/dh_t[n] (phase 2)
+        car = red + 4 * warps * ROW + w * N  # the tile's starting h[n]
+        gca = car + warps * N  # carried a_t dL/dh_t[n]
         dAs = gca + warps * N  # dA[n] of this row
         arow = dAs + warps * N  # this row's A[d, :], read once
         dt = cuda.local.array(items, T)
@@ -238,46 +246,13 @@ def _kernels(np_dtype, items, warps, nchunk, min_blocks=1, has_z=False):
         h = cuda.local.array(items, T)
         y = cuda.local.array(items if has_z else 1, T)
         for n in range(lane, N, WARP):
-            sm[car + n] = ZERO
             sm[gca + n] = ZERO
             sm[dAs + n] = ZERO
             sm[arow + n] = A[d, n]
         Dd = D[d] if has_D else ZERO
 
-        # Phase 1: the forward recurrence, keeping only each tile's starting state.
-        for tile in range(ntiles):
-            t0 = tile * TILE
-            syncwarp()
-            for n in range(lane, N, WARP):
-                if valid:
-                    hs[b, d, tile, n] = sm[car + n]
-            if tile == ntiles - 1:
-                break  # the last tile's end state is never needed
-            stage_in(u, b, d, valid, t0, L, sm, stg, lane, dtu)
-            stage_in(delta, b, d, valid, t0, L, sm, stg, lane, dt)
-            prepare_delta(dt, d, valid, t0, L, lane, delta_bias, has_bias, use_softplus)
-            for i in range(items):
-                dtu[i] *= dt[i]
-            for n0 in range(0, N, nchunk):
-                nc = min(nchunk, N - n0)
-                load_bc(B, C, b, n0, nc, t0, L, sm, False)
-                for k in range(nc):
-                    An = sm[arow + n0 + k]
-                    bs = k * ROW + lane * (items + 1)
-                    h_carry = sm[car + n0 + k]
-                    P, Q = ONE, ZERO
-                    for i in range(items):
-                        ai = math.exp(dt[i] * An)
-                        Q = ai * Q + dtu[i] * sm[bs + i]
-                        P = P * ai
-                    if lane == 0:
-                        Q += P * h_carry
-                    h_end = scan_up(P, Q, lane)
-                    if lane == WARP - 1:
-                        sm[car + n0 + k] = h_end
-
-        # Phase 2: tiles last to first; per state, recompute h_t, then reverse-scan
-        # g_t = dL/dh_t = C_t dy_t + a_{t+1} g_{t+1}.
+        # Tiles last to first; per state, recompute h_t from the tile's starting state, then
+        # reverse-scan g_t = dL/dh_t = C_t dy_t + a_{t+1} g_{t+1}.
         dD_acc = ZERO
         dbias_acc = ZERO
         for tile in range(ntiles - 1, -1, -1):
@@ -288,7 +263,7 @@ def _kernels(np_dtype, items, warps, nchunk, min_blocks=1, has_z=False):
             stage_in(dout, b, d, valid, t0, L, sm, stg, lane, dy)
             if has_z:
                 stage_in(z, b, d, valid, t0, L, sm, stg, lane, a)
-            for n in range(lane, N, WARP):  # this tile's starting states, from phase 1
+            for n in range(lane, N, WARP):  # this tile's starting states, from the forward
                 sm[car + n] = hs[b, d, tile, n] if valid else ZERO
             syncwarp()
             for i in range(items):
@@ -444,55 +419,50 @@ def smem_bytes(cfg, N, itemsize, bwd):
 
 
 def selective_scan_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None,
-                       delta_softplus=False, config=None):
-    """out (batch, d_inner, L); see the module docstring."""
+                       delta_softplus=False, config=None, return_states=False):
+    """out (batch, d_inner, L); with return_states, (out, TileStates) for the backward."""
     xp, dtype, arrs = _prepare(u, delta, A, B, C, D, z, delta_bias)
     cfg = fit_config(config, FWD_CONFIG, A.shape[1], np.dtype(dtype).itemsize, False)
     fwd, _ = _kernels(np.dtype(dtype).str, cfg["items"], cfg["warps"], cfg["nchunk"],
                       cfg.get("min_blocks", 1))
     batch, d_inner, L = u.shape
+    N = A.shape[1]
     out = xp.empty((batch, d_inner, L), dtype)
-    if out.size == 0:
-        return out
-    grid = ((d_inner + cfg["warps"] - 1) // cfg["warps"], batch)
-    fwd[grid, cfg["warps"] * WARP, 0, smem_bytes(cfg, A.shape[1], np.dtype(dtype).itemsize, False)](
-        *arrs, out, D is not None, z is not None, delta_bias is not None, bool(delta_softplus))
-    return out
+    hs = xp.empty((batch, d_inner, tile_count(L, cfg["items"]), N), dtype) if return_states \
+        else xp.empty((1, 1, 1, 1), dtype)  # a placeholder the kernel never writes
+    if out.size:
+        grid = ((d_inner + cfg["warps"] - 1) // cfg["warps"], batch)
+        fwd[grid, cfg["warps"] * WARP, 0, smem_bytes(cfg, N, np.dtype(dtype).itemsize, False)](
+            *arrs, out, hs, D is not None, z is not None, delta_bias is not None,
+            bool(delta_softplus), bool(return_states))
+    return (out, TileStates(cfg["items"], hs)) if return_states else out
 
 
 def selective_scan_bwd(dout, u, delta, A, B, C, D=None, z=None, delta_bias=None,
-                       delta_softplus=False, config=None):
-    """(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias); None for absent inputs."""
+                       delta_softplus=False, config=None, states=None):
+    """(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias); None for absent inputs. `states`:
+    the forward's TileStates; without them (or for another tiling) a forward makes them."""
     xp, dtype, arrs = _prepare(u, delta, A, B, C, D, z, delta_bias)
     if dout.shape != u.shape:
         raise ValueError(f"selective_scan_bwd: dout {dout.shape} must match u {u.shape}")
     cfg = fit_config(config, BWD_CONFIG, A.shape[1], np.dtype(dtype).itemsize, True)
+    if states is None or states.items != cfg["items"]:
+        _, states = selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                       dict(FWD_CONFIG, items=cfg["items"]), return_states=True)
     _, bwd = _kernels(np.dtype(dtype).str, cfg["items"], cfg["warps"], cfg["nchunk"],
                       cfg.get("min_blocks", 1), z is not None)
     batch, d_inner, L = u.shape
     N = A.shape[1]
-    tile = WARP * cfg["items"]
     blocks = (d_inner + cfg["warps"] - 1) // cfg["warps"]
-    hs = xp.empty((batch, d_inner, max(1, (L + tile - 1) // tile), N), dtype)  # tile-start states
     du, ddelta = xp.empty_like(arrs[0]), xp.empty_like(arrs[0])
     dz = xp.empty_like(arrs[0]) if z is not None else arrs[6]
-    dB_part = xp.empty((batch, blocks, N, L), dtype)
-    dC_part = xp.empty((batch, blocks, N, L), dtype)
+    dBC_part = xp.empty((2, batch, blocks, N, L), dtype)  # every entry written when L > 0
     dA_part = xp.zeros((batch, d_inner, N), dtype)
     dD_part = xp.zeros((batch, d_inner), dtype)
     dbias_part = xp.zeros((batch, d_inner), dtype)
-    if u.size == 0:
-        return _sums(du, ddelta, dA_part, dB_part, dC_part, dD_part, dz, dbias_part, D, z, delta_bias)
-    bwd[(blocks, batch), cfg["warps"] * WARP, 0, smem_bytes(cfg, N, np.dtype(dtype).itemsize, True)](
-        xp.ascontiguousarray(dout, dtype=dtype), *arrs, hs, du, ddelta, dz,
-        dB_part, dC_part, dA_part, dD_part, dbias_part,
-        D is not None, delta_bias is not None, bool(delta_softplus))
-    return _sums(du, ddelta, dA_part, dB_part, dC_part, dD_part, dz, dbias_part, D, z, delta_bias)
-
-
-def _sums(du, ddelta, dA_part, dB_part, dC_part, dD_part, dz, dbias_part, D, z, delta_bias):
-    """Per-row and per-block partials summed in a fixed order (over batch, over blocks)."""
-    return (du, ddelta, dA_part.sum(axis=0), dB_part.sum(axis=1), dC_part.sum(axis=1),
-            dD_part.sum(axis=0) if D is not None else None,
-            dz if z is not None else None,
-            dbias_part.sum(axis=0) if delta_bias is not None else None)
+    if u.size:
+        bwd[(blocks, batch), cfg["warps"] * WARP, 0, smem_bytes(cfg, N, np.dtype(dtype).itemsize, True)](
+            xp.ascontiguousarray(dout, dtype=dtype), *arrs, states.hs, du, ddelta, dz,
+            dBC_part[0], dBC_part[1], dA_part, dD_part, dbias_part,
+            D is not None, delta_bias is not None, bool(delta_softplus))
+    return sum_partials(du, ddelta, dA_part, dBC_part, dD_part, dz, dbias_part, D, z, delta_bias)

@@ -138,8 +138,8 @@ selective_scan_fwd(const scalar_t* __restrict__ u, const scalar_t* __restrict__ 
                    const scalar_t* __restrict__ A, const scalar_t* __restrict__ B,
                    const scalar_t* __restrict__ C, const scalar_t* __restrict__ D,
                    const scalar_t* __restrict__ z, const scalar_t* __restrict__ delta_bias,
-                   scalar_t* __restrict__ out, int d_inner, int L, int N, bool has_D,
-                   bool has_z, bool has_bias, bool softplus) {
+                   scalar_t* __restrict__ out, scalar_t* __restrict__ hs, int d_inner, int L,
+                   int N, bool has_D, bool has_z, bool has_bias, bool softplus, bool save_states) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     scalar_t* sm = reinterpret_cast<scalar_t*>(smem_raw);
     const int b = blockIdx.y, w = threadIdx.x / WARP, lane = threadIdx.x % WARP;
@@ -149,6 +149,7 @@ selective_scan_fwd(const scalar_t* __restrict__ u, const scalar_t* __restrict__ 
     const long row = ((long)b * d_inner + d) * L;
     const scalar_t* Bb = B + (long)b * N * L;
     const scalar_t* Cb = C + (long)b * N * L;
+    scalar_t* hs_row = hs + ((long)b * d_inner + d) * ((L + TILE - 1) / TILE) * N;
     scalar_t* stg = sm + 2 * NCHUNK * ROW + w * ROW;            // this warp's staging row
     scalar_t* car = sm + 2 * NCHUNK * ROW + WARPS * ROW + w * N;  // carried h[n]
     scalar_t* arow = car + WARPS * N;                             // this row's A[d, :] log2(e)
@@ -157,6 +158,11 @@ selective_scan_fwd(const scalar_t* __restrict__ u, const scalar_t* __restrict__ 
     const scalar_t Dd = has_D ? D[d] : scalar_t(0);
     const scalar_t bias = has_bias ? delta_bias[d] : scalar_t(0);
     for (int t0 = 0; t0 < L; t0 += TILE) {
+        if (save_states) {  // the state entering this tile: the backward starts from it
+            __syncwarp();
+            for (int n = lane; n < N; n += WARP)
+                if (valid) hs_row[(long)(t0 / TILE) * N + n] = car[n];
+        }
         stage_in(u + row, valid, t0, L, stg, lane, uu);
         stage_in(delta + row, valid, t0, L, stg, lane, dt);
         prepare_delta(dt, valid, t0, L, lane, bias, softplus);
@@ -203,7 +209,9 @@ selective_scan_fwd(const scalar_t* __restrict__ u, const scalar_t* __restrict__ 
 }
 
 // The backward, for one value of has_z (a compile-time constant: without z, y is never
-// recomputed). Per row, registers hold per step: delta_t, delta_t u_t, dy_t, the sums over
+// recomputed). hs holds the state entering every tile, written by the forward
+// (save_states): tiles are walked last to first, each recomputing its states from hs.
+// Per row, registers hold per step: delta_t, delta_t u_t, dy_t, the sums over
 // states S_t = sum_n g_t[n] B_t[n] and E_t = sum_n g_t[n] h_{t-1}[n] A_n a_t[n] (then
 // du_t = delta_t S_t + D dy_t, d delta_t = (u_t S_t + E_t) softplus'), and per state a_t, h_t.
 template <bool HAS_Z>
@@ -212,7 +220,7 @@ __device__ __forceinline__ void scan_bwd(
     const scalar_t* __restrict__ delta, const scalar_t* __restrict__ A,
     const scalar_t* __restrict__ B, const scalar_t* __restrict__ C,
     const scalar_t* __restrict__ D, const scalar_t* __restrict__ z,
-    const scalar_t* __restrict__ delta_bias, scalar_t* __restrict__ hs,
+    const scalar_t* __restrict__ delta_bias, const scalar_t* __restrict__ hs,
     scalar_t* __restrict__ du, scalar_t* __restrict__ ddelta, scalar_t* __restrict__ dz,
     scalar_t* __restrict__ dB_part, scalar_t* __restrict__ dC_part,
     scalar_t* __restrict__ dA_part, scalar_t* __restrict__ dD_part,
@@ -228,54 +236,21 @@ __device__ __forceinline__ void scan_bwd(
     const scalar_t* Cb = C + (long)b * N * L;
     scalar_t* red = sm + 2 * NCHUNK * ROW;  // (2 buffers, 2, WARPS, ROW): dB, dC terms; staging
     scalar_t* stg = red + w * ROW;
-    scalar_t* car = red + 4 * WARPS * ROW + w * N;  // carried h[n] (phase 1); tile-start h (phase 2)
-    scalar_t* gca = car + WARPS * N;                // carried a_{t+1} g_{t+1}[n] (phase 2)
+    scalar_t* car = red + 4 * WARPS * ROW + w * N;  // the tile's starting h[n]
+    scalar_t* gca = car + WARPS * N;                // carried a_{t+1} g_{t+1}[n]
     scalar_t* dAs = gca + WARPS * N;                // dA[n] of this row
     scalar_t* arow = dAs + WARPS * N;               // this row's A[d, :] log2(e)
-    scalar_t* hs_row = hs + ((long)b * d_inner + d) * ntiles * N;
+    const scalar_t* hs_row = hs + ((long)b * d_inner + d) * ntiles * N;
     scalar_t dt[ITEMS], dtu[ITEMS], dy[ITEMS], S[ITEMS], E[ITEMS], a[ITEMS], h[ITEMS],
         y[HAS_Z ? ITEMS : 1];
     for (int n = lane; n < N; n += WARP) {
-        car[n] = 0; gca[n] = 0; dAs[n] = 0; arow[n] = A[(long)d * N + n] * scalar_t(LOG2E);
+        gca[n] = 0; dAs[n] = 0; arow[n] = A[(long)d * N + n] * scalar_t(LOG2E);
     }
     const scalar_t Dd = has_D ? D[d] : scalar_t(0);
     const scalar_t bias = has_bias ? delta_bias[d] : scalar_t(0);
 
-    // Phase 1: the forward recurrence, keeping only each tile's starting state.
-    for (int tile = 0; tile < ntiles; ++tile) {
-        const int t0 = tile * TILE;
-        __syncwarp();
-        for (int n = lane; n < N; n += WARP)
-            if (valid) hs_row[(long)tile * N + n] = car[n];
-        if (tile == ntiles - 1) break;  // the last tile's end state is never needed
-        stage_in(u + row, valid, t0, L, stg, lane, dtu);
-        stage_in(delta + row, valid, t0, L, stg, lane, dt);
-        prepare_delta(dt, valid, t0, L, lane, bias, softplus);
-#pragma unroll
-        for (int i = 0; i < ITEMS; ++i) dtu[i] *= dt[i];
-        for (int n0 = 0; n0 < N; n0 += NCHUNK) {
-            const int nc = min(NCHUNK, N - n0);
-            load_bc(Bb, Cb, n0, nc, t0, L, sm, false);
-            for (int k = 0; k < nc; ++k) {
-                const scalar_t An2 = arow[n0 + k];
-                const scalar_t* Bs = sm + k * ROW + lane * (ITEMS + 1);
-                const scalar_t h_carry = car[n0 + k];
-                scalar_t P = 1, Q = 0;
-#pragma unroll
-                for (int i = 0; i < ITEMS; ++i) {
-                    const scalar_t ai = fexp2(dt[i] * An2);
-                    Q = ai * Q + dtu[i] * Bs[i];
-                    P = P * ai;
-                }
-                if (lane == 0) Q += P * h_carry;
-                const scalar_t h_end = scan_up(P, Q, lane);
-                if (lane == WARP - 1) car[n0 + k] = h_end;
-            }
-        }
-    }
-
-    // Phase 2: tiles last to first; per state, recompute h_t, then reverse-scan
-    // g_t = dL/dh_t = C_t dy_t + a_{t+1} g_{t+1}.
+    // Tiles last to first; per state, recompute h_t from the tile's starting state, then
+    // reverse-scan g_t = dL/dh_t = C_t dy_t + a_{t+1} g_{t+1}.
     scalar_t dD_acc = 0, dbias_acc = 0;
     for (int tile = ntiles - 1; tile >= 0; --tile) {
         const int t0 = tile * TILE;
@@ -284,7 +259,7 @@ __device__ __forceinline__ void scan_bwd(
         prepare_delta(dt, valid, t0, L, lane, bias, softplus);
         stage_in(dout + row, valid, t0, L, stg, lane, dy);
         if (HAS_Z) stage_in(z + row, valid, t0, L, stg, lane, a);
-        for (int n = lane; n < N; n += WARP)  // this tile's starting states, from phase 1
+        for (int n = lane; n < N; n += WARP)  // this tile's starting states, from the forward
             car[n] = valid ? hs_row[(long)tile * N + n] : scalar_t(0);
         __syncwarp();
 #pragma unroll
@@ -407,7 +382,7 @@ selective_scan_bwd(const scalar_t* __restrict__ dout, const scalar_t* __restrict
                    const scalar_t* __restrict__ delta, const scalar_t* __restrict__ A,
                    const scalar_t* __restrict__ B, const scalar_t* __restrict__ C,
                    const scalar_t* __restrict__ D, const scalar_t* __restrict__ z,
-                   const scalar_t* __restrict__ delta_bias, scalar_t* __restrict__ hs,
+                   const scalar_t* __restrict__ delta_bias, const scalar_t* __restrict__ hs,
                    scalar_t* __restrict__ du, scalar_t* __restrict__ ddelta,
                    scalar_t* __restrict__ dz, scalar_t* __restrict__ dB_part,
                    scalar_t* __restrict__ dC_part, scalar_t* __restrict__ dA_part,

@@ -2,12 +2,14 @@
 
 The forward and the backward are the kernels of tinymoe/kernels/selective_scan/
 (reference loop, associative scan, Numba CPU, GPU kernels); this file only connects
-them to autograd. Nothing of size (batch, d_inner, L, N) is saved: backward
-recomputes the states from the inputs.
+them to autograd. Nothing of size (batch, d_inner, L, N) is saved: the backward
+recomputes the states from the inputs (the GPU kernels from the state at the start of
+every tile of 256 steps, which their forward keeps: 1/256 of the states).
 """
 from __future__ import annotations
 
 from ...autograd.function import Function
+from ...autograd.grad_mode import is_grad_enabled
 from ...kernels import selective_scan as kernels
 
 
@@ -22,15 +24,20 @@ class SelectiveScan(Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D=None, z=None, delta_bias=None,
                 delta_softplus=False, impl=None):
-        out = kernels.selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias,
-                                         delta_softplus, impl)
-        ctx.save(u, delta, A, B, C, D, z, delta_bias)            # inputs only
+        if not (is_grad_enabled() and any(ctx.needs_input_grad)):   # no backward will come
+            return kernels.selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias,
+                                              delta_softplus, impl)
+        out, states = kernels.selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias,
+                                                 delta_softplus, impl, return_states=True)
+        ctx.save(u, delta, A, B, C, D, z, delta_bias, states)    # inputs; tile-start states or None
         ctx.delta_softplus, ctx.impl = delta_softplus, impl
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        grads = kernels.selective_scan_bwd(dout, *ctx.saved, ctx.delta_softplus, ctx.impl)
+        *inputs, states = ctx.saved
+        grads = kernels.selective_scan_bwd(dout, *inputs, ctx.delta_softplus, ctx.impl,
+                                           states=states)
         return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad))
 
 

@@ -1,0 +1,67 @@
+"""What the two GPU scan twins (numba_cuda.py, cupy_raw.py) share on the host side.
+
+TileStates: the forward can write the state entering every tile of L (a (batch, d_inner,
+ntiles, N) array, 1 / (32 items) the size of the (batch, d_inner, L, N) states): the
+backward then starts each tile from it instead of running the recurrence forward again.
+
+Partials: the backward writes per-block partials of dB and dC (each block sums its own rows) and
+per-row partials of dA, dD and d delta_bias; no float atomics. Here they are summed over
+blocks and over batch, always in the same order, so results are identical run to run.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import NamedTuple
+
+from ...backend import array_module, cupy
+
+
+class TileStates(NamedTuple):
+    """h entering each tile of 32 * items steps: hs[b, d, tile, n]. `items` says which
+    tiling they belong to; a backward with another tiling recomputes its own."""
+    items: int
+    hs: object  # (batch, d_inner, ntiles, N) array
+
+
+def tile_count(L, items):
+    """Tiles of 32 * items steps covering L (at least one, so that arrays are never empty)."""
+    return max(1, -(-L // (32 * items)))
+
+
+@lru_cache(maxsize=None)
+def _block_sum_kernel():
+    # out[g, r] = sum_k part[g, k, r], k in order; one thread per output, reads coalesced over r
+    return cupy().ElementwiseKernel(
+        "raw T part, int64 blocks, int64 inner", "T out",
+        """const long long g = i / inner, r = i % inner;
+           T acc = 0;
+           for (long long k = 0; k < blocks; ++k) acc += part[(g * blocks + k) * inner + r];
+           out = acc;""",
+        "tinymoe_sum_block_partials")
+
+
+def sum_over_blocks(part):
+    """(G, blocks, *rest) -> (G, *rest): the partials summed over axis 1, in block order."""
+    xp = array_module(part)
+    if xp.__name__ == "numpy":  # the CUDA simulator hands NumPy arrays around
+        return part.sum(axis=1)
+    G, blocks, rest = part.shape[0], part.shape[1], part.shape[2:]
+    out = xp.empty((G, *rest), part.dtype)
+    inner = out.size // max(G, 1)
+    _block_sum_kernel()(part, blocks, inner, out)
+    return out
+
+
+def sum_partials(du, ddelta, dA_part, dBC_part, dD_part, dz, dbias_part, D, z, delta_bias):
+    """(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias) from the backward's outputs.
+
+    dBC_part (2, batch, blocks, N, L): dB's and dC's per-block partials, one buffer so that
+    one launch sums both; dA_part (batch, d_inner, N), dD_part and dbias_part
+    (batch, d_inner): per-row partials, summed over batch."""
+    two, batch = dBC_part.shape[:2]
+    dBC = sum_over_blocks(dBC_part.reshape(two * batch, *dBC_part.shape[2:]))
+    dBC = dBC.reshape(two, batch, *dBC.shape[1:])                     # (2, batch, N, L)
+    return (du, ddelta, dA_part.sum(axis=0), dBC[0], dBC[1],
+            dD_part.sum(axis=0) if D is not None else None,
+            dz if z is not None else None,
+            dbias_part.sum(axis=0) if delta_bias is not None else None)
