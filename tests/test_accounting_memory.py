@@ -36,7 +36,7 @@ def measure_step(device, B, L, **config):
         del loss
         peak = mem.peak
     P = model.num_parameters()
-    act = tinymoe_gpt_activation_bytes(model.config, B, L)
+    act = tinymoe_gpt_activation_bytes(model.config, B, L, device=device)
     return training_step_bytes(P, act["total"]), peak, activations, act
 
 

@@ -94,7 +94,8 @@ def mamba_state_bytes(n_layers: int, d_inner: int, d_state: int, d_conv: int,
     return float(n_layers * batch * d_inner * (d_state + d_conv - 1) * bytes_per_value)
 
 
-def tinymoe_gpt_activation_bytes(config, batch: int, seq_len: int, bytes_per_value: int = 4) -> dict:
+def tinymoe_gpt_activation_bytes(config, batch: int, seq_len: int, bytes_per_value: int = 4,
+                                device: str = "cpu") -> dict:
     """Activations a training step of tinymoe's dense GPT keeps for the backward, in bytes.
 
     `config` is a `tinymoe.models.GPTConfig` (any object with its fields). Counted from
@@ -112,6 +113,10 @@ def tinymoe_gpt_activation_bytes(config, batch: int, seq_len: int, bytes_per_val
       LayerNorm 1 / rstd (x2)                                        2 T
     plus the embeddings (token lookup T d, positions L d), the last residual, final
     LayerNorm (2 T d), logits and log-probabilities (2 T V).
+
+    device="cuda" counts the fused GPU LayerNorm (tinymoe/kernels/norm.py): it keeps the
+    per-row mean and rstd (2 T) instead of xhat and rstd (T d + T), and reads x, which
+    the graph holds anyway.
     """
     c = config
     if getattr(c, "num_experts", 0):
@@ -128,8 +133,10 @@ def tinymoe_gpt_activation_bytes(config, batch: int, seq_len: int, bytes_per_val
     mlp = (5 if c.activation == "swiglu" else 2) * T * f
     dropout = 2 * 2 * T * d if c.dropout > 0 else 0          # mask scale + output, 2 sites
     scores = B * H * L if getattr(c, "recompute_attention", False) else B * H * L * L
-    per_layer = 10 * T * d + T * w_qkv + scores + mlp + 2 * T + dropout
-    head = T * d + L * d + T * d + 2 * T * d + 2 * T * V
+    fused_norm = str(device).startswith("cuda")
+    norm_saved = 2 * T if fused_norm else T * d + T    # one LayerNorm: (mean, rstd) or (xhat, rstd)
+    per_layer = 8 * T * d + 2 * norm_saved + T * w_qkv + scores + mlp + dropout
+    head = T * d + L * d + T * d + T * d + (2 * T if fused_norm else T * d) + 2 * T * V
     return {
         "per_layer": per_layer * bytes_per_value,
         "attention_scores_per_layer": scores * bytes_per_value,

@@ -90,7 +90,8 @@ def run(args) -> int:
           f"{6 * n * args.batch * args.seq_len:.3e})")
     print(f"peak memory of the step (measured): {peak / 1e6:.2f} MB")
     if getattr(model.config, "num_experts", 1) == 0 and hasattr(model.config, "d_model"):
-        act = tinymoe_gpt_activation_bytes(model.config, args.batch, args.seq_len)["total"]
+        act = tinymoe_gpt_activation_bytes(model.config, args.batch, args.seq_len,
+                                         device=args.device)["total"]
         est = training_step_bytes(n, act)
         print("estimate: " + ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in est.items())
               + f"  (estimate / measured = {est['total'] / peak:.3f})")
