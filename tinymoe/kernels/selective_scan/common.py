@@ -30,13 +30,23 @@ def tile_count(L, items):
 
 @lru_cache(maxsize=None)
 def _block_sum_kernel():
-    # out[g, r] = sum_k part[g, k, r], k in order; one thread per output, reads coalesced over r
+    # out[g, r] = sum_k part[g, k, r]: one thread per output, reads coalesced over r. Four
+    # running sums (k mod 4) keep four loads in flight per thread; they are added in a fixed
+    # order, so the result is the same on every run.
     return cupy().ElementwiseKernel(
         "raw T part, int64 blocks, int64 inner", "T out",
         """const long long g = i / inner, r = i % inner;
-           T acc = 0;
-           for (long long k = 0; k < blocks; ++k) acc += part[(g * blocks + k) * inner + r];
-           out = acc;""",
+           const long long base = g * blocks * inner + r;
+           T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+           long long k = 0;
+           for (; k + 4 <= blocks; k += 4) {
+               s0 += part[base + k * inner];
+               s1 += part[base + (k + 1) * inner];
+               s2 += part[base + (k + 2) * inner];
+               s3 += part[base + (k + 3) * inner];
+           }
+           for (; k < blocks; ++k) s0 += part[base + k * inner];
+           out = (s0 + s1) + (s2 + s3);""",
         "tinymoe_sum_block_partials")
 
 
