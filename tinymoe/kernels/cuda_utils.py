@@ -13,6 +13,18 @@ from numba import config, cuda
 FULL_MASK = 0xFFFFFFFF
 WARP = 32
 
+
+@cuda.jit(device=True, inline=True)
+def at(i):
+    """i as an unsigned index: `a[at(i)]` instead of `a[i]` in hot loops.
+
+    Numba gives a signed index Python's meaning (a[-1] is the last element), so every
+    access with one tests its sign and adds the length: 4-5 instructions, and the 64-bit
+    arithmetic costs registers. An unsigned index skips that (our indices are never
+    negative). In the scan kernels this took the forward from 3616 to 2144 instructions
+    (nvcc's CUDA C: 1792) and the backward's spills to none."""
+    return np.uint64(i)
+
 if not config.ENABLE_CUDASIM:
 
     @cuda.jit(device=True, inline=True)

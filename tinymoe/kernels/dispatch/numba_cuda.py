@@ -22,7 +22,7 @@ import numpy as np
 from numba import cuda
 
 from ...backend import array_module, to_numpy
-from ..cuda_utils import WARP, shfl_down
+from ..cuda_utils import WARP, at, shfl_down
 from .reference import DispatchPlan, check_expert_index
 
 CHUNK = 64  # slots per thread in the plan kernels
@@ -71,7 +71,7 @@ def permute_rows(x, row_token, scale, row_slot, has_scale, out):
     src = row_token[r]
     w = scale[row_slot[r]] if has_scale else scale[0]  # scale is [1] when absent
     for i in range(cuda.threadIdx.x, x.shape[1], cuda.blockDim.x):
-        out[r, i] = x[src, i] * w
+        out[at(r), at(i)] = x[at(src), at(i)] * w
 
 
 @cuda.jit
@@ -80,12 +80,12 @@ def combine_rows(ys, slot_row, weights, has_weights, out):
     t = cuda.blockIdx.x
     k = slot_row.shape[1]
     for i in range(cuda.threadIdx.x, out.shape[1], cuda.blockDim.x):
-        acc = out[t, i]  # out starts at zero: the accumulator gets its dtype
+        acc = out[at(t), at(i)]  # out starts at zero: the accumulator gets its dtype
         for j in range(k):
             r = slot_row[t, j]
             if r >= 0:
-                acc += (weights[t, j] if has_weights else weights[0, 0]) * ys[r, i]
-        out[t, i] = acc
+                acc += (weights[t, j] if has_weights else weights[0, 0]) * ys[at(r), at(i)]
+        out[at(t), at(i)] = acc
 
 
 @cuda.jit
@@ -100,7 +100,7 @@ def slot_dot(dout, ys, slot_row, dweights):
     acc = dweights[t, j]  # starts at zero
     if r >= 0:
         for i in range(lane, dout.shape[1], WARP):
-            acc += dout[t, i] * ys[r, i]
+            acc += dout[at(t), at(i)] * ys[at(r), at(i)]
     off = WARP // 2
     while off > 0:  # every warp reaches the shuffles (the simulator needs all threads)
         acc += shfl_down(acc, off)

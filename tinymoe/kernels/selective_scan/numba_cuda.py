@@ -18,6 +18,9 @@ states: the forward stores only each tile's starting state (when asked: TileStat
 common.py), then the backward walks the tiles last to first, recomputing each tile's
 states from its start, with a reverse scan for dL/dh.
 
+Indices: hot array accesses read `a[at(i)]` (cuda_utils.at: the index as unsigned), which
+spares Numba's test for Python's negative indices on every access (see at's docstring).
+
 Determinism: dB and dC sum over d. Each block adds its warps in a fixed order in shared
 memory and writes one partial per block; the wrapper sums the partials in block order.
 dA, dD, d delta_bias are summed per row by a fixed shuffle tree, then over batch by xp.sum.
@@ -32,7 +35,7 @@ from functools import lru_cache
 import numpy as np
 from numba import cuda, from_dtype
 
-from ..cuda_utils import WARP, shfl_down, shfl_up, syncwarp
+from ..cuda_utils import WARP, at, shfl_down, shfl_up, syncwarp
 from ...backend import array_module
 from .common import TileStates, sum_partials, tile_count
 
@@ -63,23 +66,23 @@ def _kernels(np_dtype, items, warps, nchunk, min_blocks=1, has_z=False):
         for j in range(items):
             p = j * WARP + lane
             t = t0 + p
-            sm[base + p + p // items] = src[b, d, t] if (valid and t < L) else ZERO
+            sm[at(base + p + p // items)] = src[at(b), at(d), at(t)] if (valid and t < L) else ZERO
         syncwarp()
         for i in range(items):
-            dst[i] = sm[base + lane * (items + 1) + i]
+            dst[i] = sm[at(base + lane * (items + 1) + i)]
         syncwarp()
 
     @cuda.jit(device=True, inline=True)
     def stage_out(dst, b, d, valid, t0, L, sm, base, lane, src):
         """dst[b, d, t0 + lane*items + i] = src[i], written coalesced."""
         for i in range(items):
-            sm[base + lane * (items + 1) + i] = src[i]
+            sm[at(base + lane * (items + 1) + i)] = src[i]
         syncwarp()
         for j in range(items):
             p = j * WARP + lane
             t = t0 + p
             if valid and t < L:
-                dst[b, d, t] = sm[base + p + p // items]
+                dst[at(b), at(d), at(t)] = sm[at(base + p + p // items)]
         syncwarp()
 
     @cuda.jit(device=True, inline=True)
@@ -91,9 +94,9 @@ def _kernels(np_dtype, items, warps, nchunk, min_blocks=1, has_z=False):
             tl = p % TILE
             t = t0 + tl
             s = tl + tl // items
-            sm[k * ROW + s] = B[b, n0 + k, t] if t < L else ZERO
+            sm[at(k * ROW + s)] = B[at(b), at(n0 + k), at(t)] if t < L else ZERO
             if load_c:
-                sm[(nchunk + k) * ROW + s] = C[b, n0 + k, t] if t < L else ZERO
+                sm[at((nchunk + k) * ROW + s)] = C[at(b), at(n0 + k), at(t)] if t < L else ZERO
         cuda.syncthreads()
 
     @cuda.jit(device=True, inline=True)
@@ -168,15 +171,15 @@ def _kernels(np_dtype, items, warps, nchunk, min_blocks=1, has_z=False):
         a = cuda.local.array(items, T)
         bu = cuda.local.array(items, T)
         for n in range(lane, N, WARP):
-            sm[car + n] = ZERO
-            sm[arow + n] = A[d, n]
+            sm[at(car + n)] = ZERO
+            sm[at(arow + n)] = A[d, n]
         Dd = D[d] if has_D else ZERO
         for t0 in range(0, L, TILE):
             if save_states:  # the state entering this tile: the backward starts from it
                 syncwarp()
                 for n in range(lane, N, WARP):
                     if valid:
-                        hs[b, d, t0 // TILE, n] = sm[car + n]
+                        hs[at(b), at(d), at(t0 // TILE), at(n)] = sm[at(car + n)]
             stage_in(u, b, d, valid, t0, L, sm, stg, lane, uu)
             stage_in(delta, b, d, valid, t0, L, sm, stg, lane, dt)
             prepare_delta(dt, d, valid, t0, L, lane, delta_bias, has_bias, use_softplus)
@@ -187,14 +190,14 @@ def _kernels(np_dtype, items, warps, nchunk, min_blocks=1, has_z=False):
                 nc = min(nchunk, N - n0)
                 load_bc(B, C, b, n0, nc, t0, L, sm, True)
                 for k in range(nc):
-                    An = sm[arow + n0 + k]
+                    An = sm[at(arow + n0 + k)]
                     bs = k * ROW + lane * (items + 1)  # this lane's B_t[n], then C_t[n]
                     cs = bs + nchunk * ROW
-                    h_carry = sm[car + n0 + k]
+                    h_carry = sm[at(car + n0 + k)]
                     P, Q = ONE, ZERO  # this lane's steps folded: h_out = P h_in + Q
                     for i in range(items):
                         a[i] = math.exp(dt[i] * An)  # a_t = exp(delta_t A_n)
-                        bu[i] = uu[i] * sm[bs + i]  # delta_t B_t u_t
+                        bu[i] = uu[i] * sm[at(bs + i)]  # delta_t B_t u_t
                         Q = a[i] * Q + bu[i]
                         P = P * a[i]
                     if lane == 0:
@@ -204,9 +207,9 @@ def _kernels(np_dtype, items, warps, nchunk, min_blocks=1, has_z=False):
                         h = h_carry
                     for i in range(items):
                         h = a[i] * h + bu[i]  # h_t = a_t h_{t-1} + delta_t B_t u_t
-                        y[i] += sm[cs + i] * h  # y_t += C_t[n] h_t[n]
+                        y[i] += sm[at(cs + i)] * h  # y_t += C_t[n] h_t[n]
                     if lane == WARP - 1:
-                        sm[car + n0 + k] = h
+                        sm[at(car + n0 + k)] = h
             if has_z:
                 stage_in(z, b, d, valid, t0, L, sm, stg, lane, a)
                 for i in range(items):
@@ -246,9 +249,9 @@ def _kernels(np_dtype, items, warps, nchunk, min_blocks=1, has_z=False):
         h = cuda.local.array(items, T)
         y = cuda.local.array(items if has_z else 1, T)
         for n in range(lane, N, WARP):
-            sm[gca + n] = ZERO
-            sm[dAs + n] = ZERO
-            sm[arow + n] = A[d, n]
+            sm[at(gca + n)] = ZERO
+            sm[at(dAs + n)] = ZERO
+            sm[at(arow + n)] = A[d, n]
         Dd = D[d] if has_D else ZERO
 
         # Tiles last to first; per state, recompute h_t from the tile's starting state, then
@@ -264,7 +267,7 @@ def _kernels(np_dtype, items, warps, nchunk, min_blocks=1, has_z=False):
             if has_z:
                 stage_in(z, b, d, valid, t0, L, sm, stg, lane, a)
             for n in range(lane, N, WARP):  # this tile's starting states, from the forward
-                sm[car + n] = hs[b, d, tile, n] if valid else ZERO
+                sm[at(car + n)] = hs[at(b), at(d), at(tile), at(n)] if valid else ZERO
             syncwarp()
             for i in range(items):
                 if has_z:  # out = y silu(z): dL/dy = dout silu(z)
@@ -279,15 +282,15 @@ def _kernels(np_dtype, items, warps, nchunk, min_blocks=1, has_z=False):
                 load_bc(B, C, b, n0, nc, t0, L, sm, True)
                 for k in range(nc):
                     n = n0 + k
-                    An = sm[arow + n]
+                    An = sm[at(arow + n)]
                     bs = k * ROW + lane * (items + 1)
                     cs = bs + nchunk * ROW
-                    h_carry = sm[car + n]
-                    c_carry = sm[gca + n]
+                    h_carry = sm[at(car + n)]
+                    c_carry = sm[at(gca + n)]
                     P, Q = ONE, ZERO
                     for i in range(items):
                         a[i] = math.exp(dt[i] * An)
-                        h[i] = dtu[i] * sm[bs + i]  # delta_t B_t u_t, then h_t
+                        h[i] = dtu[i] * sm[at(bs + i)]  # delta_t B_t u_t, then h_t
                         Q = a[i] * Q + h[i]
                         P = P * a[i]
                     if lane == 0:
@@ -300,11 +303,11 @@ def _kernels(np_dtype, items, warps, nchunk, min_blocks=1, has_z=False):
                         hc = a[i] * hc + h[i]
                         h[i] = hc
                         if has_z:
-                            y[i] += sm[cs + i] * hc
+                            y[i] += sm[at(cs + i)] * hc
                     # this lane's reverse map: c_out = a_first g_first = P c_in + Q
                     Q = ZERO
                     for i in range(items - 1, -1, -1):
-                        Q = a[i] * (sm[cs + i] * dy[i] + Q)
+                        Q = a[i] * (sm[at(cs + i)] * dy[i] + Q)
                     if lane == WARP - 1:
                         Q += P * c_carry  # lane 31 starts from the right tile's carry
                     c = shfl_down(scan_down(P, Q, lane), 1)  # a_{t+1} g_{t+1} from the right
@@ -314,19 +317,19 @@ def _kernels(np_dtype, items, warps, nchunk, min_blocks=1, has_z=False):
                     rb = red + (n % 2) * 2 * warps * ROW  # states alternate buffers
                     for i in range(items - 1, -1, -1):
                         s = lane * (items + 1) + i
-                        g = sm[cs + i] * dy[i] + c  # g_t
+                        g = sm[at(cs + i)] * dy[i] + c  # g_t
                         hp = h[i - 1] if i > 0 else h_in  # h_{t-1}
-                        S[i] += g * sm[bs + i]  # dL/d(delta_t B_t u_t)
-                        sm[rb + w * ROW + s] = g * dtu[i]  # dL/dB_t[n] (this row)
-                        sm[rb + (warps + w) * ROW + s] = dy[i] * h[i]  # dL/dC_t[n]
+                        S[i] += g * sm[at(bs + i)]  # dL/d(delta_t B_t u_t)
+                        sm[at(rb + w * ROW + s)] = g * dtu[i]  # dL/dB_t[n] (this row)
+                        sm[at(rb + (warps + w) * ROW + s)] = dy[i] * h[i]  # dL/dC_t[n]
                         c = a[i] * g
                         x = c * hp  # g_t a_t h_{t-1}
                         E[i] += x * An  # d h_t / d delta_t, via a_t
                         dA_acc += x * dt[i]  # dL/dA_n
                     dA_acc = warp_sum(dA_acc)
                     if lane == 0:
-                        sm[gca + n] = c
-                        sm[dAs + n] += dA_acc
+                        sm[at(gca + n)] = c
+                        sm[at(dAs + n)] += dA_acc
                     # The block adds its rows' dB, dC terms in warp order: one partial.
                     # One barrier per state: the next state writes the other buffer, and
                     # the one after waits at the next barrier for this sum to finish.
@@ -337,12 +340,12 @@ def _kernels(np_dtype, items, warps, nchunk, min_blocks=1, has_z=False):
                         s = tl + tl // items
                         acc = ZERO
                         for w2 in range(warps):
-                            acc += sm[rb + (which * warps + w2) * ROW + s]
+                            acc += sm[at(rb + (which * warps + w2) * ROW + s)]
                         if t0 + tl < L:
                             if which == 0:
-                                dB_part[b, cuda.blockIdx.x, n, t0 + tl] = acc
+                                dB_part[at(b), at(cuda.blockIdx.x), at(n), at(t0 + tl)] = acc
                             else:
-                                dC_part[b, cuda.blockIdx.x, n, t0 + tl] = acc
+                                dC_part[at(b), at(cuda.blockIdx.x), at(n), at(t0 + tl)] = acc
             cuda.syncthreads()  # the sums are done before staging reuses the buffers
             stage_in(u, b, d, valid, t0, L, sm, stg, lane, a)  # u again
             for i in range(items):
@@ -369,7 +372,7 @@ def _kernels(np_dtype, items, warps, nchunk, min_blocks=1, has_z=False):
                 dD_part[b, d] = dD_acc
                 dbias_part[b, d] = dbias_acc
             for n in range(lane, N, WARP):
-                dA_part[b, d, n] = sm[dAs + n]
+                dA_part[b, d, n] = sm[at(dAs + n)]
 
     return fwd, bwd
 
