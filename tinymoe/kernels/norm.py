@@ -46,8 +46,15 @@ def _module(dtype):
     return cupy().RawModule(code=SOURCE.read_text(), options=nvcc_options(dtype))
 
 
+@lru_cache(maxsize=None)
+def _function(name, dtype_str):
+    return _module(dtype_str).get_function(name)
+
+
 def _kernel(name, dtype):
-    return _module(np.dtype(dtype).str).get_function(name)
+    """The kernel, looked up once per dtype (get_function asks the driver on every call:
+    on this host-bound path, three times per LayerNorm per step)."""
+    return _function(name, np.dtype(dtype).str)
 
 
 def _check(name, x, *vectors):

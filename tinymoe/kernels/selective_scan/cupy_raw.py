@@ -39,11 +39,21 @@ def _module(dtype, items, warps, nchunk, min_blocks):
                         nvcc_options(dtype, items, warps, nchunk, min_blocks))
 
 
+@lru_cache(maxsize=None)
+def _function(name, dtype, items, warps, nchunk, min_blocks):
+    """The kernel, looked up once (get_function asks the driver on every call)."""
+    return _module(dtype, items, warps, nchunk, min_blocks).get_function(name)
+
+
+_OPTED_IN = {}  # kernel key -> the most dynamic shared memory it has been allowed so far
+
+
 def _launch(name, cfg, dtype, grid, smem, args):
-    kernel = _module(np.dtype(dtype).str, cfg["items"], cfg["warps"], cfg["nchunk"],
-                     cfg.get("min_blocks", 1)).get_function(name)
-    if smem > SMEM_LIMIT:
+    key = (name, np.dtype(dtype).str, cfg["items"], cfg["warps"], cfg["nchunk"], cfg.get("min_blocks", 1))
+    kernel = _function(*key)
+    if smem > _OPTED_IN.get(key, SMEM_LIMIT):  # opt in above 48 KB once per size, not per launch
         kernel.max_dynamic_shared_size_bytes = smem
+        _OPTED_IN[key] = smem
     kernel(grid, (cfg["warps"] * WARP,), args, shared_mem=smem)
 
 
