@@ -29,7 +29,8 @@ from .tensor import Tensor
 class Context:
     """What one call of an op remembers for its backward (and the graph node)."""
 
-    __slots__ = ("fn", "inputs", "saved", "needs_input_grad", "n_outputs", "freed", "__dict__")
+    __slots__ = ("fn", "inputs", "saved", "needs_input_grad", "records", "n_outputs", "freed",
+                 "__dict__")
 
     def save(self, *arrays):
         self.saved = arrays
@@ -146,6 +147,7 @@ class Function:
         ctx = Context()
         ctx.fn = cls
         ctx.needs_input_grad = needs_grad
+        ctx.records = record  # a backward can follow: forwards that keep extra state ask this
         ctx.saved = ()
         start = time.perf_counter() if _op_hooks else 0.0
         try:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import NamedTuple
 
-from ...backend import array_module, cupy
+from ...backend import array_module, cupy, is_cupy_array
 
 
 class TileStates(NamedTuple):
@@ -52,9 +52,9 @@ def _block_sum_kernel():
 
 def sum_over_blocks(part):
     """(G, blocks, *rest) -> (G, *rest): the partials summed over axis 1, in block order."""
-    xp = array_module(part)
-    if xp.__name__ == "numpy":  # the CUDA simulator hands NumPy arrays around
+    if not is_cupy_array(part):  # the CUDA simulator hands NumPy arrays around
         return part.sum(axis=1)
+    xp = array_module(part)
     G, blocks, rest = part.shape[0], part.shape[1], part.shape[2:]
     out = xp.empty((G, *rest), part.dtype)
     inner = out.size // max(G, 1)

@@ -9,7 +9,6 @@ every tile of 256 steps, which their forward keeps: 1/256 of the states).
 from __future__ import annotations
 
 from ...autograd.function import Function
-from ...autograd.grad_mode import is_grad_enabled
 from ...kernels import selective_scan as kernels
 
 
@@ -24,7 +23,7 @@ class SelectiveScan(Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D=None, z=None, delta_bias=None,
                 delta_softplus=False, impl=None):
-        if not (is_grad_enabled() and any(ctx.needs_input_grad)):   # no backward will come
+        if not ctx.records:                                       # no backward will come
             return kernels.selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias,
                                               delta_softplus, impl)
         out, states = kernels.selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias,
