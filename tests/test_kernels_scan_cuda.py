@@ -95,6 +95,7 @@ GPU_CASES = [
     ((1, 1, 1, 1), "", False),         # L = 1, batch 1, N = 1
     ((3, 8, 700, 40), "Db", True),     # N above the B/C chunk: several chunks
     ((1, 5, 2049, 16), "z", True),     # Mamba's N, one step into a new tile
+    ((2, 9, 600, 64), "Db", True),     # float32 with several B/C chunks and dA summed per state
 ]
 
 

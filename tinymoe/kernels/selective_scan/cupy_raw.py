@@ -13,7 +13,7 @@ import numpy as np
 
 from ...backend import cupy
 from .common import TileStates, sum_partials, tile_count
-from .numba_cuda import SMEM_LIMIT, _prepare, fit_config, smem_bytes
+from .numba_cuda import SMEM_LIMIT, _prepare, fit_config
 
 SOURCE = Path(__file__).with_name("selective_scan.cu")
 WARP = 32
@@ -25,31 +25,46 @@ BWD_CONFIG = dict(items=8, warps=16, nchunk=16, min_blocks=1)
 SMEM_OPT_IN = 227 * 1024  # a Hopper block may use this much shared memory, after opting in
 
 
-def nvcc_options(dtype, items, warps, nchunk, min_blocks=1):
+def smem_bytes(cfg, N, itemsize, bwd):
+    """Dynamic shared memory of one block, as selective_scan.cu lays it out. A staged tile
+    row is 32 * items steps plus a pad word per 32 steps.
+    Forward: a B/C chunk (2 * nchunk rows), a staging row per warp, carries and A per (warp, n).
+    Backward: two B/C chunks (the next one is copied in while this one is used), dB/dC rows
+    (2 buffers x 2 x warps, also the staging rows), rows of u and of softplus' per warp,
+    carries, A per (warp, n) and dA per (warp, n, da_lanes)."""
+    row = (WARP + 1) * cfg["items"]
+    if bwd:
+        return (4 * cfg["nchunk"] * row + 6 * cfg["warps"] * row +
+                3 * cfg["warps"] * N + cfg.get("da_lanes", WARP) * cfg["warps"] * N) * itemsize
+    return (2 * cfg["nchunk"] * row + cfg["warps"] * row + 2 * cfg["warps"] * N) * itemsize
+
+
+def nvcc_options(dtype, items, warps, nchunk, min_blocks=1, da_lanes=WARP):
     """The -D defines that specialise selective_scan.cu (also used by the compile test)."""
     ctype = "float" if np.dtype(dtype) == np.float32 else "double"
     return (f"-Dscalar_t={ctype}", f"-DITEMS={items}", f"-DWARPS={warps}", f"-DNCHUNK={nchunk}",
-            f"-DMIN_BLOCKS={min_blocks}")
+            f"-DMIN_BLOCKS={min_blocks}", f"-DDA_LANES={da_lanes}")
 
 
 @lru_cache(maxsize=None)
-def _module(dtype, items, warps, nchunk, min_blocks):
+def _module(dtype, items, warps, nchunk, min_blocks, da_lanes):
     cp = cupy()
     return cp.RawModule(code=SOURCE.read_text(), options=("--std=c++17", "-lineinfo") +
-                        nvcc_options(dtype, items, warps, nchunk, min_blocks))
+                        nvcc_options(dtype, items, warps, nchunk, min_blocks, da_lanes))
 
 
 @lru_cache(maxsize=None)
-def _function(name, dtype, items, warps, nchunk, min_blocks):
+def _function(name, dtype, items, warps, nchunk, min_blocks, da_lanes):
     """The kernel, looked up once (get_function asks the driver on every call)."""
-    return _module(dtype, items, warps, nchunk, min_blocks).get_function(name)
+    return _module(dtype, items, warps, nchunk, min_blocks, da_lanes).get_function(name)
 
 
 _OPTED_IN = {}  # kernel key -> the most dynamic shared memory it has been allowed so far
 
 
 def _launch(name, cfg, dtype, grid, smem, args):
-    key = (name, np.dtype(dtype).str, cfg["items"], cfg["warps"], cfg["nchunk"], cfg.get("min_blocks", 1))
+    key = (name, np.dtype(dtype).str, cfg["items"], cfg["warps"], cfg["nchunk"],
+           cfg.get("min_blocks", 1), cfg.get("da_lanes", WARP))
     kernel = _function(*key)
     if smem > _OPTED_IN.get(key, SMEM_LIMIT):  # opt in above 48 KB once per size, not per launch
         kernel.max_dynamic_shared_size_bytes = smem
@@ -62,12 +77,23 @@ def _flags(D, z, delta_bias, delta_softplus):
                                        bool(delta_softplus)))
 
 
+def bwd_config(config, N, itemsize):
+    """The backward's launch shape: per-lane dA sums (da_lanes 32) where the block fits with
+    them at its chosen shape, else one sum per warp and state (da_lanes 1) before shrinking
+    the shape (fit_config)."""
+    cfg = dict(BWD_CONFIG, **(config or {}))
+    if "da_lanes" not in (config or {}) and smem_bytes(cfg, N, itemsize, True) > SMEM_OPT_IN:
+        cfg["da_lanes"] = 1
+    return fit_config(cfg, {}, N, itemsize, True, SMEM_OPT_IN, smem_bytes)
+
+
 def selective_scan_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                        delta_softplus=False, config=None, return_states=False):
     """out (batch, d_inner, L); with return_states, (out, TileStates) for the backward.
     CuPy arrays in and out."""
     xp, dtype, arrs = _prepare(u, delta, A, B, C, D, z, delta_bias)
-    cfg = fit_config(config, FWD_CONFIG, A.shape[1], np.dtype(dtype).itemsize, False, SMEM_OPT_IN)
+    cfg = fit_config(config, FWD_CONFIG, A.shape[1], np.dtype(dtype).itemsize, False, SMEM_OPT_IN,
+                     smem_bytes)
     batch, d_inner, L = u.shape
     N = A.shape[1]
     out = xp.empty((batch, d_inner, L), dtype)
@@ -88,7 +114,7 @@ def selective_scan_bwd(dout, u, delta, A, B, C, D=None, z=None, delta_bias=None,
     xp, dtype, arrs = _prepare(u, delta, A, B, C, D, z, delta_bias)
     if dout.shape != u.shape:
         raise ValueError(f"selective_scan_bwd: dout {dout.shape} must match u {u.shape}")
-    cfg = fit_config(config, BWD_CONFIG, A.shape[1], np.dtype(dtype).itemsize, True, SMEM_OPT_IN)
+    cfg = bwd_config(config, A.shape[1], np.dtype(dtype).itemsize)
     if states is None or states.items != cfg["items"]:
         _, states = selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                        dict(FWD_CONFIG, items=cfg["items"]), return_states=True)

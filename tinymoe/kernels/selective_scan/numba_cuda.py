@@ -399,15 +399,16 @@ def _prepare(u, delta, A, B, C, D, z, delta_bias):
 SMEM_LIMIT = 48 * 1024  # dynamic shared memory a kernel gets without opting in
 
 
-def fit_config(config, defaults, N, itemsize, bwd, limit=SMEM_LIMIT):
+def fit_config(config, defaults, N, itemsize, bwd, limit=SMEM_LIMIT, smem=None):
     """The launch shape with nchunk (states per B/C chunk), then warps, halved until
-    shared memory fits `limit` bytes."""
+    shared memory (`smem(cfg, N, itemsize, bwd)`, by default this twin's) fits `limit` bytes."""
+    smem_bytes_of = smem or smem_bytes
     cfg = dict(defaults, **(config or {}))
-    while cfg["nchunk"] > 1 and smem_bytes(cfg, N, itemsize, bwd) > limit:
+    while cfg["nchunk"] > 1 and smem_bytes_of(cfg, N, itemsize, bwd) > limit:
         cfg["nchunk"] //= 2
-    while cfg["warps"] > 1 and smem_bytes(cfg, N, itemsize, bwd) > limit:
+    while cfg["warps"] > 1 and smem_bytes_of(cfg, N, itemsize, bwd) > limit:
         cfg["warps"] //= 2
-    if smem_bytes(cfg, N, itemsize, bwd) > limit:
+    if smem_bytes_of(cfg, N, itemsize, bwd) > limit:
         raise ValueError(f"selective_scan (GPU kernels): d_state N={N} needs more than "
                          f"{limit} bytes of shared memory; use fewer states or impl='reference'")
     return cfg

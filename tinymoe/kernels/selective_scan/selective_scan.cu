@@ -9,7 +9,8 @@
 // maps gives each lane its incoming state. No float atomics: results are deterministic.
 //
 // Compile-time constants (given with -D by cupy_raw.py): scalar_t, ITEMS, WARPS, NCHUNK,
-// MIN_BLOCKS (blocks per SM the register allocation must allow: caps registers per thread).
+// MIN_BLOCKS (blocks per SM the register allocation must allow: caps registers per thread),
+// DA_LANES (the backward's dA partial sums per state and warp: 32, or 1 for large N).
 
 #ifndef scalar_t
 #define scalar_t float
@@ -26,48 +27,105 @@
 #ifndef MIN_BLOCKS
 #define MIN_BLOCKS 1
 #endif
+#ifndef DA_LANES
+#define DA_LANES 32
+#endif
 
 #define WARP 32
 #define TILE (WARP * ITEMS)          // steps per tile
-#define ROW (WARP * (ITEMS + 1))     // a staged tile, one pad word per lane (no bank conflicts)
+// A tile staged in shared memory: step t at word t + t / 32 (one pad word per 32 steps).
+// Then a warp reading 32 consecutive steps and a warp reading item i of every lane
+// (lane l at l * ITEMS + l * ITEMS / 32 + i) both touch 32 different banks.
+#define ROW (TILE + TILE / WARP)
+#define PAD(t) ((t) + (t) / WARP)
 #define FULL 0xffffffffu
+#define BLOCK (WARPS * WARP)  // threads per block
+#define SUM_ITERS ((2 * TILE + WARPS * WARP - 1) / (WARPS * WARP))  // block-sum entries per thread
 
 #define LOG2E 1.4426950408889634
 
 __device__ __forceinline__ float fexp(float x) { return __expf(x); }
 __device__ __forceinline__ double fexp(double x) { return exp(x); }
-__device__ __forceinline__ float fexp2(float x) { return exp2f(x); }  // one MUFU.EX2
+// 2^x as one MUFU.EX2, flushing results below 2^-126 to zero (exp2f adds a range fix-up
+// of 3 instructions per call for those denormal results; Numba's fastmath does the same).
+__device__ __forceinline__ float fexp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
 __device__ __forceinline__ double fexp2(double x) { return exp2(x); }
 __device__ __forceinline__ float flog1p(float x) { return log1pf(x); }
 __device__ __forceinline__ double flog1p(double x) { return log1p(x); }
-__device__ __forceinline__ float fexpm1(float x) { return expm1f(x); }
-__device__ __forceinline__ double fexpm1(double x) { return expm1(x); }
+__device__ __forceinline__ float fast_div(float x, float y) { return __fdividef(x, y); }  // y in [1, 2^126]
+__device__ __forceinline__ double fast_div(double x, double y) { return x / y; }
+
+// Staging a tile row into registers, in two steps so that several rows' global loads can
+// be in flight at once. tile_load: r[j] = src[t0 + j*32 + lane] (coalesced, zero past L).
+__device__ __forceinline__ void tile_load(const scalar_t* __restrict__ src, bool valid, int t0,
+                                          int L, int lane, scalar_t* r) {
+    if (valid && t0 + TILE <= L) {  // a whole tile: no bounds tests
+#pragma unroll
+        for (int j = 0; j < ITEMS; ++j) r[j] = src[t0 + j * WARP + lane];
+        return;
+    }
+#pragma unroll
+    for (int j = 0; j < ITEMS; ++j) {
+        const int t = t0 + j * WARP + lane;
+        r[j] = (valid && t < L) ? src[t] : scalar_t(0);
+    }
+}
+
+// tile_transpose: through the warp's row of shared memory, r[i] = step lane*ITEMS + i.
+__device__ __forceinline__ void tile_transpose(scalar_t* r, scalar_t* sm, int lane) {
+#pragma unroll
+    for (int j = 0; j < ITEMS; ++j) sm[PAD(j * WARP + lane)] = r[j];
+    __syncwarp();
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) r[i] = sm[PAD(lane * ITEMS) + i];
+    __syncwarp();
+}
 
 // dst[i] = src[row, t0 + lane*ITEMS + i]: coalesced global reads, then each lane takes its
 // consecutive steps out of shared memory (zero past L).
 __device__ __forceinline__ void stage_in(const scalar_t* __restrict__ src, bool valid, int t0,
                                          int L, scalar_t* sm, int lane, scalar_t* dst) {
-#pragma unroll
-    for (int j = 0; j < ITEMS; ++j) {
-        int p = j * WARP + lane, t = t0 + p;
-        sm[p + p / ITEMS] = (valid && t < L) ? src[t] : scalar_t(0);
+    tile_load(src, valid, t0, L, lane, dst);
+    tile_transpose(dst, sm, lane);
+}
+
+// cp.async: a copy of one element from global to shared memory that the thread does not
+// wait for (zero-filled when !ok); cp_async_wait: until this thread's copies have landed.
+__device__ __forceinline__ void cp_async(scalar_t* dst, const scalar_t* src, bool ok) {
+    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(s), "l"(src),
+                 "n"(sizeof(scalar_t)), "r"(ok ? int(sizeof(scalar_t)) : 0));
+}
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
+}
+
+// The block starts copying B[b, n0:n0+nc, tile] and C into a chunk buffer (2 * NCHUNK rows).
+__device__ __forceinline__ void prefetch_bc(const scalar_t* __restrict__ Bb,
+                                            const scalar_t* __restrict__ Cb, int n0, int nc,
+                                            int t0, int L, scalar_t* buf) {
+    for (int p = threadIdx.x; p < nc * TILE; p += BLOCK) {
+        const int k = p / TILE, tl = p % TILE, t = t0 + tl;
+        const long off = (long)(n0 + k) * L + (t < L ? t : 0);
+        cp_async(buf + k * ROW + PAD(tl), Bb + off, t < L);
+        cp_async(buf + (NCHUNK + k) * ROW + PAD(tl), Cb + off, t < L);
     }
-    __syncwarp();
-#pragma unroll
-    for (int i = 0; i < ITEMS; ++i) dst[i] = sm[lane * (ITEMS + 1) + i];
-    __syncwarp();
 }
 
 // dst[row, t0 + lane*ITEMS + i] = src[i], written coalesced.
 __device__ __forceinline__ void stage_out(scalar_t* __restrict__ dst, bool valid, int t0, int L,
                                           scalar_t* sm, int lane, const scalar_t* src) {
 #pragma unroll
-    for (int i = 0; i < ITEMS; ++i) sm[lane * (ITEMS + 1) + i] = src[i];
+    for (int i = 0; i < ITEMS; ++i) sm[PAD(lane * ITEMS) + i] = src[i];
     __syncwarp();
 #pragma unroll
     for (int j = 0; j < ITEMS; ++j) {
         int p = j * WARP + lane, t = t0 + p;
-        if (valid && t < L) dst[t] = sm[p + p / ITEMS];
+        if (valid && t < L) dst[t] = sm[PAD(p)];
     }
     __syncwarp();
 }
@@ -78,8 +136,8 @@ __device__ __forceinline__ void load_bc(const scalar_t* __restrict__ Bb,
                                         int L, scalar_t* sm, bool load_c) {
     __syncthreads();
 #pragma unroll 4
-    for (int p = threadIdx.x; p < nc * TILE; p += blockDim.x) {
-        int k = p / TILE, tl = p % TILE, t = t0 + tl, s = tl + tl / ITEMS;
+    for (int p = threadIdx.x; p < nc * TILE; p += BLOCK) {
+        int k = p / TILE, tl = p % TILE, t = t0 + tl, s = PAD(tl);
         long off = (long)(n0 + k) * L + t;
         sm[k * ROW + s] = t < L ? Bb[off] : scalar_t(0);
         if (load_c) sm[(NCHUNK + k) * ROW + s] = t < L ? Cb[off] : scalar_t(0);
@@ -109,7 +167,7 @@ __device__ __forceinline__ scalar_t scan_down(scalar_t P, scalar_t Q, int lane) 
         const scalar_t Qn = __shfl_down_sync(FULL, Q, k);
         scalar_t Pn = 1;
         if (k < WARP / 2) Pn = __shfl_down_sync(FULL, P, k);
-        if (lane + k < WARP) { Q = P * Qn + Q; P = P * Pn; }
+        if (lane < WARP - k) { Q = P * Qn + Q; P = P * Pn; }
     }
     return Q;
 }
@@ -122,14 +180,22 @@ __device__ __forceinline__ scalar_t warp_sum(scalar_t v) {
 }
 
 // delta' = softplus(delta + delta_bias) (or delta + delta_bias); zero past the end of L.
+// With `sig` (the backward), also softplus'(x) = sigmoid(x) = e^x / (1 + e^x) per step
+// (1 without softplus), stored to sig[i].
 __device__ __forceinline__ void prepare_delta(scalar_t* dt, bool valid, int t0, int L, int lane,
-                                              scalar_t bias, bool softplus) {
+                                              scalar_t bias, bool softplus,
+                                              scalar_t* sig = nullptr) {
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
-        scalar_t x = dt[i] + bias;
-        if (softplus) x = x > scalar_t(20) ? x : flog1p(fexp(x));
+        scalar_t x = dt[i] + bias, s = 1;
+        if (softplus) {
+            const scalar_t e = fexp(x);
+            s = x > scalar_t(20) ? scalar_t(1) : fast_div(e, scalar_t(1) + e);
+            x = x > scalar_t(20) ? x : flog1p(e);
+        }
         if (!valid || t0 + lane * ITEMS + i >= L) x = 0;  // past the end: the identity step
         dt[i] = x;
+        if (sig) sig[i] = s;
     }
 }
 
@@ -176,8 +242,8 @@ selective_scan_fwd(const scalar_t* __restrict__ u, const scalar_t* __restrict__ 
             load_bc(Bb, Cb, n0, nc, t0, L, sm, true);
             for (int k = 0; k < nc; ++k) {
                 const scalar_t An2 = arow[n0 + k];  // A_n log2(e): a_t = 2^(delta_t An2)
-                const scalar_t* Bs = sm + k * ROW + lane * (ITEMS + 1);
-                const scalar_t* Cs = sm + (NCHUNK + k) * ROW + lane * (ITEMS + 1);
+                const scalar_t* Bs = sm + k * ROW + PAD(lane * ITEMS);
+                const scalar_t* Cs = sm + (NCHUNK + k) * ROW + PAD(lane * ITEMS);
                 const scalar_t h_carry = car[n0 + k];
                 scalar_t P = 1, Q = 0;  // this lane's steps folded: h_out = P h_in + Q
 #pragma unroll
@@ -234,34 +300,61 @@ __device__ __forceinline__ void scan_bwd(
     const long row = ((long)b * d_inner + d) * L;
     const scalar_t* Bb = B + (long)b * N * L;
     const scalar_t* Cb = C + (long)b * N * L;
-    scalar_t* red = sm + 2 * NCHUNK * ROW;  // (2 buffers, 2, WARPS, ROW): dB, dC terms; staging
+    // shared memory: two B/C chunk buffers (2 x 2 NCHUNK rows: one is read while the next
+    // chunk is copied into the other); (2 buffers, 2, WARPS, ROW) dB, dC terms, also the
+    // staging rows; a row of u per warp; per-warp carries, A and dA sums.
+    scalar_t* red = sm + 4 * NCHUNK * ROW;
     scalar_t* stg = red + w * ROW;
-    scalar_t* car = red + 4 * WARPS * ROW + w * N;  // the tile's starting h[n]
+    scalar_t* urow = red + 4 * WARPS * ROW + w * ROW;        // this tile's u, kept for the end
+    scalar_t* sprow = red + 5 * WARPS * ROW + w * ROW;       // softplus' per step, for the end
+    scalar_t* car = red + 6 * WARPS * ROW + w * N;  // the tile's starting h[n]
     scalar_t* gca = car + WARPS * N;                // carried a_{t+1} g_{t+1}[n]
-    scalar_t* dAs = gca + WARPS * N;                // dA[n] of this row
-    scalar_t* arow = dAs + WARPS * N;               // this row's A[d, :] log2(e)
+    scalar_t* arow = gca + WARPS * N;               // this row's A[d, :] log2(e)
+    // dA[n] of this row: DA_LANES = 32 running sums per state, one per lane (summed over the
+    // warp once, at the end); DA_LANES = 1 where those do not fit (large N): the warp sums
+    // its terms every state.
+    scalar_t* dAl = red + 6 * WARPS * ROW + 3 * WARPS * N + w * N * DA_LANES;
     const scalar_t* hs_row = hs + ((long)b * d_inner + d) * ntiles * N;
     scalar_t dt[ITEMS], dtu[ITEMS], dy[ITEMS], S[ITEMS], E[ITEMS], a[ITEMS], h[ITEMS],
         y[HAS_Z ? ITEMS : 1];
     for (int n = lane; n < N; n += WARP) {
-        gca[n] = 0; dAs[n] = 0; arow[n] = A[(long)d * N + n] * scalar_t(LOG2E);
+        gca[n] = 0; arow[n] = A[(long)d * N + n] * scalar_t(LOG2E);
     }
+    for (int p = lane; p < N * DA_LANES; p += WARP) dAl[p] = 0;
     const scalar_t Dd = has_D ? D[d] : scalar_t(0);
     const scalar_t bias = has_bias ? delta_bias[d] : scalar_t(0);
 
     // Tiles last to first; per state, recompute h_t from the tile's starting state, then
     // reverse-scan g_t = dL/dh_t = C_t dy_t + a_{t+1} g_{t+1}.
+    // This thread's share of the block sum: the same (dB or dC, step) entries every state.
+    int sum_src[SUM_ITERS], sum_t[SUM_ITERS];
+    bool sum_ok[SUM_ITERS];
+    scalar_t* sum_dst[SUM_ITERS];
+#pragma unroll
+    for (int j = 0; j < SUM_ITERS; ++j) {
+        const int p = threadIdx.x + j * WARPS * WARP, which = p / TILE, tl = p % TILE;
+        sum_ok[j] = p < 2 * TILE;
+        sum_t[j] = tl;
+        sum_src[j] = which * WARPS * ROW + PAD(tl);
+        sum_dst[j] = (which == 0 ? dB_part : dC_part) +
+                     ((long)b * gridDim.x + blockIdx.x) * N * L + tl;
+    }
     scalar_t dD_acc = 0, dbias_acc = 0;
+    int chunk = 0;  // chunks of B, C in processing order: tiles last to first, states in order
+    prefetch_bc(Bb, Cb, 0, min(NCHUNK, N), (ntiles - 1) * TILE, L, sm);
     for (int tile = ntiles - 1; tile >= 0; --tile) {
         const int t0 = tile * TILE;
-        stage_in(u + row, valid, t0, L, stg, lane, dtu);
-        stage_in(delta + row, valid, t0, L, stg, lane, dt);
-        prepare_delta(dt, valid, t0, L, lane, bias, softplus);
-        stage_in(dout + row, valid, t0, L, stg, lane, dy);
-        if (HAS_Z) stage_in(z + row, valid, t0, L, stg, lane, a);
+        tile_load(u + row, valid, t0, L, lane, dtu);  // every row's loads in flight at once
+        tile_load(delta + row, valid, t0, L, lane, dt);
+        tile_load(dout + row, valid, t0, L, lane, dy);
+        if (HAS_Z) tile_load(z + row, valid, t0, L, lane, a);
         for (int n = lane; n < N; n += WARP)  // this tile's starting states, from the forward
             car[n] = valid ? hs_row[(long)tile * N + n] : scalar_t(0);
-        __syncwarp();
+        tile_transpose(dtu, urow, lane);  // u stays in urow for the tile's end
+        tile_transpose(dt, stg, lane);
+        tile_transpose(dy, stg, lane);
+        if (HAS_Z) tile_transpose(a, stg, lane);
+        prepare_delta(dt, valid, t0, L, lane, bias, softplus, sprow + PAD(lane * ITEMS));
 #pragma unroll
         for (int i = 0; i < ITEMS; ++i) {
             // out = y silu(z): dL/dy = dout silu(z)
@@ -272,14 +365,22 @@ __device__ __forceinline__ void scan_bwd(
             S[i] = 0;
             E[i] = 0;
         }
-        for (int n0 = 0; n0 < N; n0 += NCHUNK) {
+        for (int n0 = 0; n0 < N; n0 += NCHUNK, ++chunk) {
             const int nc = min(NCHUNK, N - n0);
-            load_bc(Bb, Cb, n0, nc, t0, L, sm, true);
+            scalar_t* bc = sm + (chunk % 2) * 2 * NCHUNK * ROW;
+            cp_async_wait();  // this chunk's B, C have landed (copied during the last chunk),
+            __syncthreads();  // for every thread; and everyone is done with the other buffer
+            if (n0 + NCHUNK < N)  // start copying the next chunk, in processing order
+                prefetch_bc(Bb, Cb, n0 + NCHUNK, min(NCHUNK, N - n0 - NCHUNK), t0, L,
+                            sm + ((chunk + 1) % 2) * 2 * NCHUNK * ROW);
+            else if (tile > 0)
+                prefetch_bc(Bb, Cb, 0, min(NCHUNK, N), t0 - TILE, L,
+                            sm + ((chunk + 1) % 2) * 2 * NCHUNK * ROW);
             for (int k = 0; k < nc; ++k) {
                 const int n = n0 + k;
                 const scalar_t An2 = arow[n], An = An2 * scalar_t(1 / LOG2E);
-                const scalar_t* Bs = sm + k * ROW + lane * (ITEMS + 1);
-                const scalar_t* Cs = sm + (NCHUNK + k) * ROW + lane * (ITEMS + 1);
+                const scalar_t* Bs = bc + k * ROW + PAD(lane * ITEMS);
+                const scalar_t* Cs = bc + (NCHUNK + k) * ROW + PAD(lane * ITEMS);
                 const scalar_t h_carry = car[n], c_carry = gca[n];
                 scalar_t P = 1, Q = 0;
 #pragma unroll
@@ -312,7 +413,7 @@ __device__ __forceinline__ void scan_bwd(
                 scalar_t* rb = red + (n % 2) * 2 * WARPS * ROW;  // states alternate buffers
 #pragma unroll
                 for (int i = ITEMS - 1; i >= 0; --i) {
-                    const int s = lane * (ITEMS + 1) + i;
+                    const int s = PAD(lane * ITEMS) + i;
                     const scalar_t g = Cs[i] * dy[i] + c;         // g_t
                     const scalar_t hp = i > 0 ? h[i > 0 ? i - 1 : 0] : h_in;  // h_{t-1}
                     S[i] += g * Bs[i];                            // dL/d(delta_t B_t u_t)
@@ -323,31 +424,31 @@ __device__ __forceinline__ void scan_bwd(
                     E[i] += x * An;                               // d h_t / d delta_t, via a_t
                     dA_acc += x * dt[i];                          // dL/dA_n
                 }
-                dA_acc = warp_sum(dA_acc);
-                if (lane == 0) { gca[n] = c; dAs[n] += dA_acc; }
+                if (DA_LANES == 1) dA_acc = warp_sum(dA_acc);  // lane 0 holds the sum
+                if (lane < DA_LANES) dAl[n * DA_LANES + lane] += dA_acc;
+                if (lane == 0) gca[n] = c;
                 // The block adds its rows' dB, dC terms in warp order: one partial per block.
                 // One barrier per state: the next state writes the other buffer, and the
                 // one after waits at the next barrier for this sum to finish.
                 __syncthreads();
-                for (int p = threadIdx.x; p < 2 * TILE; p += blockDim.x) {
-                    const int which = p / TILE, tl = p % TILE, s = tl + tl / ITEMS;
-                    scalar_t acc = 0;
 #pragma unroll
-                    for (int w2 = 0; w2 < WARPS; ++w2) acc += rb[(which * WARPS + w2) * ROW + s];
-                    if (t0 + tl < L) {
-                        const long off = (((long)b * gridDim.x + blockIdx.x) * N + n) * L + t0 + tl;
-                        (which == 0 ? dB_part : dC_part)[off] = acc;
+                for (int j = 0; j < SUM_ITERS; ++j) {
+                    if (sum_ok[j]) {
+                        scalar_t acc = 0;
+#pragma unroll
+                        for (int w2 = 0; w2 < WARPS; ++w2) acc += rb[sum_src[j] + w2 * ROW];
+                        if (t0 + sum_t[j] < L) sum_dst[j][(long)n * L + t0] = acc;
                     }
                 }
             }
         }
         __syncthreads();  // the sums are done before staging reuses the buffers
-        stage_in(u + row, valid, t0, L, stg, lane, a);  // u again
+#pragma unroll
+        for (int i = 0; i < ITEMS; ++i) a[i] = urow[PAD(lane * ITEMS) + i];  // u again
 #pragma unroll
         for (int i = 0; i < ITEMS; ++i) {
             const bool past_end = t0 + lane * ITEMS + i >= L;
-            // softplus'(x) = sigmoid(x) = 1 - exp(-softplus(x))
-            const scalar_t sp = softplus ? -fexpm1(-dt[i]) : scalar_t(1);
+            const scalar_t sp = sprow[PAD(lane * ITEMS) + i];  // softplus'(delta + bias)
             E[i] = past_end ? scalar_t(0) : (a[i] * S[i] + E[i]) * sp;  // d delta_t
             S[i] = dt[i] * S[i] + Dd * dy[i];                             // du_t (+ skip D u)
             dbias_acc += E[i];
@@ -355,8 +456,10 @@ __device__ __forceinline__ void scan_bwd(
         stage_out(du + row, valid, t0, L, stg, lane, S);
         stage_out(ddelta + row, valid, t0, L, stg, lane, E);
         if (HAS_Z) {  // dL/dz = dout y silu'(z), silu'(z) = s (1 + z (1 - s))
-            stage_in(dout + row, valid, t0, L, stg, lane, a);
-            stage_in(z + row, valid, t0, L, stg, lane, h);
+            tile_load(dout + row, valid, t0, L, lane, a);
+            tile_load(z + row, valid, t0, L, lane, h);
+            tile_transpose(a, stg, lane);
+            tile_transpose(h, stg, lane);
 #pragma unroll
             for (int i = 0; i < ITEMS; ++i) {
                 const scalar_t sg = scalar_t(1) / (scalar_t(1) + fexp(-h[i]));
@@ -373,7 +476,10 @@ __device__ __forceinline__ void scan_bwd(
             dD_part[(long)b * d_inner + d] = dD_acc;
             dbias_part[(long)b * d_inner + d] = dbias_acc;
         }
-        for (int n = lane; n < N; n += WARP) dA_part[((long)b * d_inner + d) * N + n] = dAs[n];
+        for (int n = 0; n < N; ++n) {
+            const scalar_t s = warp_sum(lane < DA_LANES ? dAl[n * DA_LANES + lane] : scalar_t(0));
+            if (lane == 0) dA_part[((long)b * d_inner + d) * N + n] = s;
+        }
     }
 }
 
