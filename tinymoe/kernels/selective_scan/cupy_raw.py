@@ -1,8 +1,11 @@
 """Fused selective scan, forward and backward, as CuPy RawKernels (CUDA C in selective_scan.cu).
 
-The algorithm is numba_cuda.py's, line for line; this file only compiles the source for
-one configuration (dtype, items per lane, warps per block, states per B/C chunk), sizes
-the shared memory and launches. Inputs and outputs are CuPy arrays.
+The algorithm is numba_cuda.py's; the backward adds what Numba cannot express or fit in
+its 48 KB of shared memory (cp.async copies of the next B/C chunk, per-lane dA sums, rows
+of u and softplus' kept for the tile's end: docs/kernels.md, "Numba and CUDA C side by
+side"). This file only compiles the source for one configuration (dtype, items per lane,
+warps per block, states per B/C chunk, dA sums per warp), sizes the shared memory and
+launches. Inputs and outputs are CuPy arrays.
 """
 from __future__ import annotations
 
@@ -124,9 +127,10 @@ def selective_scan_bwd(dout, u, delta, A, B, C, D=None, z=None, delta_bias=None,
     du, ddelta = xp.empty_like(arrs[0]), xp.empty_like(arrs[0])
     dz = xp.empty_like(arrs[0]) if z is not None else arrs[6]
     dBC_part = xp.empty((2, batch, blocks, N, L), dtype)  # every entry written when L > 0
-    dA_part = xp.zeros((batch, d_inner, N), dtype)
-    dD_part = xp.zeros((batch, d_inner), dtype)
-    dbias_part = xp.zeros((batch, d_inner), dtype)
+    per_row = xp.empty if u.size else xp.zeros  # the kernel writes every row's partials
+    dA_part = per_row((batch, d_inner, N), dtype)
+    dD_part = per_row((batch, d_inner), dtype)
+    dbias_part = per_row((batch, d_inner), dtype)
     if u.size:
         smem = smem_bytes(cfg, N, np.dtype(dtype).itemsize, True)
         _launch("selective_scan_bwd", cfg, dtype, (blocks, batch), smem,

@@ -1,5 +1,7 @@
-// Fused selective scan, forward and backward, in CUDA C (twin of numba_cuda.py; the
-// same algorithm line for line, see that file's docstring and docs/kernels.md).
+// Fused selective scan, forward and backward, in CUDA C (twin of numba_cuda.py: the same
+// algorithm, see that file's docstring and docs/kernels.md; the backward here also copies
+// the next B/C chunk with cp.async while it uses this one, keeps dA sums per lane and the
+// tile's u and softplus' in shared memory: Numba has no cp.async and only 48 KB of it).
 //
 //   a_t = exp(delta_t A_n);  h_t = a_t h_{t-1} + delta_t B_t u_t;  y_t = C_t . h_t + D u_t
 //
