@@ -81,11 +81,16 @@ def run_in_simulator(fn, *args):
 
 def test_numba_cuda_scan_in_simulator():
     # two tiles (L=40 > 32), a chunk loop (N=3 > 2), an idle warp (d_inner=3, 2 warps),
-    # all options; then L = 1, batch 1, N = 1 with no options and a positive delta
+    # all options; then L = 1, batch 1, N = 1 with no options and a positive delta; then
+    # 2 items per lane (a pad word inside the staged rows) with 1 warp, whose threads each
+    # sum 4 of the block's 128 dB/dC entries; then 3 warps (96 threads for 128 entries:
+    # some threads' second entry is past the end, and a warp sums dB in its first entry and
+    # dC in its second) over two blocks, the second with two idle warps, and a partial tile
     run_in_simulator(_numba_cases, [
         ((1, 3, 40, 3), "Dzb", True, {}),
         ((1, 1, 1, 1), "", False, {}),
         ((2, 1, 5, 2), "z", True, dict(items=2, warps=1)),
+        ((1, 4, 100, 3), "Dzb", True, dict(items=2, warps=3)),
     ])
 
 

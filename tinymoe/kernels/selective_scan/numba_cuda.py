@@ -9,7 +9,8 @@ Work split (docs/kernels.md draws it):
 - one warp owns one (b, d) row; a block holds `warps` rows of the same b, so they share
   the B and C tiles staged in shared memory;
 - the row is cut into tiles of 32 * items steps; lane l holds steps l*items .. l*items +
-  items - 1 of the tile in registers (loaded coalesced through shared memory);
+  items - 1 of the tile in registers (loaded coalesced, then transposed through shared
+  memory);
 - each lane folds its steps into one affine map h -> P h + Q, a warp scan (5 shuffle
   rounds) composes the maps of the lanes before it, and a second pass over its items
   gives every h_t; the last lane's state carries into the next tile.
@@ -17,6 +18,29 @@ Nothing of size (batch, d_inner, L, N) is ever written. The backward recomputes 
 states: the forward stores only each tile's starting state (when asked: TileStates in
 common.py), then the backward walks the tiles last to first, recomputing each tile's
 states from its start, with a reverse scan for dL/dh.
+
+Shared memory: a tile row staged there holds step t at word t + t // 32 (pad: a pad word
+per 32 steps), so that warps reading 32 consecutive steps (global <-> shared copies, the
+block sum of dB/dC) and warps reading their lanes' items both meet no bank conflict.
+
+Twin of selective_scan.cu (CUDA C): the same algorithm, names and shared-memory layout,
+the same tile_load/tile_transpose staging (the backward issues all of a tile's global loads
+before any goes through shared memory) and the same block sum of dB/dC (each thread's
+entries fixed before the tile loop). The CUDA C backward opts in to more than 48 KB of
+shared memory and uses cp.async; Numba can do neither, so here the backward
+- loads each B/C chunk between two barriers (load_bc); the CUDA C copies the next chunk
+  with cp.async into a second chunk buffer while it uses this one;
+- sums dA over the warp every state (warp_sum, one sum per (warp, state) in shared
+  memory); the CUDA C keeps 32 running sums per (warp, state), one per lane, and sums the
+  warp once at the end (da_lanes; 1 per state where they do not fit, as here);
+- stages u in again at the tile's end and recomputes softplus' = -expm1(-delta') per
+  step; the CUDA C keeps rows of u and of softplus' in shared memory from the tile start;
+- runs 8 warps with 4 states per chunk in under 48 KB (BWD_CONFIG; 2 blocks per SM), where
+  the CUDA C runs 16 warps with 16 states per chunk.
+The forward is the same kernel in both; under 48 KB its chunk holds 8 states at N = 16 in
+float32 (fit_config), the CUDA C's 16. Both kernels take a_t = exp(delta_t A_n) with
+math.exp under fastmath, where the CUDA C takes 2^(delta_t A_n log2(e)) (ex2.approx.ftz in
+float32).
 
 Indices: hot array accesses read `a[at(i)]` (cuda_utils.at: the index as unsigned), which
 spares Numba's test for Python's negative indices on every access (see at's docstring).
@@ -33,7 +57,7 @@ import math
 from functools import lru_cache
 
 import numpy as np
-from numba import cuda, from_dtype
+from numba import cuda, from_dtype, types
 
 from ..cuda_utils import WARP, at, shfl_down, shfl_up, syncwarp
 from ...backend import array_module
@@ -53,47 +77,78 @@ _BOUNDS = "launch_bounds" in inspect.signature(cuda.jit).parameters
 def _kernels(np_dtype, items, warps, nchunk, min_blocks=1, has_z=False):
     """Compile-time constants (items per lane, warps per block, states per B/C chunk,
     whether z is given) make the per-lane arrays registers; one kernel pair each."""
+    if items < 1 or WARP % items:  # a lane's items must not straddle a pad word (see pad)
+        raise ValueError(f"selective_scan (Numba CUDA): items={items} must divide {WARP}")
     T = from_dtype(np.dtype(np_dtype))
     ZERO, ONE = np.dtype(np_dtype).type(0), np.dtype(np_dtype).type(1)
     TILE = WARP * items  # steps per tile
-    ROW = WARP * (items + 1)  # a staged tile, one pad word per lane: no bank conflicts
-    bounds = dict(launch_bounds=(warps * WARP, min_blocks)) if _BOUNDS else {}
+    ROW = TILE + TILE // WARP  # a staged tile: 32 * items steps and a pad word per 32 steps
+    BLOCK = warps * WARP  # threads per block
+    SUM_ITERS = (2 * TILE + BLOCK - 1) // BLOCK  # block-sum entries (dB or dC, step) per thread
+    bounds = dict(launch_bounds=(BLOCK, min_blocks)) if _BOUNDS else {}
+
+    @cuda.jit(device=True, inline=True)
+    def pad(t):
+        """The word of step t in a staged tile row: one pad word per 32 steps. Then a warp
+        reading 32 consecutive steps and a warp reading item i of every lane (lane l at
+        pad(l*items) + i) both touch 32 different banks. pad(l*items) + i = pad(l*items + i)
+        because items divides 32: a lane's steps never straddle a pad word. (As `//`, not
+        `>> 5`: Numba's shift on a signed int cost some 120 more SASS instructions per kernel.)"""
+        return t + t // WARP
+
+    @cuda.jit(device=True, inline=True)
+    def tile_load(src, b, d, valid, t0, L, lane, r):
+        """Staging a tile row into registers, in two steps so that several rows' global loads
+        can be in flight at once. tile_load: r[j] = src[b, d, t0 + j*32 + lane] (coalesced,
+        zero past L)."""
+        if valid and t0 + TILE <= L:  # a whole tile: no bounds tests
+            for j in range(items):
+                r[j] = src[at(b), at(d), at(t0 + j * WARP + lane)]
+        else:
+            for j in range(items):
+                t = t0 + j * WARP + lane
+                r[j] = src[at(b), at(d), at(t)] if (valid and t < L) else ZERO
+
+    @cuda.jit(device=True, inline=True)
+    def tile_transpose(r, sm, base, lane):
+        """Through the warp's row sm[base:base+ROW]: r[i] = step lane*items + i."""
+        for j in range(items):
+            sm[at(base + pad(j * WARP + lane))] = r[j]
+        syncwarp()
+        for i in range(items):
+            r[i] = sm[at(base + pad(lane * items) + i)]
+        syncwarp()
 
     @cuda.jit(device=True, inline=True)
     def stage_in(src, b, d, valid, t0, L, sm, base, lane, dst):
         """dst[i] = src[b, d, t0 + lane*items + i]: coalesced global reads, then each
         lane takes its consecutive steps out of shared memory (zero past L)."""
-        for j in range(items):
-            p = j * WARP + lane
-            t = t0 + p
-            sm[at(base + p + p // items)] = src[at(b), at(d), at(t)] if (valid and t < L) else ZERO
-        syncwarp()
-        for i in range(items):
-            dst[i] = sm[at(base + lane * (items + 1) + i)]
-        syncwarp()
+        tile_load(src, b, d, valid, t0, L, lane, dst)
+        tile_transpose(dst, sm, base, lane)
 
     @cuda.jit(device=True, inline=True)
     def stage_out(dst, b, d, valid, t0, L, sm, base, lane, src):
         """dst[b, d, t0 + lane*items + i] = src[i], written coalesced."""
         for i in range(items):
-            sm[at(base + lane * (items + 1) + i)] = src[i]
+            sm[at(base + pad(lane * items) + i)] = src[i]
         syncwarp()
         for j in range(items):
             p = j * WARP + lane
             t = t0 + p
             if valid and t < L:
-                dst[at(b), at(d), at(t)] = sm[at(base + p + p // items)]
+                dst[at(b), at(d), at(t)] = sm[at(base + pad(p))]
         syncwarp()
 
     @cuda.jit(device=True, inline=True)
     def load_bc(B, C, b, n0, nc, t0, L, sm, load_c):
-        """The block stages B[b, n0:n0+nc, tile] (and C) into shared memory, coalesced."""
+        """The block stages B[b, n0:n0+nc, tile] (and C) into shared memory, coalesced:
+        state k's row at k * ROW (C's at (nchunk + k) * ROW), step tl at pad(tl)."""
         cuda.syncthreads()
-        for p in range(cuda.threadIdx.x, nc * TILE, cuda.blockDim.x):
+        for p in range(cuda.threadIdx.x, nc * TILE, BLOCK):
             k = p // TILE
             tl = p % TILE
             t = t0 + tl
-            s = tl + tl // items
+            s = pad(tl)
             sm[at(k * ROW + s)] = B[at(b), at(n0 + k), at(t)] if t < L else ZERO
             if load_c:
                 sm[at((nchunk + k) * ROW + s)] = C[at(b), at(n0 + k), at(t)] if t < L else ZERO
@@ -122,7 +177,7 @@ def _kernels(np_dtype, items, warps, nchunk, min_blocks=1, has_z=False):
         while k < WARP:
             Qn = shfl_down(Q, k)
             Pn = shfl_down(P, k) if k < WARP // 2 else ONE
-            if lane + k < WARP:
+            if lane < WARP - k:  # lane + k < 32: one compare with an immediate
                 Q = P * Qn + Q
                 P = P * Pn
             k *= 2
@@ -191,7 +246,7 @@ def _kernels(np_dtype, items, warps, nchunk, min_blocks=1, has_z=False):
                 load_bc(B, C, b, n0, nc, t0, L, sm, True)
                 for k in range(nc):
                     An = sm[at(arow + n0 + k)]
-                    bs = k * ROW + lane * (items + 1)  # this lane's B_t[n], then C_t[n]
+                    bs = k * ROW + pad(lane * items)  # this lane's B_t[n], then C_t[n]
                     cs = bs + nchunk * ROW
                     h_carry = sm[at(car + n0 + k)]
                     P, Q = ONE, ZERO  # this lane's steps folded: h_out = P h_in + Q
@@ -221,7 +276,8 @@ def _kernels(np_dtype, items, warps, nchunk, min_blocks=1, has_z=False):
             dB_part, dC_part, dA_part, dD_part, dbias_part, has_D, has_bias, use_softplus):
         """hs[b, d, tile, n]: the state entering each tile, from the forward. Per row,
         registers hold per step: delta_t, delta_t u_t, dy_t, the sums over states
-        S_t = sum_n g_t[n] B_t[n] and E_t = sum_n g_t[n] h_{t-1}[n] A_n a_t[n] (then du_t = delta_t S_t + D dy_t, d delta_t = (u_t S_t + E_t) softplus'), and per
+        S_t = sum_n g_t[n] B_t[n] and E_t = sum_n g_t[n] h_{t-1}[n] A_n a_t[n] (then
+        du_t = delta_t S_t + D dy_t, d delta_t = (u_t S_t + E_t) softplus'), and per
         state a_t, h_t. has_z is a compile-time constant: without z, y is not recomputed."""
         b = cuda.blockIdx.y
         w = cuda.threadIdx.x // WARP
@@ -234,10 +290,15 @@ def _kernels(np_dtype, items, warps, nchunk, min_blocks=1, has_z=False):
         N = A.shape[1]
         ntiles = (L + TILE - 1) // TILE
         sm = cuda.shared.array(0, T)
-        red = 2 * nchunk * ROW  # (2 buffers, 2, warps, ROW): dB, dC terms; also staging
-        stg = red + w * ROW
+        # shared memory: a B/C chunk (2 nchunk rows); (2 buffers, 2, warps, ROW) dB, dC
+        # terms, whose 4 rows of this warp are also its staging rows; per-warp carries, A, dA.
+        red = 2 * nchunk * ROW
+        stg = red + w * ROW  # staging row 0 (u, then the tile's outputs); 1, 2, 3 below
+        stg1 = red + (warps + w) * ROW  # delta, then z at the tile's end
+        stg2 = red + (2 * warps + w) * ROW  # dout
+        stg3 = red + (3 * warps + w) * ROW  # z
         car = red + 4 * warps * ROW + w * N  # the tile's starting h[n]
-        gca = car + warps * N  # carried a_t dL/dh_t[n]
+        gca = car + warps * N  # carried a_{t+1} g_{t+1}[n]
         dAs = gca + warps * N  # dA[n] of this row
         arow = dAs + warps * N  # this row's A[d, :], read once
         dt = cuda.local.array(items, T)
@@ -254,21 +315,43 @@ def _kernels(np_dtype, items, warps, nchunk, min_blocks=1, has_z=False):
             sm[at(arow + n)] = A[d, n]
         Dd = D[d] if has_D else ZERO
 
+        # This thread's share of the block sum: the same (dB or dC, step) entries every
+        # state. Entry p = threadIdx.x + j * BLOCK of the 2 * TILE: its word in a dB/dC
+        # buffer, its step tl and its destination, row (b, block) of dB_part or dC_part.
+        sum_ok = cuda.local.array(SUM_ITERS, types.boolean)  # p < 2 * TILE
+        sum_c = cuda.local.array(SUM_ITERS, types.boolean)  # a dC entry (else dB)
+        sum_src = cuda.local.array(SUM_ITERS, types.int32)
+        sum_t = cuda.local.array(SUM_ITERS, types.int32)
+        for j in range(SUM_ITERS):
+            p = cuda.threadIdx.x + j * BLOCK
+            which = p // TILE
+            tl = p % TILE
+            sum_ok[j] = p < 2 * TILE
+            sum_c[j] = which != 0
+            sum_t[j] = tl
+            sum_src[j] = which * warps * ROW + pad(tl)
+        dB_blk = dB_part[b, cuda.blockIdx.x]  # (N, L): this block's partial sums
+        dC_blk = dC_part[b, cuda.blockIdx.x]
+
         # Tiles last to first; per state, recompute h_t from the tile's starting state, then
         # reverse-scan g_t = dL/dh_t = C_t dy_t + a_{t+1} g_{t+1}.
         dD_acc = ZERO
         dbias_acc = ZERO
         for tile in range(ntiles - 1, -1, -1):
             t0 = tile * TILE
-            stage_in(u, b, d, valid, t0, L, sm, stg, lane, dtu)
-            stage_in(delta, b, d, valid, t0, L, sm, stg, lane, dt)
-            prepare_delta(dt, d, valid, t0, L, lane, delta_bias, has_bias, use_softplus)
-            stage_in(dout, b, d, valid, t0, L, sm, stg, lane, dy)
+            tile_load(u, b, d, valid, t0, L, lane, dtu)  # every row's loads in flight at once
+            tile_load(delta, b, d, valid, t0, L, lane, dt)
+            tile_load(dout, b, d, valid, t0, L, lane, dy)
             if has_z:
-                stage_in(z, b, d, valid, t0, L, sm, stg, lane, a)
+                tile_load(z, b, d, valid, t0, L, lane, a)
             for n in range(lane, N, WARP):  # this tile's starting states, from the forward
                 sm[at(car + n)] = hs[at(b), at(d), at(tile), at(n)] if valid else ZERO
-            syncwarp()
+            tile_transpose(dtu, sm, stg, lane)  # (its syncwarp also publishes car)
+            tile_transpose(dt, sm, stg1, lane)
+            tile_transpose(dy, sm, stg2, lane)
+            if has_z:
+                tile_transpose(a, sm, stg3, lane)
+            prepare_delta(dt, d, valid, t0, L, lane, delta_bias, has_bias, use_softplus)
             for i in range(items):
                 if has_z:  # out = y silu(z): dL/dy = dout silu(z)
                     dy[i] *= a[i] / (ONE + math.exp(-a[i]))
@@ -283,7 +366,7 @@ def _kernels(np_dtype, items, warps, nchunk, min_blocks=1, has_z=False):
                 for k in range(nc):
                     n = n0 + k
                     An = sm[at(arow + n)]
-                    bs = k * ROW + lane * (items + 1)
+                    bs = k * ROW + pad(lane * items)
                     cs = bs + nchunk * ROW
                     h_carry = sm[at(car + n)]
                     c_carry = sm[at(gca + n)]
@@ -316,7 +399,7 @@ def _kernels(np_dtype, items, warps, nchunk, min_blocks=1, has_z=False):
                     dA_acc = ZERO
                     rb = red + (n % 2) * 2 * warps * ROW  # states alternate buffers
                     for i in range(items - 1, -1, -1):
-                        s = lane * (items + 1) + i
+                        s = pad(lane * items) + i
                         g = sm[at(cs + i)] * dy[i] + c  # g_t
                         hp = h[i - 1] if i > 0 else h_in  # h_{t-1}
                         S[i] += g * sm[at(bs + i)]  # dL/d(delta_t B_t u_t)
@@ -334,18 +417,17 @@ def _kernels(np_dtype, items, warps, nchunk, min_blocks=1, has_z=False):
                     # One barrier per state: the next state writes the other buffer, and
                     # the one after waits at the next barrier for this sum to finish.
                     cuda.syncthreads()
-                    for p in range(cuda.threadIdx.x, 2 * TILE, cuda.blockDim.x):
-                        which = p // TILE
-                        tl = p % TILE
-                        s = tl + tl // items
-                        acc = ZERO
-                        for w2 in range(warps):
-                            acc += sm[at(rb + (which * warps + w2) * ROW + s)]
-                        if t0 + tl < L:
-                            if which == 0:
-                                dB_part[at(b), at(cuda.blockIdx.x), at(n), at(t0 + tl)] = acc
-                            else:
-                                dC_part[at(b), at(cuda.blockIdx.x), at(n), at(t0 + tl)] = acc
+                    for j in range(SUM_ITERS):
+                        if sum_ok[j]:
+                            acc = ZERO
+                            for w2 in range(warps):
+                                acc += sm[at(rb + sum_src[j] + w2 * ROW)]
+                            t = t0 + sum_t[j]
+                            if t < L:
+                                if sum_c[j]:
+                                    dC_blk[at(n), at(t)] = acc
+                                else:
+                                    dB_blk[at(n), at(t)] = acc
             cuda.syncthreads()  # the sums are done before staging reuses the buffers
             stage_in(u, b, d, valid, t0, L, sm, stg, lane, a)  # u again
             for i in range(items):
@@ -358,8 +440,10 @@ def _kernels(np_dtype, items, warps, nchunk, min_blocks=1, has_z=False):
             stage_out(du, b, d, valid, t0, L, sm, stg, lane, S)
             stage_out(ddelta, b, d, valid, t0, L, sm, stg, lane, E)
             if has_z:  # dL/dz = dout y silu'(z), silu'(z) = s (1 + z (1 - s))
-                stage_in(dout, b, d, valid, t0, L, sm, stg, lane, a)
-                stage_in(z, b, d, valid, t0, L, sm, stg, lane, h)
+                tile_load(dout, b, d, valid, t0, L, lane, a)
+                tile_load(z, b, d, valid, t0, L, lane, h)
+                tile_transpose(a, sm, stg, lane)
+                tile_transpose(h, sm, stg1, lane)
                 for i in range(items):
                     sg = ONE / (ONE + math.exp(-h[i]))
                     y[i] = a[i] * y[i] * sg * (ONE + h[i] * (ONE - sg))
@@ -415,8 +499,12 @@ def fit_config(config, defaults, N, itemsize, bwd, limit=SMEM_LIMIT, smem=None):
 
 
 def smem_bytes(cfg, N, itemsize, bwd):
-    """B/C chunk + staging (or the backward's dB/dC rows) + per-(warp, state) carries and A."""
-    row = WARP * (cfg["items"] + 1)
+    """Dynamic shared memory of one block of this twin's kernels (cupy_raw.py sizes its own):
+    a B/C chunk (2 * nchunk rows), then a staging row per warp (the backward: its
+    (2 buffers, 2, warps) dB/dC rows, also its staging rows), then per (warp, state) the
+    carries and A (the backward: h and g carries, dA and A). A staged tile row is 32 * items
+    steps plus a pad word per 32 steps."""
+    row = (WARP + 1) * cfg["items"]
     if bwd:
         return (2 * cfg["nchunk"] * row + 4 * cfg["warps"] * row + 4 * cfg["warps"] * N) * itemsize
     return (2 * cfg["nchunk"] * row + cfg["warps"] * row + 2 * cfg["warps"] * N) * itemsize
