@@ -32,7 +32,7 @@ cp = tinymoe.backend.cupy()
 nan = float("nan")
 # --sweep: launch shapes (items per lane, warps per block, states per chunk, min blocks/SM)
 FWD_SWEEP = [(8, 8, 16, 4), (4, 16, 16, 2), (8, 16, 8, 2)]
-BWD_SWEEP = [(8, 16, 8, 1), (8, 8, 8, 2), (8, 8, 16, 1), (4, 16, 16, 2)]
+BWD_SWEEP = [(8, 16, 16, 1), (8, 8, 8, 2), (8, 8, 16, 1), (4, 16, 16, 2)]
 NUMBA_FWD_SWEEP = [(8, 8, 16, 4), (4, 16, 16, 2)]
 NUMBA_BWD_SWEEP = [(8, 8, 2, 2), (4, 16, 4, 2), (8, 4, 8, 4)]
 

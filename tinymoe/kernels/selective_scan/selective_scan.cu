@@ -40,6 +40,7 @@
 // (lane l at l * ITEMS + l * ITEMS / 32 + i) both touch 32 different banks.
 #define ROW (TILE + TILE / WARP)
 #define PAD(t) ((t) + (t) / WARP)
+static_assert(WARP % ITEMS == 0, "ITEMS must divide 32: a lane's steps never straddle a pad word");
 #define FULL 0xffffffffu
 #define BLOCK (WARPS * WARP)  // threads per block
 #define SUM_ITERS ((2 * TILE + WARPS * WARP - 1) / (WARPS * WARP))  // block-sum entries per thread
