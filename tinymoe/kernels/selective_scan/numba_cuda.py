@@ -36,7 +36,7 @@ shared memory and uses cp.async; Numba can do neither, so here the backward
 - stages u in again at the tile's end and recomputes softplus' = -expm1(-delta') per
   step; the CUDA C keeps rows of u and of softplus' in shared memory from the tile start;
 - runs 8 warps with 4 states per chunk in under 48 KB (BWD_CONFIG; 2 blocks per SM), where
-  the CUDA C runs 16 warps with 16 states per chunk.
+  the CUDA C runs 16 warps with 8 states per chunk (in two chunk buffers).
 The forward is the same kernel in both; under 48 KB its chunk holds 8 states at N = 16 in
 float32 (fit_config), the CUDA C's 16. Both kernels take a_t = exp(delta_t A_n) with
 math.exp under fastmath, where the CUDA C takes 2^(delta_t A_n log2(e)) (ex2.approx.ftz in
