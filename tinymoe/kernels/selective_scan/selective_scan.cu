@@ -43,7 +43,7 @@
 static_assert(WARP % ITEMS == 0, "ITEMS must divide 32: a lane's steps never straddle a pad word");
 #define FULL 0xffffffffu
 #define BLOCK (WARPS * WARP)  // threads per block
-#define SUM_ITERS ((2 * TILE + WARPS * WARP - 1) / (WARPS * WARP))  // block-sum entries per thread
+#define SUM_ITERS ((2 * TILE + BLOCK - 1) / BLOCK)  // block-sum entries (dB or dC, step) per thread
 
 #define LOG2E 1.4426950408889634
 
@@ -202,7 +202,7 @@ __device__ __forceinline__ void prepare_delta(scalar_t* dt, bool valid, int t0, 
     }
 }
 
-extern "C" __global__ void __launch_bounds__(WARPS * WARP, MIN_BLOCKS)
+extern "C" __global__ void __launch_bounds__(BLOCK, MIN_BLOCKS)
 selective_scan_fwd(const scalar_t* __restrict__ u, const scalar_t* __restrict__ delta,
                    const scalar_t* __restrict__ A, const scalar_t* __restrict__ B,
                    const scalar_t* __restrict__ C, const scalar_t* __restrict__ D,
@@ -327,15 +327,13 @@ __device__ __forceinline__ void scan_bwd(
     const scalar_t Dd = has_D ? D[d] : scalar_t(0);
     const scalar_t bias = has_bias ? delta_bias[d] : scalar_t(0);
 
-    // Tiles last to first; per state, recompute h_t from the tile's starting state, then
-    // reverse-scan g_t = dL/dh_t = C_t dy_t + a_{t+1} g_{t+1}.
     // This thread's share of the block sum: the same (dB or dC, step) entries every state.
     int sum_src[SUM_ITERS], sum_t[SUM_ITERS];
     bool sum_ok[SUM_ITERS];
     scalar_t* sum_dst[SUM_ITERS];
 #pragma unroll
     for (int j = 0; j < SUM_ITERS; ++j) {
-        const int p = threadIdx.x + j * WARPS * WARP, which = p / TILE, tl = p % TILE;
+        const int p = threadIdx.x + j * BLOCK, which = p / TILE, tl = p % TILE;
         sum_ok[j] = p < 2 * TILE;
         sum_t[j] = tl;
         sum_src[j] = which * WARPS * ROW + PAD(tl);
@@ -345,9 +343,12 @@ __device__ __forceinline__ void scan_bwd(
     scalar_t dD_acc = 0, dbias_acc = 0;
     int chunk = 0;  // chunks of B, C in processing order: tiles last to first, states in order
     prefetch_bc(Bb, Cb, 0, min(NCHUNK, N), (ntiles - 1) * TILE, L, sm);
+
+    // Tiles last to first; per state, recompute h_t from the tile's starting state, then
+    // reverse-scan g_t = dL/dh_t = C_t dy_t + a_{t+1} g_{t+1}.
     for (int tile = ntiles - 1; tile >= 0; --tile) {
         const int t0 = tile * TILE;
-        tile_load(u + row, valid, t0, L, lane, dtu);  // every row's loads in flight at once
+        tile_load(u + row, valid, t0, L, lane, dtu);  // all of the tile's loads in flight at once
         tile_load(delta + row, valid, t0, L, lane, dt);
         tile_load(dout + row, valid, t0, L, lane, dy);
         if (HAS_Z) tile_load(z + row, valid, t0, L, lane, a);
@@ -486,7 +487,7 @@ __device__ __forceinline__ void scan_bwd(
     }
 }
 
-extern "C" __global__ void __launch_bounds__(WARPS * WARP, MIN_BLOCKS)
+extern "C" __global__ void __launch_bounds__(BLOCK, MIN_BLOCKS)
 selective_scan_bwd(const scalar_t* __restrict__ dout, const scalar_t* __restrict__ u,
                    const scalar_t* __restrict__ delta, const scalar_t* __restrict__ A,
                    const scalar_t* __restrict__ B, const scalar_t* __restrict__ C,
