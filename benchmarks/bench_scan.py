@@ -5,7 +5,8 @@
 All in one run, float32, Mamba's options (D, delta_bias, delta_softplus; no z):
 - tinymoe `cupy` (CUDA C RawKernel) and `numba_cuda`, forward and forward+backward, as
   training runs them: the forward keeps each tile's starting state, the backward starts
-  from them (the backward alone, recomputing them, is timed too);
+  from them (the backward alone, recomputing them, is timed too), and the same with z
+  (Mamba's gate, out = y silu(z): the block's real call; the backward recomputes y);
 - tinymoe `reference` on CuPy (a Python loop over L, one set of CuPy ops per step);
 - PyTorch: the same sequential loop in eager mode (autograd for the backward);
 - JAX: `lax.associative_scan` over (a_t, b_t) pairs, jitted (jax.vjp for the backward).
@@ -157,6 +158,7 @@ def main():
     print(f"HBM floor: forward {floor_f:.3f} ms, backward {floor_b:.3f} ms")
 
     rows = []
+    z = cp.random.default_rng(1).standard_normal(u.shape, dtype=cp.float32)  # (batch, d_inner, L)
     ref_out = reference.selective_scan_fwd(u, delta, A, B, C, D, None, bias, True)
     for name, mod in (("cupy", cupy_raw), ("numba_cuda", numba_cuda)):
         out, states = mod.selective_scan_fwd(u, delta, A, B, C, **kw, return_states=True)
@@ -166,6 +168,11 @@ def main():
         alone_ms = gpu_ms(lambda: mod.selective_scan_bwd(dout, u, delta, A, B, C, **kw))
         rows.append((f"tinymoe {name}", f_ms, f_ms + b_ms, b_ms, err))
         rows.append((f"  {name} bwd recomputing the states", nan, nan, alone_ms, nan))
+        kz = dict(kw, z=z)
+        _, states_z = mod.selective_scan_fwd(u, delta, A, B, C, **kz, return_states=True)
+        fz_ms = gpu_ms(lambda: mod.selective_scan_fwd(u, delta, A, B, C, **kz, return_states=True))
+        bz_ms = gpu_ms(lambda: mod.selective_scan_bwd(dout, u, delta, A, B, C, **kz, states=states_z))
+        rows.append((f"  {name} with z", fz_ms, fz_ms + bz_ms, bz_ms, nan))
     if a.sweep:  # other launch shapes of the CUDA C kernels (nchunk shrinks to fit 48 KB)
         for items, warps, nchunk, mb in FWD_SWEEP:
             cfg = dict(items=items, warps=warps, nchunk=nchunk, min_blocks=mb)
