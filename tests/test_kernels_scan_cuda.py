@@ -94,6 +94,23 @@ def test_numba_cuda_scan_in_simulator():
     ])
 
 
+@pytest.mark.parametrize("itemsize", [4, 8])
+@pytest.mark.parametrize("N", [1, 16, 64, 256])
+def test_cuda_c_backward_shape_fits_shared_memory(N, itemsize):
+    """The CUDA C backward keeps 32 dA sums per state and warp where the block fits with
+    them (float32 at Mamba's N = 16, the benchmark's shape), one per state beyond; either
+    way the block's shared memory stays within what a Hopper block can opt into."""
+    from tinymoe.kernels.selective_scan import cupy_raw
+    cfg = cupy_raw.bwd_config(None, N, itemsize)
+    assert cupy_raw.smem_bytes(cfg, N, itemsize, True) <= cupy_raw.SMEM_OPT_IN
+    if (N, itemsize) == (16, 4):
+        assert cfg == cupy_raw.BWD_CONFIG  # da_lanes 32, the swept shape unchanged
+    if N >= 64:
+        assert cfg["da_lanes"] == 1
+    with pytest.raises(ValueError, match="items=3 must divide 32"):
+        cupy_raw.nvcc_options(np.float32, 3, 16, 8)
+
+
 # ------------------------------------------------------------------------ on a GPU
 GPU_CASES = [
     ((2, 37, 300, 5), "Dzb", True),    # d_inner, L not multiples of the block / tile
