@@ -140,8 +140,8 @@ def _kernels(np_dtype, items, warps, nchunk, min_blocks=1, has_z=False):
         syncwarp()
 
     @cuda.jit(device=True, inline=True)
-    def load_bc(B, C, b, n0, nc, t0, L, sm, load_c):
-        """The block stages B[b, n0:n0+nc, tile] (and C) into shared memory, coalesced:
+    def load_bc(B, C, b, n0, nc, t0, L, sm):
+        """The block stages B[b, n0:n0+nc, tile] and C into shared memory, coalesced:
         state k's row at k * ROW (C's at (nchunk + k) * ROW), step tl at pad(tl)."""
         cuda.syncthreads()
         for p in range(cuda.threadIdx.x, nc * TILE, BLOCK):
@@ -150,8 +150,7 @@ def _kernels(np_dtype, items, warps, nchunk, min_blocks=1, has_z=False):
             t = t0 + tl
             s = pad(tl)
             sm[at(k * ROW + s)] = B[at(b), at(n0 + k), at(t)] if t < L else ZERO
-            if load_c:
-                sm[at((nchunk + k) * ROW + s)] = C[at(b), at(n0 + k), at(t)] if t < L else ZERO
+            sm[at((nchunk + k) * ROW + s)] = C[at(b), at(n0 + k), at(t)] if t < L else ZERO
         cuda.syncthreads()
 
     @cuda.jit(device=True, inline=True)
@@ -243,7 +242,7 @@ def _kernels(np_dtype, items, warps, nchunk, min_blocks=1, has_z=False):
                 uu[i] *= dt[i]  # from here on uu holds delta_t u_t
             for n0 in range(0, N, nchunk):
                 nc = min(nchunk, N - n0)
-                load_bc(B, C, b, n0, nc, t0, L, sm, True)
+                load_bc(B, C, b, n0, nc, t0, L, sm)
                 for k in range(nc):
                     An = sm[at(arow + n0 + k)]
                     bs = k * ROW + pad(lane * items)  # this lane's B_t[n], then C_t[n]
@@ -362,7 +361,7 @@ def _kernels(np_dtype, items, warps, nchunk, min_blocks=1, has_z=False):
                 E[i] = ZERO
             for n0 in range(0, N, nchunk):
                 nc = min(nchunk, N - n0)
-                load_bc(B, C, b, n0, nc, t0, L, sm, True)
+                load_bc(B, C, b, n0, nc, t0, L, sm)
                 for k in range(nc):
                     n = n0 + k
                     An = sm[at(arow + n)]
