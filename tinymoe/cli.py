@@ -4,6 +4,7 @@
     python -m tinymoe train --model gpt --steps 500 --data notes.txt
     python -m tinymoe train --router switch --experts 16 --top-k 1 --capacity-factor 1.0
     python -m tinymoe generate --checkpoint runs/moe-gpt/ckpt.safetensors --prompt "def "
+    python -m tinymoe generate --pretrained state-spaces/mamba-130m-hf --prompt "The"
     python -m tinymoe.distributed.launch --nproc 2 -m tinymoe train --expert-parallel
     mpiexec -n 2 python -m tinymoe train --expert-parallel --backend mpi
 
@@ -119,7 +120,10 @@ def run_train(args):
 
 
 def add_generate_arguments(p):
-    p.add_argument("--checkpoint", required=True)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a checkpoint written by `tinymoe train`")
+    source.add_argument("--pretrained", metavar="PATH_OR_ID",
+                        help="a Hugging Face model folder or Hub repo id (docs/pretrained.md)")
     p.add_argument("--prompt", default="class ")
     p.add_argument("--max-new-tokens", type=int, default=300)
     p.add_argument("--temperature", type=float, default=1.0)
@@ -133,11 +137,37 @@ def run_generate(args):
     from .data import decode, encode
     from .train import load_model
 
+    if args.pretrained:
+        return run_generate_pretrained(args)
     model = load_model(args.checkpoint)
     manual_seed(args.seed)
     ids = model.generate(encode(args.prompt)[None], args.max_new_tokens, args.temperature,
                          args.top_k, use_cache=not args.no_cache)
     print(decode(ids[0]))
+    return 0
+
+
+def run_generate_pretrained(args):
+    """generate --pretrained: the model and, where the folder has one, its own tokenizer."""
+    from . import data
+    from .backend import manual_seed
+    from .models.gpt import GPT
+    from .models.pretrained import from_pretrained, load_tokenizer
+
+    model = from_pretrained(args.pretrained)
+    tokenizer = load_tokenizer(args.pretrained)
+    if tokenizer is None:
+        if model.config.vocab_size != data.VOCAB_SIZE:
+            raise ValueError(f"{args.pretrained} has no tokenizer.json, and its vocabulary of "
+                             f"{model.config.vocab_size} is not bytes: add the model's tokenizer.json")
+        print(f"tinymoe generate: {args.pretrained} has no tokenizer.json; using the byte tokenizer",
+              file=sys.stderr)
+        tokenizer = data
+    manual_seed(args.seed)
+    cache = {"use_cache": not args.no_cache} if isinstance(model, GPT) else {}  # Mamba: recurrent
+    ids = model.generate(tokenizer.encode(args.prompt)[None], args.max_new_tokens,
+                         args.temperature, args.top_k, **cache)
+    print(tokenizer.decode(ids[0]))
     return 0
 
 

@@ -183,10 +183,10 @@ class GPT(RemembersLastLoss, Module):
                 loss = loss + moe.aux_loss
         return logits, loss
 
-    def save_pretrained(self, path, max_shard_bytes: int | None = None):
+    def save_pretrained(self, path, max_shard_bytes: int | None = None) -> list:
         """Write a Hugging Face MixtralForCausalLM folder (docs/pretrained.md)."""
         from .pretrained import save_pretrained
-        save_pretrained(self, path, max_shard_bytes)
+        return save_pretrained(self, path, max_shard_bytes)
 
     def stats(self) -> dict:
         """Router statistics of the last forward, per MoE block: {"layer3": {...}, ...}."""

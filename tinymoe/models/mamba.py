@@ -107,10 +107,10 @@ class MambaLM(RemembersLastLoss, Module):
     def stats(self) -> dict:
         return {}
 
-    def save_pretrained(self, path, max_shard_bytes: int | None = None):
+    def save_pretrained(self, path, max_shard_bytes: int | None = None) -> list:
         """Write a Hugging Face MambaForCausalLM folder (docs/pretrained.md)."""
         from .pretrained import save_pretrained
-        save_pretrained(self, path, max_shard_bytes)
+        return save_pretrained(self, path, max_shard_bytes)
 
     # ----------------------------------------------------------- recurrent mode
     def allocate_state(self, batch: int):
