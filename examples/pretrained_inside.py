@@ -45,7 +45,7 @@ def tokenizer_for(model, path):
 
 def tokens(tokenizer, text):
     ids = tokenizer.encode(text)[:MAX_TOKENS]
-    labels = [tokenizer.decode([i]).replace("\n", "\\n") or "?" for i in ids]
+    labels = [tokenizer.decode([i]).replace("\n", "\\n").replace(" ", "␣") or "?" for i in ids]
     return ids[None], labels                                              # (1, L)
 
 
@@ -86,7 +86,8 @@ def plot_mamba(deltas, labels, layer, path):
     fig.colorbar(im, ax=top)
     means = np.stack([d.mean(axis=0) for d in deltas])                   # (layers, L)
     im = bottom.imshow(np.log10(means), aspect="auto", cmap="viridis", interpolation="nearest")
-    bottom.set(title="mean Delta over the channels (log10)", ylabel="layer")
+    bottom.set(title="mean Delta over the channels (log10)", ylabel="layer",
+               yticks=range(0, len(deltas), max(1, len(deltas) // 8)))
     fig.colorbar(im, ax=bottom)
     for ax in (top, bottom):
         ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
@@ -104,7 +105,8 @@ def plot_experts(choices, labels, num_experts, path):
     for (i, t), e in np.ndenumerate(first):
         ax.text(t, i, ",".join(str(x) for x in choices[i][t]), ha="center", va="center", fontsize=6)
     ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
-    ax.set(title="experts of each token (first choice coloured, all k written)", ylabel="layer")
+    ax.set(title="experts of each token (first choice coloured, all k written)", ylabel="layer",
+           yticks=range(len(choices)))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
