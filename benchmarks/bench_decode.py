@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("NUMBA_CUDA_ARRAY_INTERFACE_SYNC", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")      # everything is local: no hub kernels, no lookups
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch", reason="the parity extra installs torch (CPU)")
-transformers = pytest.importorskip("transformers", reason="the parity extra installs transformers")
+transformers = pytest.importorskip("transformers", minversion="5.0",
+                                   reason="the parity extra installs transformers 5")
 
 import hf_tiny  # noqa: E402
 from tinymoe.models import build_model, from_pretrained  # noqa: E402
