@@ -2,8 +2,11 @@
 untied head: gradchecks, relative positions, cached decoding, defaults unchanged."""
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import tinymoe as tm
+from strategies import leaf, shapes
 from tinymoe.models import GPT, MambaConfig, MambaLM
 from tinymoe.nn.attention import KVCache, MultiHeadAttention
 from tinymoe.nn.rope import Rotary, apply_rope, rope_angles
@@ -16,6 +19,13 @@ LLAMA = dict(position="rope", norm="rmsnorm", tie_embeddings=False, activation="
 def test_rope_gradcheck(shape, start):
     x = tm.tensor(np.random.default_rng(0).standard_normal(shape), requires_grad=True)
     tm.gradcheck(lambda x: apply_rope(x, start, base=10.0), [x])
+
+
+@settings(max_examples=15, deadline=None)
+@given(shapes(1, 3), st.sampled_from([2, 4, 6]), st.integers(0, 50))
+def test_rope_gradcheck_on_drawn_shapes(lead, d_head, start):
+    x = leaf(lead + (d_head,))                           # (..., L, d_head): L = lead[-1]
+    tm.gradcheck(lambda x: apply_rope(x, start, base=100.0), [x])
 
 
 def test_rope_is_a_rotation_that_sees_relative_positions():
