@@ -221,3 +221,16 @@ def test_example_looks_inside_tiny_pretrained_models(tmp_path):
     for name in ("mamba_delta.png", "mixtral_experts.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0, name
     assert "layer" in run.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["mamba", "mixtral"])
+def test_a_loaded_model_runs_and_saves_on_the_gpu(kind, tmp_path):
+    from tinymoe import backend
+    hf_tiny.checkpoint(kind, tmp_path / "hf")
+    cpu, gpu = from_pretrained(tmp_path / "hf"), from_pretrained(tmp_path / "hf", device="cuda")
+    np.testing.assert_allclose(backend.to_numpy(gpu(IDS)[0].data), cpu(IDS)[0].numpy(), rtol=1e-4, atol=1e-4)
+    assert gpu.generate(IDS[:, :3], 4, temperature=0).shape == (2, 7)
+    gpu.save_pretrained(tmp_path / "back")
+    back = state_of(from_pretrained(tmp_path / "back"))
+    assert all(np.array_equal(back[k], v) for k, v in state_of(cpu).items())
