@@ -6,7 +6,10 @@ Transformer finding (Fedus et al. 2021, Fig. 1 and 4): more experts, lower loss 
 same step. Also prints a table of parameters vs. FLOPs per token, like the lecture's
 T5 / Switch table (tinymoe.accounting).
 
-    python examples/scaling_experts.py --quick
+    python examples/scaling_experts.py --quick      # -> runs/scaling_experts/scaling_experts.png
+    python examples/scaling_experts.py --out docs/img   # refreshes the figure of docs/moe.md
+
+The figure goes to --out; the training runs to runs/scaling_experts/ always.
 """
 import argparse
 import os
@@ -30,7 +33,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--out", default="docs/img")
+    p.add_argument("--out", default="runs/scaling_experts",
+                   help="folder for scaling_experts.png (created; default %(default)s)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = p.parse_args()
     steps = args.steps or (1000 if args.quick else 3000)
