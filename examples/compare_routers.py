@@ -61,7 +61,8 @@ def main():
                 eval_interval=max(steps // 6, 1), eval_batches=4, log_interval=10,
                 checkpoint_interval=10**9, sample_tokens=0, plots=False, progress=False,
                 device=args.device,
-                out_dir="runs/compare_routers", max_corpus_bytes=4_000_000)
+                out_dir="runs/compare_routers", overwrite=True,   # each run of the script starts over
+                max_corpus_bytes=4_000_000)
     val = load_corpus(None, base["max_corpus_bytes"]).val
     results = {}
     for name, (k, width) in ROUTERS.items():

@@ -42,7 +42,8 @@ def main():
                 eval_interval=max(steps // 8, 1), eval_batches=4, log_interval=10,
                 checkpoint_interval=10**9, sample_tokens=0, plots=False, progress=False,
                 device=args.device,
-                out_dir="runs/scaling_experts", max_corpus_bytes=4_000_000)
+                out_dir="runs/scaling_experts", overwrite=True,   # each run of the script starts over
+                max_corpus_bytes=4_000_000)
     curves, rows = {}, []
     for E in EXPERTS:
         name = "dense" if E == 0 else f"switch-{E}"
