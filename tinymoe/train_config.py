@@ -68,7 +68,7 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
     """Raise a ValueError naming the flag for the first option out of range."""
     at_least = {"steps": 1, "batch_size": 1, "block_size": 1, "eval_interval": 1, "eval_batches": 1,
                 "log_interval": 1, "checkpoint_interval": 1, "max_bad_steps": 1, "sample_tokens": 0,
-                "warmup_steps": 0, "max_corpus_bytes": 1}
+                "warmup_steps": 0, "max_corpus_bytes": 1, "seed": 0}
     for name, low in at_least.items():
         value = getattr(cfg, name)
         _need(isinstance(value, int) and value >= low, name, f"an integer >= {low}", value)
@@ -118,10 +118,10 @@ def validate_model_config(model: str, options: dict, world_size: int = 1) -> Non
         _need(0 <= c["dropout"] < 1, "dropout", "in [0, 1)", c["dropout"])
     for name in ("capacity_factor", "eval_capacity_factor"):
         if c.get(name) is not None:
-            _need(c[name] > 0, name, "> 0 (or none: dropless)", c[name])
+            _need(math.isfinite(c[name]) and c[name] > 0, name, "a finite number > 0 (or none: dropless)", c[name])
     for name in ("aux_loss_weight", "z_loss_weight"):
         if name in c:
-            _need(c[name] >= 0, name, ">= 0", c[name])
+            _need(math.isfinite(c[name]) and c[name] >= 0, name, "a finite number >= 0", c[name])
     experts = c.get("num_experts", 0)
     if experts and "top_k" in c:
         _need(c["top_k"] <= experts, "top_k", f"<= --experts ({experts})", c["top_k"])
