@@ -145,7 +145,7 @@ def run_generate(args):
     from .train import load_model
 
     for name, value, low in (("max-new-tokens", args.max_new_tokens, 0), ("temperature", args.temperature, 0),
-                             ("top-k", args.top_k, 1)):
+                             ("top-k", args.top_k, 1), ("seed", args.seed, 0)):
         if not value >= low:
             raise ValueError(f"--{name} must be >= {low}, got {value}")
     model = load_model(args.checkpoint)
