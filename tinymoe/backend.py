@@ -65,6 +65,23 @@ def synchronize(device: str = "cpu") -> None:
         cupy().cuda.Device().synchronize()
 
 
+# ---------------------------------------------------------------- CUDA graph capture
+# True while tinymoe/step/cuda_graph.py records a step: code that would read a device value
+# on the host (a range check, a count) skips it then; the step checked its inputs on the
+# host before copying them in.
+_capturing = False
+
+
+def is_capturing() -> bool:
+    """True while a CUDA graph of a training step is being captured."""
+    return _capturing
+
+
+def set_capturing(on: bool) -> None:
+    global _capturing
+    _capturing = bool(on)
+
+
 def module_for(device: str):
     """The array module that holds data on `device`."""
     return cupy() if check_device(device) == "cuda" else np
