@@ -49,3 +49,67 @@ def test_static_plan_needs_a_capacity():
         ref.make_static_plan(np.zeros((2, 1), np.int64), 2, None)
     with pytest.raises(ValueError, match=r"make_static_plan: expert_index must be \(T, k\)"):
         ref.make_static_plan(np.zeros(3, np.int64), 2, 2)
+
+
+def _layer_run(layer, x):
+    from tinymoe.autograd import Tensor
+    xt = Tensor(x, requires_grad=True)
+    layer.zero_grad()
+    y = layer(xt)
+    (y * y).sum().backward()
+    return y.data, xt.grad, [p.grad.copy() for p in layer.parameters()], layer.last_stats
+
+
+@pytest.mark.parametrize("factor", [0.5, 1.0, 2.0])
+def test_moe_layer_with_static_dispatch_equals_the_dynamic_one(factor):
+    import tinymoe
+    from tinymoe.nn.moe import MoELayer
+    tinymoe.manual_seed(3)
+    layer = MoELayer(8, 16, num_experts=4, top_k=2, capacity_factor=factor).to(dtype="float64")
+    x = np.random.default_rng(0).standard_normal((3, 5, 8))
+    layer.static_dispatch = False
+    y_d, dx_d, g_d, s_d = _layer_run(layer, x)
+    layer.static_dispatch = True
+    y_s, dx_s, g_s, s_s = _layer_run(layer, x)
+    np.testing.assert_allclose(y_s, y_d, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(dx_s, dx_d, rtol=1e-12, atol=1e-14)
+    for a, b in zip(g_s, g_d):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+    C = layer.capacity(15)
+    assert s_s["tokens_per_expert"] == s_d["tokens_per_expert"]
+    assert s_s["dropped_fraction"] == s_d["dropped_fraction"] and s_d["padding_fraction"] == 0
+    assert s_s["padding_fraction"] == pytest.approx(1 - sum(s_s["tokens_per_expert"]) / (4 * C))
+
+
+def test_static_dispatch_needs_a_capacity():
+    from tinymoe.nn.moe import MoELayer
+    layer = MoELayer(4, 8, num_experts=2, top_k=1, capacity_factor=None, static_dispatch=True)
+    with pytest.raises(ValueError, match="static_dispatch=True needs a capacity_factor"):
+        layer(np.zeros((3, 4), np.float32))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape,k", [((37, 8), 2), ((5, 3, 64), 5), ((1, 1), 1), ((9, 7), 7)])
+@pytest.mark.parametrize("largest", [True, False])
+def test_topk_kernel_equals_a_stable_sort(shape, k, largest):
+    from tinymoe.backend import cupy, to_numpy
+    from tinymoe.kernels.topk import topk_rows
+    x = np.random.default_rng(0).integers(0, 4, shape).astype(np.float32)     # many ties
+    v, i = topk_rows(cupy().asarray(x), k, largest)
+    order = np.argsort(-x if largest else x, axis=-1, kind="stable")[..., :k]
+    np.testing.assert_array_equal(to_numpy(i), order)
+    np.testing.assert_array_equal(to_numpy(v), np.take_along_axis(x, order, -1))
+
+
+@pytest.mark.skipif(__import__("shutil").which("nvcc") is None, reason="nvcc not found")
+def test_topk_cu_compiles(tmp_path):
+    import subprocess
+
+    from tinymoe.kernels import topk
+    src = tmp_path / "topk.cu"
+    src.write_text(topk.SOURCE.read_text() + "".join(
+        f"template __global__ void topk_rows<{c}>(const {c}*, long long, int, int, bool, {c}*, long long*);\n"
+        for c in ("float", "double")))
+    res = subprocess.run(["nvcc", "-arch=sm_90", "-cubin", "-Werror", "all-warnings",
+                          "-o", str(tmp_path / "k.cubin"), str(src)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
