@@ -9,7 +9,7 @@ import pytest
 import tinymoe as tm
 from tinymoe import backend
 from tinymoe.autograd import Tensor
-from tinymoe.optim import AdamW, clip_grad_norm_, clip_grads_
+from tinymoe.optim import AdamW, clip_grad_norm_, grad_norm, scale_grads_
 from tinymoe.optim.flat import FlatParams, flat_of
 
 
@@ -152,50 +152,22 @@ def test_the_engine_writes_gradients_into_the_flat_buffer():
 
 
 # ----------------------------------------------------------------------- clipping
-@pytest.mark.parametrize("max_norm", [0.5, 100.0, None])
-def test_clip_grads_equals_clip_grad_norm(max_norm):
-    a, b = make_params(), make_params()
-    for ps in (a, b):
-        for p, g in zip(ps, grads_for(ps, 0, scale=0.3)):
-            p.grad = g
-    norm, found_inf = clip_grads_(b, max_norm)
-    assert norm.shape == () and norm.dtype == np.float64 and not bool(found_inf)
-    if max_norm is None:
-        expected = np.sqrt(sum(float((p.grad.astype(np.float64) ** 2).sum()) for p in a))
-        np.testing.assert_allclose(float(norm), expected, rtol=1e-12)
-        for p in a:
-            assert np.array_equal(p.grad, [q for q in b if q.shape == p.shape][0].grad)
-        return
-    ref = clip_grad_norm_(a, max_norm)
+def test_grad_norm_and_scale_on_the_flat_buffer_equal_clip_grad_norm():
+    a = make_params()
+    for p, g in zip(a, grads_for(a, 0, scale=0.3)):
+        p.grad = g
+    b = make_params()
+    opt = AdamW(b, fused=True)
+    for p, g in zip(b, grads_for(b, 0, scale=0.3)):
+        p.grad = g
+    opt._fused_state().flat.gradients_present()                      # grads into the flat buffer
+    assert flat_of(b) is opt._flat.flat
+    norm = grad_norm(b)
+    ref = clip_grad_norm_(a, 0.5)
     np.testing.assert_allclose(float(norm), ref, rtol=1e-6)
+    scale_grads_(b, norm, 0.5)
     for p, q in zip(a, b):
         np.testing.assert_allclose(q.grad, p.grad, rtol=1e-6, atol=0)
-
-
-def test_clip_grads_flags_inf_and_nan():
-    for bad in (np.inf, np.nan):
-        params = make_params()
-        for p, g in zip(params, grads_for(params, 0)):
-            p.grad = g
-        params[3].grad[0] = bad
-        _, found_inf = clip_grads_(params, 1.0)
-        assert bool(found_inf)
-
-
-def test_clip_grads_uses_the_flat_buffer():
-    params = make_params()
-    opt = AdamW(params, fused=True)
-    for p, g in zip(params, grads_for(params, 0)):
-        p.grad = g
-    opt.step()
-    for p, g in zip(params, grads_for(params, 1)):
-        p.grad = None
-        (tm.tensor(g) * p).sum().backward()
-    assert flat_of(params) is opt._flat.flat
-    norm, _ = clip_grads_(params, 0.1)
-    total = np.sqrt(sum(float((g.astype(np.float64) ** 2).sum()) for g in grads_for(params, 1)))
-    np.testing.assert_allclose(float(norm), total, rtol=1e-12)
-    np.testing.assert_allclose(np.sqrt((opt._flat.flat.grad.astype(np.float64) ** 2).sum()), 0.1, rtol=1e-5)
 
 
 @pytest.mark.skipif(__import__("shutil").which("nvcc") is None, reason="nvcc not found")
@@ -234,13 +206,18 @@ def test_fused_adamw_kernels_equal_the_numpy_path(dtype):
 
 
 @pytest.mark.gpu
-def test_clip_grads_on_the_gpu_equals_the_numpy_spec():
+@pytest.mark.parametrize("max_norm", [0.5, 1e6])
+def test_flat_norm_and_clip_kernels_equal_the_numpy_path(max_norm):
     a, b = make_params(), make_params(device="cuda")
+    opt = AdamW(b, fused=True)
     for p, q, g in zip(a, b, grads_for(a, 0)):
         p.grad, q.grad = g, backend.to_device(g, "cuda")
-    n_cpu, _ = clip_grads_(a, 0.5)
-    n_gpu, inf_gpu = clip_grads_(b, 0.5)
-    np.testing.assert_allclose(float(n_gpu), float(n_cpu), rtol=1e-12)
-    assert not bool(inf_gpu)
+    opt._fused_state().flat.gradients_present()
+    assert flat_of(b) is opt._flat.flat                              # the kernels' path
+    n_cpu, n_gpu = grad_norm(a), grad_norm(b)
+    assert n_gpu.dtype == np.float64 and n_gpu.shape == ()
+    np.testing.assert_allclose(float(n_gpu), float(n_cpu), rtol=1e-6)
+    scale_grads_(a, n_cpu, max_norm)
+    scale_grads_(b, n_gpu, max_norm)
     for p, q in zip(a, b):
         np.testing.assert_allclose(backend.to_numpy(q.grad), p.grad, rtol=1e-6)

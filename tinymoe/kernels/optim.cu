@@ -1,6 +1,6 @@
-// Device code of the optimizer kernels (optim.py): the global gradient norm and clip, and
-// the AdamW step over flat buffers. None of them hands a number to the host: the norm, the
-// clip factor, the "found inf" flag, the step count and the learning rate live in device
+// Device code of the optimizer kernels (optim.py): the global gradient norm, and the AdamW
+// step over flat buffers. None of them hands a number to the host: the norm, the
+// "found inf" flag, the step count and the learning rate live in device
 // memory, so a captured CUDA graph replays them unchanged. The NumPy spec of each is in
 // tinymoe/optim/clip.py and tinymoe/optim/fused.py. T is the gradient's type (a template:
 // float, double, or a half type with a conversion to double).
@@ -29,11 +29,9 @@ __global__ void sumsq_partials(const T* __restrict__ g, long long n, double* __r
     if (threadIdx.x == 0) partial[blockIdx.x] = buf[0];
 }
 
-// Stage 2 (one block): norm = sqrt(sum partial);  scale = min(1, max_norm / (norm + eps))
-// (Pascanu et al. 2013; max_norm = inf: no clipping);  found_inf = norm is inf or nan.
-extern "C" __global__ void clip_finish(const double* __restrict__ partial, int n, double max_norm,
-                                       double eps, double* __restrict__ norm,
-                                       double* __restrict__ scale, bool* __restrict__ found_inf) {
+// Stage 2 (one block): out = sqrt(sum of the partial sums), in a fixed order.
+extern "C" __global__ void sqrt_sum(const double* __restrict__ partial, int n,
+                                    double* __restrict__ out) {
     __shared__ double buf[NORM_THREADS];
     double acc = 0.0;
     for (int i = threadIdx.x; i < n; i += NORM_THREADS) acc += partial[i];
@@ -43,12 +41,7 @@ extern "C" __global__ void clip_finish(const double* __restrict__ partial, int n
         if (threadIdx.x < s) buf[threadIdx.x] += buf[threadIdx.x + s];
         __syncthreads();
     }
-    if (threadIdx.x == 0) {
-        const double total = sqrt(buf[0]);
-        norm[0] = total;
-        scale[0] = fmin(1.0, __ddiv_rn(max_norm, __dadd_rn(total, eps)));
-        found_inf[0] = !isfinite(total);
-    }
+    if (threadIdx.x == 0) out[0] = sqrt(buf[0]);
 }
 
 // AdamW's per-step scalars, one thread. Unless found_inf: t = ++step, and per group g

@@ -1,7 +1,7 @@
 """Optimizer kernels that never talk to the host (CUDA C in optim.cu, CuPy launches here).
 
-    norm, scale, found_inf = clip_scale(grads, max_norm)    ||g|| over every array of `grads`
-    scale_(g, scale)                                        g *= scale, in place
+    n = norm(g)                                             ||g|| of a flat buffer (float64)
+    clip_by_norm_(g, n, max_norm)                           g *= min(1, max_norm / (n + eps))
     adamw_prepare(hyper, found_inf, step, coef)             AdamW's scalars for step t = step + 1
     adamw_flat_(p, g, m, v, coef, found_inf, beta1, beta2, eps)   one AdamW step of a flat range
 
@@ -41,31 +41,27 @@ def _function(name, ctype="float"):
     return module.get_function(f"{name}<{ctype}>" if name == "sumsq_partials" else name)
 
 
-def clip_scale(grads, max_norm=None, eps: float = 1e-6):
-    """-> (norm, scale, found_inf), 0-d device arrays: norm = sqrt(sum over the arrays of sum
-    g^2) (in float64), scale = min(1, max_norm / (norm + eps)) (1 when max_norm is None),
-    found_inf = the norm is not finite. 2 launches for one flat buffer, n + 1 for n arrays."""
+def norm(g):
+    """||g|| of a flat array as a 0-d float64 device array (sum of squares in float64, in a
+    fixed order: the same bits every time). 2 launches."""
     cp = cupy()
-    grads = [g for g in grads if g.size]
-    partial = cp.zeros(max(len(grads), 1) * NORM_BLOCKS, cp.float64)
-    for i, g in enumerate(grads):
-        g = cp.ascontiguousarray(g).reshape(-1)
-        _function("sumsq_partials", _ctype(g.dtype))(
-            (NORM_BLOCKS,), (NORM_THREADS,), (g, np.int64(g.size), partial[i * NORM_BLOCKS:]))
-    norm, scale = cp.empty((), cp.float64), cp.empty((), cp.float64)
-    found_inf = cp.empty((), cp.bool_)
-    limit = np.inf if max_norm is None else float(max_norm)
-    _function("clip_finish")((1,), (NORM_THREADS,), (partial, np.int32(partial.size), np.float64(limit),
-                                                      np.float64(eps), norm, scale, found_inf))
-    return norm, scale, found_inf
+    g = cp.ascontiguousarray(g).reshape(-1)
+    partial = cp.empty(NORM_BLOCKS, cp.float64)
+    _function("sumsq_partials", _ctype(g.dtype))((NORM_BLOCKS,), (NORM_THREADS,),
+                                                  (g, np.int64(g.size), partial))
+    out = cp.empty((), cp.float64)
+    _function("sqrt_sum")((1,), (NORM_THREADS,), (partial, np.int32(NORM_BLOCKS), out))
+    return out
 
 
 @lru_cache(maxsize=None)
 def _elementwise(name):
     cp = cupy()
-    if name == "scale":
-        return cp.ElementwiseKernel("raw float64 scale", "T g", "g = g * T(scale[0])",
-                                    "tinymoe_scale_by")
+    if name == "clip":
+        # the factor min(1, c / (n + eps)) computed as scale_grads_ does, then g *= T(factor)
+        return cp.ElementwiseKernel(
+            "raw N norm, float64 max_norm, float64 eps", "T g",
+            "g = g * T(min(max_norm / (double(norm[0]) + eps), 1.0))", "tinymoe_clip_by_norm")
     return cp.ElementwiseKernel(
         "T g, raw float64 coef, raw bool found_inf, T beta1, T one_minus_beta1, T beta2, "
         "T one_minus_beta2, T eps", "T p, T m, T v",
@@ -74,9 +70,9 @@ def _elementwise(name):
         "tinymoe_adamw_flat", preamble=ELEMENTWISE_SOURCE.read_text())
 
 
-def scale_(g, scale):
-    """g *= scale (a 0-d float64 device array, rounded to g's dtype first), in place."""
-    _elementwise("scale")(scale.reshape(1), g)
+def clip_by_norm_(g, norm, max_norm: float, eps: float = 1e-6):
+    """g *= min(1, max_norm / (norm + eps)) in place, norm a 0-d device array. 1 launch."""
+    _elementwise("clip")(norm.reshape(1), np.float64(max_norm), np.float64(eps), g)
     return g
 
 

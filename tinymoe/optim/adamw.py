@@ -77,7 +77,7 @@ class AdamW(Optimizer):
     def step(self, found_inf=None):
         if self._use_fused():
             return self._fused_step(found_inf)
-        if found_inf is not None and bool(found_inf):                  # (a sync on a GPU)
+        if self._skips(found_inf):                                      # (a sync on a GPU)
             return
         for group in self.param_groups:
             lr, (beta1, beta2) = group["lr"], group["betas"]

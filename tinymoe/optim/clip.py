@@ -6,16 +6,16 @@
 Two forms:
 - `clip_grad_norm_(params, max_norm) -> float`: the norm as a Python float (a device sync
   on a GPU), for scripts that print it.
-- `clip_grads_(params, max_norm) -> (norm, found_inf)`: 0-d arrays that stay where the
-  gradients are. On a GPU nothing waits: the norm, the factor and the flag are computed and
-  applied by kernels (tinymoe/kernels/optim.py), so a captured CUDA graph replays them;
-  found_inf (the norm is inf or nan) tells the optimizer to skip the update.
+- `grad_norm(params)` then `scale_grads_(params, norm, max_norm)`: the norm stays a 0-d
+  array on the gradients' device and the factor is applied there, so a GPU step never
+  waits (tinymoe/step/eager.py). When the gradients live in one flat buffer (a fused
+  optimizer's, tinymoe/optim/flat.py) on a GPU, that is 2 launches for the norm (float64
+  partial sums in a fixed order, kernels/optim.py) and 1 for the scaling, instead of a few
+  per parameter: what a captured CUDA graph replays.
 """
 from __future__ import annotations
 
 import math
-
-import numpy as np
 
 from .. import backend
 from .flat import flat_of
@@ -35,33 +35,41 @@ def clip_grad_norm_(params, max_norm: float, eps: float = 1e-6) -> float:
     return total
 
 
-def clip_grads_(params, max_norm: float | None, eps: float = 1e-6):
-    """Clip like clip_grad_norm_ (max_norm None: only measure), without leaving the device.
-    Returns (norm, found_inf): a 0-d float64 array and a 0-d bool array on the gradients'
-    device. The sum of squares is taken in float64."""
-    if max_norm is not None and max_norm <= 0:
-        raise ValueError(f"clip_grads_: max_norm must be > 0 or None, got {max_norm}")
+def _flat_gpu_grad(params):
+    """The flat gradient buffer holding exactly these parameters' gradients, on a GPU; or None."""
+    flat = flat_of(params)
+    return flat.grad if flat is not None and backend.is_cupy_array(flat.grad) else None
+
+
+def grad_norm(params):
+    """||g|| = sqrt(sum over parameters of sum(g^2)), as a 0-d array on the gradients' device:
+    no host read, so a GPU step does not wait for it. Parameters without a gradient count 0.
+    (float64 from the flat-buffer kernels, the gradients' dtype otherwise.)"""
     params = list(params)
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
-        raise ValueError("clip_grads_: no parameter has a gradient")
-    flat = flat_of(params)
+        raise ValueError("grad_norm: no parameter has a gradient (call backward first)")
+    flat = _flat_gpu_grad(params)
     if flat is not None:
-        grads = [flat.grad]                                         # one buffer: 3 launches
-    if backend.is_cupy_array(grads[0]):
         from ..kernels import optim as kernels
+        return kernels.norm(flat)
+    xp = backend.array_module(grads[0])
+    squares = xp.stack([xp.vdot(g.ravel(), g.ravel()) for g in grads])   # (n_params,)
+    return xp.sqrt(squares.sum())
 
-        norm, scale, found_inf = kernels.clip_scale(grads, max_norm, eps)
-        if max_norm is not None:
-            for g in grads:
-                kernels.scale_(g, scale)
-        return norm, found_inf
-    # The NumPy spec of the kernels.
-    norm = np.sqrt(sum(np.vdot(g.astype(np.float64).ravel(), g.astype(np.float64).ravel()) for g in grads))
-    norm = np.asarray(norm, dtype=np.float64)
-    if max_norm is not None:
-        scale = min(1.0, max_norm / (float(norm) + eps))             # g * 1.0 == g: no branch
-        with np.errstate(invalid="ignore"):                            # nan: found_inf says so
-            for g in grads:
-                g *= scale
-    return norm, np.asarray(not np.isfinite(norm))
+
+def scale_grads_(params, norm, max_norm: float, eps: float = 1e-6) -> None:
+    """Clip in place by a norm that stays on the device: g = g * min(1, max_norm / (norm + eps))."""
+    if max_norm <= 0:
+        raise ValueError(f"scale_grads_: max_norm must be > 0, got {max_norm}")
+    params = list(params)
+    flat = _flat_gpu_grad(params)
+    if flat is not None:
+        from ..kernels import optim as kernels
+        kernels.clip_by_norm_(flat, norm, max_norm, eps)
+        return
+    xp = backend.array_module(norm)
+    factor = xp.minimum(max_norm / (norm + eps), 1.0)
+    for p in params:
+        if p.grad is not None:
+            p.grad *= factor.astype(p.grad.dtype)
