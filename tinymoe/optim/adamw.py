@@ -22,7 +22,7 @@ Two ways to run it:
   its next bias correction uses the common t). On NumPy arrays the fused path runs the same
   `_update` on the flat ranges: the same numbers as per tensor, bit for bit.
 
-step(found_inf=...): where the flag (a 0-d bool array, e.g. from clip_grads_) is true, no
+step(found_inf=...): where the flag (a 0-d bool array, e.g. not the step's finite flag) is true, no
 parameter, moment or step count changes (a step skipped for an inf or nan gradient).
 """
 from __future__ import annotations
