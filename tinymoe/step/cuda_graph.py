@@ -13,6 +13,8 @@ How (the rules of capture, and what tinymoe does about each):
   the parameters, gradients and AdamW's moments live in one flat buffer each (optim/flat.py,
   the engine writes gradients there); every array made during capture comes from a memory
   pool private to the graph (nothing else can reuse, and overwrite, its addresses).
+- cuBLAS: CuPy refuses cuBLAS calls during a capture, so the products go through
+  kernels/blas.py then (cuBLAS called directly, with a fixed workspace).
 - No host synchronization: nothing may read a device value on the host while capturing
   (`.item()`, `float()`, a `.get()`, a Python `if` on a device value, a size that depends on
   data, a Thrust sort). The step's numbers stay on the device (norm, finite flag, AdamW's
@@ -129,8 +131,10 @@ class CapturedStep:
         return out
 
     def _capture(self, x, y):
+        from ..kernels import blas
         cp = backend.cupy()
         self.optimizer.load_lr()                          # builds the flat state if not yet
+        blas.prepare()                                    # cuBLAS handle + workspace: not in capture
         self.x = cp.asarray(x).copy()                     # the static input buffers (B, L)
         self.y = cp.asarray(y).copy()
 

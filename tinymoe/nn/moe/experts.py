@@ -13,6 +13,7 @@ import numpy as np
 
 from ... import backend
 from ...autograd.function import Function, op_error
+from ...kernels.blas import matmul as _mm          # a @ b; cuBLAS directly while capturing
 from .. import functional as F
 from ..module import Module
 from ..parameter import Parameter
@@ -87,7 +88,7 @@ class GroupedLinear(Function):
         ctx.uniform = 0 < R == E * M and bounds == tuple(range(0, R + 1, M))
         if ctx.uniform:                     # a static plan: E groups of M rows, (E, M, in) as is
             ctx.save(xs, W)
-            return xp.matmul(xs.reshape(E, M, -1), W).reshape(R, W.shape[2])  # (R, out)
+            return _mm(xs.reshape(E, M, -1), W).reshape(R, W.shape[2])      # (R, out)
         ctx.batched = ((BATCHED_ON_CPU or backend.is_cupy_array(xs))
                        and 0 < R and E * M <= BATCHED_MAX_PADDING * R
                        and M * W.shape[1] * W.shape[2] <= BATCHED_MAX_MACS)
@@ -111,8 +112,8 @@ class GroupedLinear(Function):
             xs, W = ctx.saved
             E, n_in = W.shape[0], W.shape[1]
             g3 = grad.reshape(E, -1, grad.shape[-1])                            # (E, M, out)
-            dxs = xp.matmul(g3, W.swapaxes(1, 2)).reshape(xs.shape) if gx else None
-            dW = xp.matmul(xs.reshape(E, -1, n_in).swapaxes(1, 2), g3) if gw else None
+            dxs = _mm(g3, W.swapaxes(1, 2)).reshape(xs.shape) if gx else None
+            dW = _mm(xs.reshape(E, -1, n_in).swapaxes(1, 2), g3) if gw else None
             return dxs, dW, None
         if ctx.batched:
             xpad, W, pos = ctx.saved
