@@ -23,6 +23,9 @@ How (the rules of capture, and what tinymoe does about each):
   the host before the copy, and skipped inside (backend.is_capturing()).
 - Host inputs that change every step enter through device buffers written before a replay:
   the batch, and the learning rate of the schedule (optimizer.load_lr(): one small copy).
+- Randomness (dropout, noisy routers) comes from a counter-based generator on the device
+  (kernels/random, Philox): the step number it reads lives in device memory and the step
+  advances it at its start (recorded in the graph), so no two replays draw the same noise.
 - Warm-up: the first `warmup` steps run eagerly on the capture stream with the private pool
   (compiling kernels, creating cuBLAS's workspace, filling the pool); the next is captured on
   that stream and replayed from then on (on the caller's stream).
@@ -42,7 +45,7 @@ from .eager import EagerStep, StepResult
 def capture_blocker(model, optimizer, comm=None) -> str | None:
     """Why this model's step cannot be captured (a sentence), or None when it can."""
     from ..nn.moe import MoELayer
-    from ..nn.moe.routers import BaseRouter, ExpertChoiceRouter, GShardRouter, NoisyTopKRouter
+    from ..nn.moe.routers import BaseRouter, ExpertChoiceRouter
     from ..nn.ssm.mamba import MambaBlock
     from ..optim import AdamW
 
@@ -67,18 +70,9 @@ def capture_blocker(model, optimizer, comm=None) -> str | None:
                 return f"{name}: the BASE router solves its assignment on the host"
             if isinstance(m.gate, ExpertChoiceRouter):
                 return f"{name}: expert-choice routing sorts with Thrust, which waits for the GPU"
-            if isinstance(m.gate, (NoisyTopKRouter, GShardRouter)) and not _device_rng():
-                return f"{name}: its router draws random numbers on the host generator"
         if isinstance(m, MambaBlock) and m.impl == "numba_cuda":
             return f"{name}: the Numba scan kernels launch on Numba's stream, not the captured one"
-        if getattr(m, "dropout", 0) and not _device_rng():
-            return f"{name}: dropout draws its mask from the host generator"
     return None
-
-
-def _device_rng() -> bool:
-    """Whether random draws on a GPU come from the counter-based generator (kernels/random)."""
-    return getattr(backend, "philox_state", None) is not None
 
 
 class CapturedStep:
@@ -135,6 +129,7 @@ class CapturedStep:
         cp = backend.cupy()
         self.optimizer.load_lr()                          # builds the flat state if not yet
         blas.prepare()                                    # cuBLAS handle + workspace: not in capture
+        backend.device_random().counter()                 # the RNG's step number: made, not recorded
         self.x = cp.asarray(x).copy()                     # the static input buffers (B, L)
         self.y = cp.asarray(y).copy()
 

@@ -29,14 +29,18 @@ class Embedding(Function):
 
 
 class Dropout(Function):
-    """y = x * m / (1 - p),  m ~ Bernoulli(1 - p) drawn from tinymoe's seeded RNG;
+    """y = x * m / (1 - p),  m ~ Bernoulli(1 - p) drawn from tinymoe's seeded RNG (on a GPU
+    the counter-based one, tinymoe/kernels/random);
     dL/dx = dL/dy * m / (1 - p)"""
 
     @staticmethod
     def forward(ctx, x, p):
-        device = backend.device_of(x)
-        keep = backend.rng(device).random(x.shape, dtype=x.dtype) >= p
-        scale = keep * x.dtype.type(1 / (1 - p))
+        if backend.is_cupy_array(x):       # the counter-based generator: one launch, capturable
+            from ...kernels import random
+            scale = random.dropout_scale(x.shape, x.dtype, p)
+        else:
+            keep = backend.rng("cpu").random(x.shape, dtype=x.dtype) >= p
+            scale = keep * x.dtype.type(1 / (1 - p))
         ctx.save(scale)
         return x * scale
 
