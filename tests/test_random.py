@@ -64,6 +64,19 @@ def test_the_rng_state_carries_the_device_counter():
     assert backend.device_random().key == rng.key
 
 
+def test_steps_advance_before_the_device_counter_exists():
+    # a resumed run makes its device array later than the run that saved: the step number
+    # must count every step either way (found by the GPU resume test below)
+    tinymoe.manual_seed(0)
+    rng = backend.device_random()
+    rng.advance()
+    rng.advance()
+    assert rng.state() == {"step": 2, "draw": 0}
+    backend.set_rng_state({**backend.get_rng_state(), "philox": {"step": 4, "draw": 2}})
+    backend.device_random().advance()
+    assert backend.device_random().state() == {"step": 5, "draw": 0}
+
+
 # ----------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -71,9 +84,7 @@ def test_the_kernels_equal_the_numpy_spec(dtype):
     from tinymoe.kernels import random
     tinymoe.manual_seed(3)
     rng = backend.device_random()
-    rng.advance()
-    rng.advance()                                # step 0 (not made yet) stays 0: made on first use
-    u = backend.to_numpy(random.uniform((5, 7, 3), dtype))
+    u = backend.to_numpy(random.uniform((5, 7, 3), dtype))       # step 0
     z = backend.to_numpy(random.normal((1001,), dtype))
     s = backend.to_numpy(random.dropout_scale((333,), dtype, 0.25))
     np.testing.assert_array_equal(u.reshape(-1), ref.uniform(105, rng.key, 0, 0, dtype))

@@ -147,10 +147,10 @@ class DeviceRandom:
         self.key = (int(k[0]), int(k[1]))
         self.draw = 0
         self._step = None                       # (1,) uint32 on the GPU, made on first use
-        self._start = 0
+        self._start = 0                         # the step number until then
 
     def counter(self):
-        """The device array holding the step number (made outside any capture, see ensure)."""
+        """The device array holding the step number (made before a capture: CapturedStep)."""
         if self._step is None:
             self._step = cupy().full(1, self._start, dtype=np.uint32)
         return self._step
@@ -162,7 +162,9 @@ class DeviceRandom:
     def advance(self) -> None:
         """A new step: draws restart at 0 under the next step number (one tiny kernel)."""
         self.draw = 0
-        if self._step is not None:
+        if self._step is None:
+            self._start += 1                    # no device array yet: count on the host
+        else:
             self._step += 1
 
     def state(self) -> dict:
