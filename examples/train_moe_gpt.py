@@ -47,12 +47,15 @@ if __name__ == "__main__":
                    help="default: from the launcher (toy) or mpiexec (mpi); nccl trains on the GPUs")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="default: cpu, or cuda with --backend nccl")
+    p.add_argument("--cuda-graph", choices=["auto", "on", "off"], default="auto",
+                   help="replay the step as one CUDA graph where the model allows (docs/cuda_graphs.md)")
     args = p.parse_args()
     model = dict(MODEL, n_layer=2, d_model=32, n_head=2, d_ff=64) if args.quick else MODEL
     run = {**TRAIN, **(QUICK if args.quick else {})}
     if args.steps is not None:
         run["steps"] = args.steps
     run["device"] = args.device or ("cuda" if args.backend == "nccl" else "cpu")
+    run["cuda_graph"] = args.cuda_graph
     if args.expert_parallel:   # E = 8 experts: 1, 2, 4 or 8 ranks
         run.update(expert_parallel=True, backend=args.backend)
     train(TrainConfig(**run, model_config=model))
