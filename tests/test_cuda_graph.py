@@ -140,3 +140,23 @@ def test_the_trainer_runs_captured_steps(tmp_path):
     summary = train(cfg)
     assert summary["step"] == 30 and np.isfinite(summary["val_loss"])
     assert summary["val_loss"] < summary["first_val_loss"]
+
+
+@pytest.mark.gpu
+def test_a_loaded_optimizer_is_recorded_anew_and_other_shapes_are_refused():
+    model, opt, _ = setup("mamba")
+    step = make_step(model, opt, cuda_graph="on")
+    data = batches(5)
+    for x, y in data[:3]:
+        step(x, y)
+    graph = step.graph
+    assert graph is not None
+    x, y = data[3]
+    with pytest.raises(ValueError, match="differ from the captured"):
+        step(x[:2], y[:2])
+    arrays, meta = opt.state_dict()
+    opt.load_state_dict(arrays, meta)                 # new flat buffers: the old graph is stale
+    before = host_params(model)
+    r = step(x, y)
+    assert bool(r.finite) and step.graph is not None and step.graph is not graph
+    assert any(not np.array_equal(a, b) for a, b in zip(before, host_params(model)))  # it trained

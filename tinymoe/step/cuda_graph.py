@@ -30,7 +30,8 @@ How (the rules of capture, and what tinymoe does about each):
   (compiling kernels, creating cuBLAS's workspace, filling the pool); the next is captured on
   that stream and replayed from then on (on the caller's stream).
 - What cannot be captured runs eagerly, and `reason` says why once: a model that breaks a
-  rule (capture_blocker names the rule), or a capture that failed (the CUDA error).
+  rule (capture_blocker names the rule), or a capture that failed (the CUDA error). A batch
+  of another shape is refused; an optimizer whose state was loaded anew is recorded anew.
 The replayed step launches the same kernels as the eager one in the same order, so eager
 and captured training give the same numbers (tests/test_cuda_graph.py).
 """
@@ -83,6 +84,7 @@ class CapturedStep:
         self.reason = capture_blocker(model, optimizer, comm)
         self.graph = None
         self.error = None           # the exception of a failed capture
+        self.fused_state = None     # the optimizer's flat buffers the graph was recorded with
         self.steps = 0              # steps taken by this object (eager warm-up included)
         self.vocab = getattr(getattr(model, "config", None), "vocab_size", None)
         if self.reason is None:
@@ -96,8 +98,16 @@ class CapturedStep:
             return self.eager(x, y)
         self._check(x, y)
         self.steps += 1
-        if self.graph is not None:
+        if self.graph is not None and (tuple(x.shape) != self.x.shape or tuple(y.shape) != self.y.shape):
+            raise ValueError(f"CapturedStep: batch shapes x {tuple(x.shape)}, y {tuple(y.shape)} differ "
+                             f"from the captured {self.x.shape}; the graph replays fixed shapes (make "
+                             "a new step object, or cuda_graph='off')")
+        if self.graph is not None and self.optimizer._flat is not self.fused_state:
+            self.graph = None                            # the optimizer's buffers were rebuilt
+        if self.graph is not None:                       # (load_state_dict): record anew
             return self._replay(x, y)
+        if self.fused_state is not None:
+            return self._capture(x, y)
         if self.steps <= self.warmup:
             return self._on_stream(lambda: self.eager(x, y))
         return self._capture(x, y)
@@ -155,6 +165,7 @@ class CapturedStep:
             self.model.zero_grad()
             return self.eager(x, y)
         self.graph, self.packed = graph, packed
+        self.fused_state = self.optimizer._flat           # the buffers the graph reads and writes
         return self._launch()                             # the capture only recorded: run it
 
     def _launch(self) -> StepResult:
