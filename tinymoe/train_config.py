@@ -82,6 +82,9 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
     _need(cfg.time_limit is None or cfg.time_limit >= 0, "time_limit", ">= 0 seconds (or none)", cfg.time_limit)
     _need(cfg.sample_top_k is None or cfg.sample_top_k >= 1, "sample_top_k", ">= 1", cfg.sample_top_k)
     _need(cfg.cuda_graph in ("auto", "on", "off"), "cuda_graph", "one of auto, on, off", cfg.cuda_graph)
+    if cfg.cuda_graph == "on" and (cfg.device != "cuda" or cfg.expert_parallel):
+        raise ValueError("train: --cuda-graph on records the step of one process on a GPU: it needs "
+                         "--device cuda and no --expert-parallel (auto captures where it can)")
     if cfg.resume and cfg.overwrite:
         raise ValueError("train: --resume continues the run, --overwrite deletes it: give one of them")
     if cfg.name is not None and (not cfg.name or cfg.name in (".", "..") or "/" in cfg.name):
