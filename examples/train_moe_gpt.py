@@ -51,13 +51,15 @@ if __name__ == "__main__":
                    help="default: cpu, or cuda with --backend nccl")
     p.add_argument("--resume", action="store_true", help="continue runs/moe-gpt-example/ from its checkpoint")
     p.add_argument("--overwrite", action="store_true", help="delete runs/moe-gpt-example/'s run and start over")
+    p.add_argument("--cuda-graph", choices=["auto", "on", "off"], default="auto",
+                   help="replay the step as one CUDA graph where the model allows (docs/cuda_graphs.md)")
     args = p.parse_args()
     model = dict(MODEL, n_layer=2, d_model=32, n_head=2, d_ff=64) if args.quick else MODEL
     run = {**TRAIN, **(QUICK if args.quick else {})}
     if args.steps is not None:
         run["steps"] = args.steps
     run["device"] = args.device or ("cuda" if args.backend == "nccl" else "cpu")
-    run.update(resume=args.resume, overwrite=args.overwrite)
+    run.update(resume=args.resume, overwrite=args.overwrite, cuda_graph=args.cuda_graph)
     if args.expert_parallel:   # E = 8 experts: 1, 2, 4 or 8 ranks
         run.update(expert_parallel=True, backend=args.backend)
     raise SystemExit(train(TrainConfig(**run, model_config=model))["exit_code"])

@@ -90,6 +90,7 @@ def test_resume_of_a_finished_run_changes_nothing_and_says_so(tmp_path, capsys):
     (["--capacity-factor", "-2"], "--capacity-factor"), (["--moe-every", "0"], "--moe-every"),
     (["--resume", "--overwrite"], "--overwrite"), (["--name", "a/b"], "--name"),
     (["--model", "mamba", "--d-model", "0"], "--d-model"),
+    (["--cuda-graph", "on"], "--cuda-graph"),                            # on the CPU
 ])
 def test_bad_flags_are_refused_before_any_file_is_touched(tmp_path, capsys, args, flag):
     assert cli(tmp_path, *args) == 2
