@@ -224,12 +224,11 @@ def train(cfg: TrainConfig) -> dict:
                         val, val_step = evaluate(model, corpus.val, cfg, comm), step
                         record.update(val_loss=val, val_bpb=val / math.log(2))
                     log(record)
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", val=f"{val:.3f}" if val else "-",
+                                    tok_s=f"{tok_s:,.0f}")     # at log steps: read from the device then
                 if step % cfg.checkpoint_interval == 0:
                     save()
                 bar.update(1)
-                if cfg.progress and lead:                                 # reading last_ce waits for a GPU
-                    bar.set_postfix(loss=f"{model.last_ce:.3f}", val=f"{val:.3f}" if val else "-",
-                                    tok_s=f"{tok_s:,.0f}")
                 signum, over = _stop_now(cfg, signals.signum, time.time() - start, comm)
                 if signum:
                     signals.signum = signum                               # on every rank: the same exit
@@ -292,6 +291,7 @@ def _progress(cfg, initial, lead=True):
 
     class _Silent:
         def update(self, n): pass
+        def set_postfix(self, **values): pass
         def close(self): pass
     return _Silent()
 
