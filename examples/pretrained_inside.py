@@ -29,7 +29,6 @@ MAMBA = "state-spaces/mamba-130m-hf"
 TEXT = ("It was the best of times, it was the worst of times, it was the age of wisdom, it was "
         "the age of foolishness, it was the epoch of belief, it was the epoch of incredulity.")
 MAX_TOKENS = 48                 # of TEXT, for readable plots
-OUT = "runs/pretrained_inside"
 
 
 def tokenizer_for(model, path):
@@ -118,7 +117,7 @@ def main():
     p.add_argument("--mixtral", default="", help="a MixtralForCausalLM folder or repo id")
     p.add_argument("--text", default=TEXT)
     p.add_argument("--layer", type=int, default=None, help="Mamba layer to plot (default: middle)")
-    p.add_argument("--out", default=OUT)
+    p.add_argument("--out", default="runs/pretrained_inside", help="where the plots go")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
