@@ -1,0 +1,39 @@
+"""Matrix products in every format: `matmul(a, b, out=None)` and `same_format(a, b)`.
+
+A product of two 16-bit operands (float16 or bfloat16) is what a tensor core computes:
+exact products of 16-bit numbers, summed in float32, rounded once to 16 bits. On a GPU that
+is cuBLAS (CuPy's matmul of 16-bit arrays accumulates in float32). On the CPU NumPy has no
+16-bit BLAS (ml_dtypes' bfloat16 matmul even returns float32), so the operands are widened
+to float32 (exactly: every 16-bit number is a float32), multiplied by float32 BLAS and the
+result rounded: the same numbers, and fast.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import backend
+from ..dtypes import is_half
+
+
+def same_format(a, b):
+    """(a, b) with a float32/64 operand narrowed to the other's 16-bit format, if either is
+    16-bit: a product with one 16-bit operand runs in 16 bits (mixed precision's matmul rule)."""
+    if a.dtype == b.dtype:
+        return a, b
+    if is_half(a.dtype) and not is_half(b.dtype):
+        return a, b.astype(a.dtype)
+    if is_half(b.dtype) and not is_half(a.dtype):
+        return a.astype(b.dtype), b
+    return a, b
+
+
+def matmul(a, b, out=None):
+    """a @ b (NumPy's broadcasting rules); 16-bit operands accumulate in float32 and the
+    result is rounded to their format. `out` as in NumPy."""
+    if is_half(a.dtype) and not backend.is_cupy_array(a):
+        r = np.matmul(a.astype(np.float32), b.astype(np.float32))
+        if out is None:
+            return r.astype(a.dtype)
+        out[...] = r
+        return out
+    return backend.array_module(a).matmul(a, b, out=out)
