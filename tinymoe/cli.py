@@ -91,6 +91,9 @@ def add_train_arguments(p):
                    help="tiny model, few steps (smoke test)")
     t.add_argument("--no-progress", action="store_true", default=False)
     t.add_argument("--dtype", choices=["float32", "float64"], help="default: the model's (float32)")
+    t.add_argument("--precision", choices=["fp32", "tf32", "bf16", "fp16"], default=argparse.SUPPRESS,
+                   help="fp32 (default); tf32: float32 matmuls on tensor cores; bf16, fp16: a 16-bit "
+                        "model with float32 master weights (fp16 with loss scaling); docs/precision.md")
     e = p.add_argument_group("expert parallelism (start the ranks with the launcher or mpiexec)")
     e.add_argument("--expert-parallel", action="store_true", default=False,
                    help="train on every rank: experts sharded, the batch split between the ranks")

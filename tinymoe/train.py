@@ -38,6 +38,8 @@ from .models import build_model
 from .nn import functional as F
 from .nn.moe import MoELayer
 from .optim import AdamW, WarmupCosine
+from .optim.master import float32_weights
+from .precision import get_precision
 from .run_folder import plan_run, start_run
 from .run_log import append_record, plot_run, read_log
 from .signals import StopSignals
@@ -168,9 +170,12 @@ def train(cfg: TrainConfig) -> dict:
             with open(os.path.join(plan.folder, "config.json"), "w") as f:
                 json.dump({"train": dataclasses.asdict(cfg),
                            "model": dataclasses.asdict(model.config)}, f, indent=1)
+    # the precision: a 16-bit model gets float32 master weights (from the float32 weights just
+    # built or loaded) and, in fp16, a loss scale; TF32 for float32 matmuls (tinymoe/precision)
+    optimizer, precision = get_precision(cfg.precision).apply(model, optimizer)
     if comm is not None:
         ep.setup(model, optimizer, comm)                # shard the experts, broadcast the rest
-    run_step = make_step(model, optimizer, grad_clip=cfg.grad_clip, comm=comm)
+    run_step = make_step(model, optimizer, grad_clip=cfg.grad_clip, comm=comm, precision=precision)
     if plan.resume_step is not None:
         run_step.load_state_dict(info["extra"].get("step_state", {}))
     if lead and run_step.reason:
@@ -184,7 +189,8 @@ def train(cfg: TrainConfig) -> dict:
         extra = {"model_name": cfg.model, "sampler": sampler.state_dict(), "guard": guard.state_dict(),
                  "step_state": run_step.state_dict(), "train_config": dataclasses.asdict(cfg)}
         if comm is None:
-            save_checkpoint(plan.checkpoint, model, optimizer, step, extra=extra)
+            with float32_weights(optimizer):            # the masters: resumable in any precision
+                save_checkpoint(plan.checkpoint, model, optimizer, step, extra=extra)
             return
         ep.check_in_sync(model, comm)
         with ep.full_experts(model, optimizer, comm):
@@ -221,6 +227,8 @@ def train(cfg: TrainConfig) -> dict:
                               "lr": scheduler.get_last_lr()[0], "grad_norm": float(result.grad_norm),
                               "skipped_steps": guard.skipped, "tokens_per_s": tok_s,
                               "elapsed_s": time.time() - start}
+                    if precision.loss_scale is not None:                  # fp16's loss scale S
+                        record["loss_scale"] = float(precision.loss_scale)
                     if step % cfg.eval_interval == 0 or step == cfg.steps:
                         val, val_step = evaluate(model, corpus.val, cfg, comm), step
                         record.update(val_loss=val, val_bpb=val / math.log(2))

@@ -45,6 +45,7 @@ class TrainConfig:
     expert_parallel: bool = False     # train on all ranks: experts sharded, batch split (data parallel)
     backend: str | None = None        # toy | mpi | nccl; None: from the launcher (one process if none)
     dtype: str | None = None          # None: the model's own (float32); "float64" for exact checks
+    precision: str = "fp32"           # fp32 | tf32 | bf16 | fp16 (tinymoe/precision, docs/precision.md)
     max_corpus_bytes: int = 16_000_000
     progress: bool = True             # tqdm bar
     plots: bool = True
@@ -80,6 +81,15 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
     _need(cfg.threads is None or cfg.threads >= 1, "threads", ">= 1", cfg.threads)
     _need(cfg.time_limit is None or cfg.time_limit >= 0, "time_limit", ">= 0 seconds (or none)", cfg.time_limit)
     _need(cfg.sample_top_k is None or cfg.sample_top_k >= 1, "sample_top_k", ">= 1", cfg.sample_top_k)
+    _need(cfg.precision in ("fp32", "tf32", "bf16", "fp16"), "precision",
+          "one of fp32, tf32, bf16, fp16", cfg.precision)
+    if cfg.precision in ("bf16", "fp16") and cfg.dtype not in (None, "float32"):
+        raise ValueError(f"train: --precision {cfg.precision} trains a 16-bit model with float32 "
+                         f"master weights; --dtype {cfg.dtype} asks for another: give one of them")
+    if cfg.precision in ("bf16", "fp16") and cfg.expert_parallel:
+        raise ValueError(f"train: --precision {cfg.precision} with --expert-parallel is not "
+                         f"supported yet (the experts' master weights are not sharded); use fp32 "
+                         f"or tf32 there")
     if cfg.resume and cfg.overwrite:
         raise ValueError("train: --resume continues the run, --overwrite deletes it: give one of them")
     if cfg.name is not None and (not cfg.name or cfg.name in (".", "..") or "/" in cfg.name):

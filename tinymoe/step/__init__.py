@@ -1,6 +1,6 @@
 """How one training step runs: one owner, so that the trainer reads like a recipe.
 
-    step = make_step(model, optimizer, grad_clip=1.0, comm=None)
+    step = make_step(model, optimizer, grad_clip=1.0, comm=None, precision=None)
     result = step(x, y)        # forward, backward, (all-reduce), clip, guarded update
     result.loss, result.grad_norm, result.finite      # 0-d arrays, still on the device
 
@@ -14,9 +14,11 @@ from .eager import EagerStep, StepResult
 from .guard import DivergenceError, DivergenceGuard
 
 
-def make_step(model, optimizer, grad_clip: float | None = 1.0, comm=None) -> EagerStep:
-    """The step object for this model and run."""
-    return EagerStep(model, optimizer, grad_clip=grad_clip, comm=comm)
+def make_step(model, optimizer, grad_clip: float | None = 1.0, comm=None,
+              precision=None) -> EagerStep:
+    """The step object for this model and run; `precision`: the StepPrecision of
+    tinymoe.precision's Precision.apply (None: float32)."""
+    return EagerStep(model, optimizer, grad_clip=grad_clip, comm=comm, precision=precision)
 
 
 __all__ = ["make_step", "EagerStep", "StepResult", "DivergenceGuard", "DivergenceError"]
