@@ -1,5 +1,6 @@
 """Ops of neural-network layers: embedding lookup, dropout, causal depthwise conv1d."""
 from ... import backend
+from ...dtypes import accumulation_dtype
 from ..function import Function, op_error
 from ._util import scatter_add
 
@@ -23,8 +24,10 @@ class Embedding(Function):
     def backward(ctx, grad):
         (ids,) = ctx.saved
         xp = backend.array_module(grad)
-        dw = xp.zeros(ctx.shape, dtype=grad.dtype)
-        return scatter_add(dw, ids.reshape(-1), grad.reshape(-1, ctx.shape[1])), None
+        acc = accumulation_dtype(grad.dtype)              # 16-bit rows are summed in float32
+        dw = xp.zeros(ctx.shape, dtype=acc)
+        dw = scatter_add(dw, ids.reshape(-1), grad.reshape(-1, ctx.shape[1]).astype(acc, copy=False))
+        return dw.astype(grad.dtype, copy=False), None
 
 
 class Dropout(Function):
@@ -34,8 +37,8 @@ class Dropout(Function):
     @staticmethod
     def forward(ctx, x, p):
         device = backend.device_of(x)
-        keep = backend.rng(device).random(x.shape, dtype=x.dtype) >= p
-        scale = keep * x.dtype.type(1 / (1 - p))
+        keep = backend.rng(device).random(x.shape, dtype=accumulation_dtype(x.dtype)) >= p
+        scale = (keep * (1 / (1 - p))).astype(x.dtype)
         ctx.save(scale)
         return x * scale
 
@@ -84,7 +87,9 @@ class Conv1dCausal(Function):
                 dxpad[:, :, k : k + L] += w[None, :, k, None] * grad
             dx = dxpad[:, :, K - 1 :]
         if gw:
-            dw = xp.stack([(grad * xpad[:, :, k : k + L]).sum(axis=(0, 2)) for k in range(K)], axis=1)[:, None, :]
+            acc = accumulation_dtype(grad.dtype)          # float32 sums for 16-bit data
+            dw = xp.stack([(grad * xpad[:, :, k : k + L]).sum(axis=(0, 2), dtype=acc)
+                           for k in range(K)], axis=1)[:, None, :]
         if gb:
-            db = grad.sum(axis=(0, 2))
+            db = grad.sum(axis=(0, 2), dtype=accumulation_dtype(grad.dtype))
         return dx, dw, db
