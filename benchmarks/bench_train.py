@@ -1,6 +1,7 @@
 """Training throughput on the GPU: tinymoe's default MoE GPT and Mamba LM vs PyTorch eager.
 
     python benchmarks/bench_train.py [--batch 32 --seq 128 --steps 10]
+    python benchmarks/bench_train.py --precisions [--batch 16 --seq 512 --steps 3]
 
 All in one run, float32, AdamW, random token batches (throughput does not depend on the
 data). The PyTorch twins below have the same architecture and sizes as the tinymoe models
@@ -8,6 +9,11 @@ data). The PyTorch twins below have the same architecture and sizes as the tinym
 Mamba with the sequential scan loop (the readable PyTorch recipe). Reports tokens per
 second (median of rounds after warm-up) and peak GPU memory (tinymoe: CuPy's pool total;
 PyTorch: max reserved by its caching allocator, the same notion).
+
+--precisions: the larger MoE GPT (d_model 512, 8 layers, d_ff 2048, 8 experts, top-2) in
+every tinymoe precision (fp32, tf32, bf16, fp16: tinymoe/precision, the trainer's step object)
+against PyTorch eager float32, TF32 and bfloat16 autocast, with tinymoe's peak memory next to
+the estimator's figure (tinymoe.accounting.memory.rough_training_step_bytes).
 """
 import argparse
 import math
@@ -184,12 +190,89 @@ def torch_run(model, a):
     return tps, torch.cuda.max_memory_reserved(), sum(p.numel() for p in model.parameters())
 
 
+BIG_MOE = dict(d_model=512, n_layer=8, n_head=8, d_ff=2048, num_experts=8, top_k=2)
+
+
+def tinymoe_precision_run(a, precision):
+    """The big MoE GPT in one tinymoe precision, stepped as the trainer steps it."""
+    from tinymoe.accounting.memory import rough_training_step_bytes
+    from tinymoe.precision import get_precision, set_tf32
+    from tinymoe.step import make_step
+
+    pool = cp.get_default_memory_pool()
+    pool.free_all_blocks()
+    tinymoe.manual_seed(0)
+    model = build_model("moe-gpt", block_size=a.seq, **BIG_MOE).to("cuda")
+    opt = tinymoe.optim.AdamW(model.parameters(), lr=1e-4)
+    opt, prec = get_precision(precision).apply(model, opt)
+    step_fn = make_step(model, opt, grad_clip=1.0, precision=prec)
+    ids = cp.random.default_rng(0).integers(0, 256, (a.batch, a.seq + 1))
+    x, y = ids[:, :-1], ids[:, 1:]
+    tps = tokens_per_second(lambda: step_fn(x, y), a.batch * a.seq, a.steps,
+                            cp.cuda.Device().synchronize)
+    value_bytes = 2 if precision in ("bf16", "fp16") else 4
+    estimate = rough_training_step_bytes(model, a.batch, a.seq, value_bytes)
+    set_tf32(False)
+    return tps, pool.total_bytes(), model.num_parameters(), estimate
+
+
+def torch_precision_run(MoEGPT, config, a, mode):
+    import contextlib
+    import torch
+    torch.backends.cuda.matmul.allow_tf32 = mode == "tf32"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if mode == "bf16" else \
+        contextlib.nullcontext()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    torch.manual_seed(0)
+    model = MoEGPT(config).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(0, 256, (a.batch, a.seq + 1), device="cuda")
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with autocast:
+            loss = model(ids[:, :-1], ids[:, 1:])
+        loss.backward()
+        opt.step()
+    tps = tokens_per_second(step, a.batch * a.seq, a.steps, torch.cuda.synchronize)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    del model, opt
+    return tps, torch.cuda.max_memory_reserved()
+
+
+def precisions(a):
+    dev = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
+    print(f"device {dev}; MoE GPT {BIG_MOE}; batch={a.batch} seq={a.seq} AdamW")
+    rows = [(f"tinymoe {p}", *tinymoe_precision_run(a, p)) for p in ("fp32", "tf32", "bf16", "fp16")]
+    try:
+        MoEGPT, _ = torch_models()
+        config = build_model("moe-gpt", block_size=a.seq, **BIG_MOE).config
+        for mode, name in (("fp32", "PyTorch eager fp32"), ("tf32", "PyTorch eager TF32"),
+                           ("bf16", "PyTorch eager bf16 autocast")):
+            rows.append((name, *torch_precision_run(MoEGPT, config, a, mode), rows[0][3], float("nan")))
+    except ImportError as e:
+        print(f"PyTorch: skipped ({e})")
+    best_torch = max([r[1] for r in rows if r[0].startswith("PyTorch")] or [float("nan")])
+    print(f"\n{'run':30s} {'params':>10s} {'tokens/s':>10s} {'vs best torch':>13s} "
+          f"{'peak MiB':>9s} {'estimate MiB':>12s} {'est/peak':>8s}")
+    for name, tps, peak, params, est in rows:
+        print(f"{name:30s} {params:10d} {tps:10.0f} {tps / best_torch:12.2f}x {peak / 2**20:9.1f} "
+              f"{est / 2**20:12.1f} {est / peak:8.2f}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--batch", type=int, default=None, help="default 32 (--precisions: 16)")
+    p.add_argument("--seq", type=int, default=None, help="default 128 (--precisions: 512)")
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--precisions", action="store_true",
+                   help="the larger MoE GPT in every precision, tinymoe and PyTorch")
     a = p.parse_args()
+    if a.precisions:
+        a.batch, a.seq = a.batch or 16, a.seq or 512
+        return precisions(a)
+    a.batch, a.seq = a.batch or 32, a.seq or 128
     dev = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
     print(f"device {dev}; batch={a.batch} seq={a.seq} float32 AdamW")
     tinymoe.manual_seed(0)

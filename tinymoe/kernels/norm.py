@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ..backend import cupy
-from ..dtypes import accumulation_dtype, bfloat16, float16, is_half
+from ..dtypes import accumulation_dtype, as_dtype, bfloat16, float16, is_half
 
 SOURCE = Path(__file__).with_name("norm.cu")
 WARP = 32
@@ -46,7 +46,7 @@ DTYPES = tuple(CTYPES)
 def nvcc_options(dtype):
     """The -D defines that specialise norm.cu (also used by the compile test): the storage
     type data_t, the sum type scalar_t (float for the 16-bit formats)."""
-    dtype = np.dtype(dtype)
+    dtype = as_dtype(dtype)
     half = ("-DHALF_TYPES",) if is_half(dtype) else ()
     return (f"-Ddata_t={CTYPES[dtype]}", f"-Dscalar_t={CTYPES[accumulation_dtype(dtype)]}",
             *half, f"-DWARPS={WARPS}", f"-DCOLS={COLS}", f"-DROWS_Y={ROWS_Y}")
@@ -65,7 +65,7 @@ def _function(name, dtype_str):
 def _kernel(name, dtype):
     """The kernel, looked up once per dtype (get_function asks the driver on every call:
     on this host-bound path, three times per LayerNorm per step)."""
-    return _function(name, np.dtype(dtype).str)
+    return _function(name, np.dtype(dtype).name)        # "bfloat16": its .str is a void "<V2"
 
 
 def _check(name, x, *vectors):
