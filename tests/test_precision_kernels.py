@@ -283,3 +283,25 @@ def test_gpu_training_steps_in_16_bits(model, precision):
         x = tinymoe.backend.cupy().asarray(ids)
         losses[p] = [float(step(x, x).loss) for _ in range(8)]
     assert max(abs(a - b) for a, b in zip(losses["fp32"], losses[precision])) < 0.05, losses
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", HALF)
+def test_gpu_matmul_16_bit_every_shape(dtype):
+    """kernels/matmul.py on CuPy: 2-D, transposed views, (..., K) @ (K, N), out=, batched and
+    broadcast batched (attention's) products against float32 on the same inputs."""
+    from tinymoe.kernels.matmul import matmul
+    cp = tinymoe.backend.cupy()
+    rng = np.random.default_rng(0)
+    h = lambda *s: cp.asarray(rng.standard_normal(s).astype(np.float32).astype(dtype))  # noqa: E731
+    cases = [(h(64, 96), h(96, 80)), (h(96, 64).T, h(80, 96).T), (h(4, 33, 96), h(96, 80)),
+             (h(8, 33, 96), h(8, 96, 20)), (h(2, 3, 4, 17, 16), h(2, 3, 1, 16, 17))]
+    for a, b in cases:
+        want = cp.asnumpy(cp.matmul(a.astype(cp.float32), b.astype(cp.float32)))
+        got = matmul(a, b)
+        assert got.dtype == a.dtype and got.shape == want.shape
+        close(got, want, dtype, f"matmul {a.shape} @ {b.shape}")
+    a, b = cases[0]
+    out = cp.empty((64, 80), a.dtype)
+    assert matmul(a, b, out=out) is out
+    close(out, cp.asnumpy(cp.matmul(a.astype(cp.float32), b.astype(cp.float32))), dtype, "out=")
