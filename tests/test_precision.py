@@ -292,3 +292,21 @@ def test_cli_quick_fp16(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     log = [json.loads(line) for line in open(tmp_path / "moe-gpt" / "log.jsonl")]
     assert any("loss_scale" in r for r in log)
+
+
+def test_measured_state_bytes_are_the_lectures():
+    """After a backward, by the arrays' dtypes: fp32 4 + 4 + 8, bf16 2 + 2 + 12 bytes each."""
+    from tinymoe.accounting.memory import layout_for, measured_state_bytes
+    from tinymoe.models import build_model
+    from tinymoe.step import make_step
+
+    ids = np.random.default_rng(0).integers(0, 256, (2, 16))
+    for name in ("fp32", "bf16"):
+        tinymoe.manual_seed(0)
+        model = build_model("gpt", block_size=16, n_layer=1, d_model=16, n_head=2, d_ff=32)
+        opt, precision = get_precision(name).apply(model, AdamW(model.parameters(), lr=1e-3))
+        make_step(model, opt, grad_clip=1.0, precision=precision)(ids, ids)
+        precision.scale(model(ids, ids)[1]).backward()
+        n, got, want = model.num_parameters(), measured_state_bytes(model, opt), layout_for(name)
+        assert got == {"params": want.params * n, "grads": want.grads * n,
+                       "optimizer": want.optimizer * n}, (name, got)
