@@ -157,6 +157,9 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None,
             raise ValueError(f"selective_state_update: {name} must be {want} for state "
                              f"{_shape(state)}, got {_shape(arr)}")
     from .reference import selective_state_update as step
+    if is_half(x.dtype):                                  # 16-bit inputs: float32 math, and
+        out = step(state, *upcast(x, dt, A, B, C, D, z, dt_bias), dt_softplus)   # state
+        return out.astype(x.dtype)
     return step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
 
 
