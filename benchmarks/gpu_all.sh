@@ -34,6 +34,7 @@ if [[ $WHAT == bench || $WHAT == all ]]; then
   step scan 120 python3 benchmarks/bench_scan.py
   step moe 90 python3 benchmarks/bench_moe.py
   step train 120 python3 benchmarks/bench_train.py
+  step train_precisions 120 python3 benchmarks/bench_train.py --precisions --steps 3
 fi
 echo "== done in ${SECONDS} s, ${FAILED} failed"
 exit $FAILED
