@@ -175,7 +175,8 @@ def train(cfg: TrainConfig) -> dict:
     optimizer, precision = get_precision(cfg.precision).apply(model, optimizer)
     if comm is not None:
         ep.setup(model, optimizer, comm)                # shard the experts, broadcast the rest
-    run_step = make_step(model, optimizer, grad_clip=cfg.grad_clip, comm=comm, precision=precision)
+    run_step = make_step(model, optimizer, grad_clip=cfg.grad_clip, comm=comm, cuda_graph=cfg.cuda_graph,
+                         precision=precision)
     if plan.resume_step is not None:
         run_step.load_state_dict(info["extra"].get("step_state", {}))
     if lead and run_step.reason:
@@ -214,8 +215,7 @@ def train(cfg: TrainConfig) -> dict:
                 x, y = sampler()                                          # (B, L): the global batch
                 if comm is not None:                                      # (B/W, L): this rank's rows
                     x, y = ep.local_rows(x, comm), ep.local_rows(y, comm)
-                x, y = backend.to_device(x, cfg.device), backend.to_device(y, cfg.device)
-                result = run_step(x, y)
+                result = run_step(x, y)                                   # host ids: the step copies them
                 scheduler.step()
                 step += 1
                 guard.record(step, result.finite)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import backend
+from . import blas
 from ..dtypes import bfloat16, is_half
 
 
@@ -40,6 +41,11 @@ def matmul(a, b, out=None):
         return _widened(np, a, b, out)
     xp = backend.array_module(a)
     if bfloat16 is None or a.dtype != bfloat16 or (a.ndim == 2 and b.ndim == 2):
+        if out is None:
+            return blas.matmul(a, b)                      # cuBLAS directly while capturing
+        if backend.is_capturing():
+            out[...] = blas.matmul(a, b)
+            return out
         return xp.matmul(a, b, out=out)
     if b.ndim == 2 and a.ndim > 2:                        # (..., K) @ (K, N) as one 2-D product
         y = xp.matmul(a.reshape(-1, a.shape[-1]), b).reshape(*a.shape[:-1], b.shape[-1])

@@ -17,7 +17,7 @@ from .. import backend
 from ..autograd.function import Function
 from ..autograd.ops import sum_to_shape
 from ..dtypes import accumulation_dtype, upcast
-from ..kernels.matmul import matmul as mm
+from ..kernels.matmul import matmul as mm           # 16-bit aware; cuBLAS directly while capturing
 from . import functional as F
 from .linear import Linear
 from .module import Module

@@ -13,7 +13,7 @@ import numpy as np
 
 from ... import backend
 from ...autograd.function import Function, op_error
-from ...kernels.matmul import matmul as mm
+from ...kernels.matmul import matmul as mm         # 16-bit aware; cuBLAS directly while capturing
 from ...kernels.matmul import same_format
 from .. import functional as F
 from ..module import Module
@@ -65,7 +65,9 @@ class GroupedLinear(Function):
     dL/dxs[rows of e] = dL/dys[rows] @ W[e]^T,  dL/dW[e] = xs[rows]^T @ dL/dys[rows]
 
     `bounds` are the row offsets (E+1,), as Python ints (DispatchPlan.bounds) or an array.
-    Two ways to compute the same products (BATCHED_MAX_PADDING and _MACS pick):
+    A static plan's bounds are uniform (every expert M rows, row e*M + r): then the products
+    are one batched matmul over xs seen as (E, M, in), nothing copied. Otherwise two ways to
+    compute the same products (BATCHED_MAX_PADDING and _MACS pick):
       loop:    for each expert, one matmul over its rows, written in place (out=);
       batched: pad every expert's rows to M = the largest group, (E, M, in) @ (E, in, out)
                as one batched matmul, and take the real rows back out.
@@ -85,6 +87,10 @@ class GroupedLinear(Function):
         xs, W = same_format(xs, W)                     # 16-bit rows and weights: a 16-bit product
         ctx.bounds = bounds
         M = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+        ctx.uniform = 0 < R == E * M and bounds == tuple(range(0, R + 1, M))
+        if ctx.uniform:                     # a static plan: E groups of M rows, (E, M, in) as is
+            ctx.save(xs, W)
+            return mm(xs.reshape(E, M, -1), W).reshape(R, W.shape[2])      # (R, out)
         ctx.batched = ((BATCHED_ON_CPU or backend.is_cupy_array(xs))
                        and 0 < R and E * M <= BATCHED_MAX_PADDING * R
                        and M * W.shape[1] * W.shape[2] <= BATCHED_MAX_MACS)
@@ -105,6 +111,13 @@ class GroupedLinear(Function):
         gx, gw, _ = ctx.needs_input_grad
         xp = backend.array_module(grad)
         grad = grad.astype(ctx.saved[1].dtype, copy=False)                   # W's format
+        if ctx.uniform:
+            xs, W = ctx.saved
+            E, n_in = W.shape[0], W.shape[1]
+            g3 = grad.reshape(E, -1, grad.shape[-1])                            # (E, M, out)
+            dxs = mm(g3, W.swapaxes(1, 2)).reshape(xs.shape) if gx else None
+            dW = mm(xs.reshape(E, -1, n_in).swapaxes(1, 2), g3) if gw else None
+            return dxs, dW, None
         if ctx.batched:
             xpad, W, pos = ctx.saved
             E, M, n_in = xpad.shape
