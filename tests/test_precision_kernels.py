@@ -247,19 +247,21 @@ def test_gpu_elementwise_16_bit(name, dtype):
 def test_gpu_tf32_switch():
     """TF32 rounds float32 matmul inputs to 10 mantissa bits: the error of a float32 product
     against float64 grows from ~1e-7 to ~1e-4 when it is on, and back when off."""
+    from tinymoe.kernels import blas
     from tinymoe.precision import set_tf32
     cp = tinymoe.backend.cupy()
     a, b = (cp.random.standard_normal((512, 512), dtype=cp.float32) for _ in range(2))
     exact = a.astype(cp.float64) @ b.astype(cp.float64)
-    err = lambda: float(cp.abs(a @ b - exact).max() / cp.abs(exact).max())  # noqa: E731
-    try:
-        set_tf32(True)
-        on = err()
-        set_tf32(False)
-        off = err()
-    finally:
-        set_tf32(False)
-    assert off < 1e-5 < on < 1e-2, (off, on)
+    for mm in (lambda: a @ b, lambda: blas.cublas_matmul(a, b)):   # CuPy's, and the captured path's
+        err = lambda: float(cp.abs(mm() - exact).max() / cp.abs(exact).max())  # noqa: E731
+        try:
+            set_tf32(True)
+            on = err()
+            set_tf32(False)
+            off = err()
+        finally:
+            set_tf32(False)
+        assert off < 1e-5 < on < 1e-2, (off, on)
 
 
 @pytest.mark.gpu

@@ -5,7 +5,8 @@ An NVIDIA GPU since Ampere multiplies float32 matrices either in full float32 (C
 range with 10 mantissa bits, bfloat16's exponent and float16's mantissa, products summed in
 float32: 420 TFLOP/s measured with CuPy, issue 16). Which one is cuBLAS's compute type for
 float32 products; CuPy keeps it per dtype (cupy._core._routines_linalg.set_compute_type, the
-same switch as the CUPY_TF32=1 environment variable, which is only read once). Nothing else
+same switch as the CUPY_TF32=1 environment variable, which is only read once), and the math
+mode of the cuBLAS handle that captured steps call (kernels/blas.py). Nothing else
 changes: storage, elementwise math and reductions stay float32. The CPU has no TF32.
 """
 from __future__ import annotations
@@ -24,6 +25,9 @@ def set_tf32(enabled: bool) -> None:
     _enabled = bool(enabled)
     if not backend.cuda_available():
         return
+    from ..kernels import blas
+
+    blas.set_tf32(enabled)                   # the cuBLAS handle a captured step's GEMMs use
     from cupy._core import _routines_linalg as linalg
 
     tf32 = getattr(linalg, "COMPUTE_TYPE_TF32", _TF32)
