@@ -85,12 +85,12 @@ MODEL_RUNS = {
                  ("model", "eval_capacity_factor"): None, ("model", "num_shared_experts"): 1,
                  ("model", "moe_every"): 2, ("model", "aux_loss_weight"): 0.02,
                  ("model", "z_loss_weight"): 0.0005, ("train", "expert_parallel"): True}),
-    "mamba": (["--model", "mamba", "--d-model", "16", "--time-limit", "none"],
+    "mamba": (["--model", "mamba", "--d-model", "16", "--time-limit", "none", "--precision", "bf16"],
               {("train", "model"): "mamba", ("model", "d_model"): 16, ("model", "n_layer"): 2,
-               ("train", "time_limit"): None}),
-    "hybrid": (["--model", "hybrid", "--experts", "2", "--top-k", "1"],
+               ("train", "time_limit"): None, ("train", "precision"): "bf16"}),
+    "hybrid": (["--model", "hybrid", "--experts", "2", "--top-k", "1", "--cuda-graph", "off"],
                {("train", "model"): "hybrid", ("model", "num_experts"): 2, ("model", "top_k"): 1,
-                ("model", "d_model"): 32}),
+                ("model", "d_model"): 32, ("train", "cuda_graph"): "off"}),
 }
 # the flags every run above gives (TINY and --out-dir), and those with tests of their own below
 EVERY_RUN = {("train", "steps"): 2, ("train", "block_size"): 16, ("train", "batch_size"): 2,
@@ -237,7 +237,7 @@ def test_wrong_words_are_refused_before_any_file(tmp_path, capsys, flag, value, 
 
 
 BAD_CHOICE = {"--model": "bert", "--router": "soft", "--activation": "tanh", "--dtype": "float16",
-              "--device": "tpu", "--backend": "gloo"}
+              "--device": "tpu", "--backend": "gloo", "--precision": "fp8", "--cuda-graph": "maybe"}
 
 
 @pytest.mark.parametrize("flag,value", list(BAD_CHOICE.items()) + [("--steps", "ten"), ("--lr", "fast")])
