@@ -6,6 +6,7 @@
     python -m tinymoe generate --checkpoint runs/moe-gpt/ckpt.safetensors --prompt "def "
     python -m tinymoe.distributed.launch --nproc 2 -m tinymoe train --expert-parallel
     mpiexec -n 2 python -m tinymoe train --expert-parallel --backend mpi
+    python -m tinymoe.distributed.launch --nproc 8 -m tinymoe train --expert-parallel --ep-size 4
 
 Commands live in COMMANDS: name -> (help, add_arguments(parser), run(args)). To add one,
 write those two functions and add a line (or call `register`).
@@ -89,6 +90,9 @@ def add_train_arguments(p):
                    help="train on every rank: experts sharded, the batch split between the ranks")
     e.add_argument("--backend", choices=["toy", "mpi", "nccl"], default=argparse.SUPPRESS,
                    help="default: from the launcher (toy) or mpiexec (mpi); nccl needs --device cuda")
+    e.add_argument("--ep-size", type=int, default=argparse.SUPPRESS,
+                   help="ranks per expert-parallel group (the world = ep-size x data-parallel replicas; "
+                        "default: all ranks)")
 
 
 def model_config_for(model: str, options: dict, quick: bool) -> dict:

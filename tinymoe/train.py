@@ -9,7 +9,8 @@ Ctrl-C saves a checkpoint and returns; `resume=True` continues from it.
 
 `expert_parallel=True` trains on every rank of the world this process was started in
 (the toy launcher, mpiexec, or GPUs with backend="nccl"): the experts spread over the
-ranks, the global batch split between them; see tinymoe/distributed/training.py.
+ranks (or over groups of `ep_size` ranks, a mesh), the global batch split between them;
+see tinymoe/distributed/training.py and mesh.py.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from .nn import functional as F
 from .nn.moe import MoELayer
 from .distributed import training as ep
 from .distributed.communicator import SingleProcess
+from .distributed.mesh import Mesh
 from .distributed.data_parallel import all_reduce_gradients
 from .distributed.data_parallel import clip_grad_norm_ as global_clip_grad_norm_
 from .optim import AdamW, WarmupCosine, clip_grad_norm_
@@ -65,6 +67,7 @@ class TrainConfig:
     sample_top_k: int | None = 10
     resume: bool = False
     expert_parallel: bool = False     # train on all ranks: experts sharded, batch split (data parallel)
+    ep_size: int | None = None        # expert-parallel group size (W = ep_size x dp_size); None: all ranks
     backend: str | None = None        # toy | mpi | nccl; None: from the launcher (one process if none)
     dtype: str | None = None          # None: the model's own (float32); "float64" for exact checks
     max_corpus_bytes: int = 16_000_000
@@ -150,8 +153,9 @@ def _world(cfg: TrainConfig):
     import tinymoe.distributed as dist
 
     if not cfg.expert_parallel:
-        if cfg.backend is not None:
-            raise ValueError(f"train: backend={cfg.backend!r} needs expert_parallel=True (--expert-parallel)")
+        for name in ("backend", "ep_size"):
+            if getattr(cfg, name) is not None:
+                raise ValueError(f"train: {name}={getattr(cfg, name)!r} needs expert_parallel=True (--expert-parallel)")
         launched = max(int(os.environ.get(v, 1)) for v in ("TINYMOE_WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"))
         if launched > 1:
             raise RuntimeError(f"train: this process is one of {launched} started by a launcher, but "
@@ -161,7 +165,7 @@ def _world(cfg: TrainConfig):
     comm = dist.init(cfg.backend)
     if comm.backend == "nccl" and cfg.device != "cuda":
         raise ValueError("train: backend 'nccl' trains on GPUs (one per rank): use device='cuda' (--device cuda)")
-    return comm
+    return Mesh(comm, cfg.ep_size)                      # the world, with its EP and DP groups
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -182,9 +186,9 @@ def train(cfg: TrainConfig) -> dict:
         set_blas_threads(cfg.threads)
     corpus = load_corpus(cfg.data, cfg.max_corpus_bytes)
     check_length(corpus, cfg.block_size)
-    if comm is not None:
-        ep.check_batch_size(cfg.batch_size, comm)
     model = build_model(cfg.model, block_size=cfg.block_size, **cfg.model_config).to(cfg.device, dtype=cfg.dtype)
+    if comm is not None:
+        ep.check_shapes(model, cfg.batch_size, comm)    # batch over the ranks, experts over the EP group
     optimizer = make_optimizer(model, cfg)              # before sharding: the one-process parameter order
     sampler = BatchSampler(corpus.train, cfg.batch_size, cfg.block_size, seed=cfg.seed)
 
@@ -199,7 +203,8 @@ def train(cfg: TrainConfig) -> dict:
         open(log_path, "w").close()
     if lead:
         sharded = "experts sharded, " if any(isinstance(m, MoELayer) for m in model.modules()) else ""
-        where = f" on {W} rank{'s' * (W > 1)} ({comm.backend}: {sharded}batch split)" if comm is not None else ""
+        layout = f", {comm.layout}" if comm is not None and comm.dp_size > 1 else ""
+        where = f" on {W} rank{'s' * (W > 1)} ({comm.backend}: {sharded}batch split{layout})" if comm is not None else ""
         print(f"{cfg.model}: {model.num_parameters():,} parameters{where} | {corpus} | run dir {out}")
         with open(os.path.join(out, "config.json"), "w") as f:
             json.dump({"train": dataclasses.asdict(cfg),
