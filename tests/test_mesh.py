@@ -4,6 +4,8 @@
 in the groups check); under MPI with mpiexec -n 4. float64, a dropless tiny MoE GPT without the
 load-balancing loss, so that W ranks compute what one process computes on the global batch.
 """
+import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -11,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from test_train_distributed import MODEL, RUN, _run_files
+from test_train_distributed import CLI, MODEL, RUN, _assert_same_run, _run_files
 from tinymoe.distributed import ToyPool, selftest
 from tinymoe.distributed.communicator import SingleProcess
 from tinymoe.distributed.mesh import Mesh, as_mesh, check_mesh
@@ -150,6 +152,52 @@ def test_cli_ep_size_under_the_launcher(corpus, tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     assert "on 2 ranks (toy: experts sharded, batch split, 1 EP x 2 DP)" in out.stdout
     assert (tmp_path / "moe-gpt" / "ckpt.safetensors").exists()
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_ep_scaling", os.path.join(ROOT, "benchmarks",
+                                                                                   "bench_ep_scaling.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _bench_rank(comm, path, ep_size):
+    return _bench().main(["--tiny", "--ep-size", str(ep_size), "--json", path])
+
+
+def test_scaling_benchmark_on_toy_ranks(pools, tmp_path):
+    # the logic of benchmarks/bench_ep_scaling.py (what nccl_multi_gpu.sh runs on GPUs), at toy sizes
+    bench = _bench()
+    with open(tmp_path / "scaling_w1.json", "w") as f:
+        json.dump(bench.measure(bench.TINY, None, "cpu"), f)              # one process: the baseline
+    pools(4).run(_bench_rank, str(tmp_path / "scaling_w4_ep2.json"), 2)
+    rows = bench.summarize([str(tmp_path / "scaling_w1.json"), str(tmp_path / "scaling_w4_ep2.json")], str(tmp_path))
+    one, mesh = rows
+    assert (one["world_size"], one["model"]["num_experts"], one["all_to_all_s"], one["efficiency"]) == (1, 2, 0.0, 1.0)
+    assert (mesh["ep_size"], mesh["dp_size"], mesh["model"]["num_experts"]) == (2, 2, 4)   # 2 experts per rank
+    assert mesh["tokens_per_step"] == 4 * one["tokens_per_step"] == 4 * 2 * 16
+    assert mesh["all_to_all_s"] > 0 and mesh["all_reduce_s"] > 0 and 0 < mesh["comm_share"]
+    assert mesh["efficiency"] == mesh["tokens_per_s"] / one["tokens_per_s"] / 4
+    assert (tmp_path / "ep_scaling.png").exists()
+
+
+@pytest.mark.gpu
+def test_four_gpus_as_2x2_train_like_one_cpu_process(corpus, reference, tmp_path):
+    import cupy
+
+    if cupy.cuda.runtime.getDeviceCount() < 4:
+        pytest.skip("needs 4 GPUs")
+    env = dict(os.environ, NCCL_NVLS_ENABLE="0",   # never NVLink multicast on shared machines
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cli = [("8" if prev == "--batch-size" else arg) for prev, arg in zip([None] + CLI, CLI)]   # RUN8
+    out = subprocess.run([sys.executable, "-m", "tinymoe.distributed.launch", "--nproc", "4", "-m", "tinymoe",
+                          "train", "--expert-parallel", "--backend", "nccl", "--device", "cuda", "--ep-size", "2",
+                          "--data", corpus, "--out-dir", str(tmp_path)] + cli, capture_output=True, text=True,
+                         timeout=240, cwd=ROOT, env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "on 4 ranks (nccl: experts sharded, batch split, 2 EP x 2 DP)" in out.stdout
+    _assert_same_run(_run_files(str(tmp_path / "moe-gpt")), reference, tol=1e-7)   # cuBLAS vs NumPy sums
 
 
 @pytest.mark.mpi
