@@ -207,8 +207,8 @@ def test_mesh_under_mpiexec_with_4_ranks():
 
     assert mpiexec() is not None, "mpi4py is installed but no mpiexec was found (pip install mpich)"
     out = subprocess.run([mpiexec(), "-n", "4", sys.executable, "-m", "tinymoe.distributed.selftest", "--backend",
-                          "mpi", "--only", "check_mesh_groups,check_mesh_training"],
+                          "mpi", "--only", "check_mesh_groups,check_mesh_training,check_mesh_zero"],
                          capture_output=True, text=True, timeout=180, cwd=ROOT)
     assert out.returncode == 0, out.stdout + out.stderr
-    for check in ("check_mesh_groups", "check_mesh_training"):
+    for check in ("check_mesh_groups", "check_mesh_training", "check_mesh_zero"):
         assert f"selftest mpi x4: {check} ok" in out.stdout, out.stdout

@@ -337,9 +337,65 @@ def check_mesh_training(comm, ep_sizes=None, device="cpu", tol=1e-12):
     return worst
 
 
+def check_mesh_zero(comm, ep_sizes=None, steps=2, device="cpu", tol=1e-12):
+    """ZeRO-1 on the mesh (MeshZeroAdamW: dense states split over the world, each rank's experts'
+    over its DP group) trains like one process with AdamW (weight decay on matrices only, as the
+    trainer), to 1e-12 in float64, and the ranks' states add up to one copy of AdamW's.
+    Returns {ep_size: (this rank's state bytes, one process's)}."""
+    import tinymoe
+    from tinymoe.distributed import training
+    from tinymoe.distributed.data_parallel import all_reduce_gradients, clip_grad_norm_
+    from tinymoe.distributed.mesh import Mesh
+    from tinymoe.distributed.zero import MeshZeroAdamW
+    from tinymoe.models import build_model
+    from tinymoe.optim import AdamW, clip_grad_norm_ as one_process_clip
+
+    W, r = comm.world_size, comm.rank
+    ids = np.random.default_rng(4).integers(0, MESH_MODEL["vocab_size"], (steps, 2 * W, MESH_MODEL["block_size"] + 1))
+
+    def groups(model):                                                        # tinymoe.train.make_optimizer's
+        params = list(model.parameters())
+        return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.1},
+                {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+
+    tinymoe.manual_seed(2)
+    ref = build_model("moe-gpt", **MESH_MODEL).to(device, dtype=np.float64)
+    ref_opt = AdamW(groups(ref), lr=0.05, betas=(0.9, 0.95))
+    for t in range(steps):
+        ref_opt.zero_grad()
+        ref(to_device(ids[t, :, :-1], device), to_device(ids[t, :, 1:], device))[1].backward()
+        one_process_clip(ref.parameters(), 0.5)
+        ref_opt.step()
+    ref_bytes = sum(v.nbytes for s in ref_opt.state.values() for v in s.values() if hasattr(v, "nbytes"))
+
+    out = {}
+    for ep_size in ep_sizes or _divisors(W):
+        mesh = Mesh(comm, ep_size)
+        tinymoe.manual_seed(2)
+        model = training.setup(build_model("moe-gpt", **MESH_MODEL).to(device, dtype=np.float64), None, mesh)
+        opt = MeshZeroAdamW(groups(model), mesh, lr=0.05, betas=(0.9, 0.95))
+        for t in range(steps):
+            mine = ids[t, r * 2:(r + 1) * 2]                                  # this rank's rows
+            opt.zero_grad()
+            model(to_device(mine[:, :-1], device), to_device(mine[:, 1:], device))[1].backward()
+            all_reduce_gradients(model.parameters(), mesh)
+            clip_grad_norm_(model.parameters(), 0.5, mesh)
+            opt.step()
+        training.check_in_sync(model, mesh)
+        with training.full_experts(model, None, mesh):
+            err = max(float(np.abs(to_numpy(p.data) - to_numpy(q.data)).max())
+                      for p, q in zip(model.parameters(), ref.parameters()))
+        assert err < tol, f"rank {r}, {mesh.layout}: ZeRO-1 on the mesh differs from one process by {err:.2e}"
+        total = float(to_numpy(comm.all_reduce(np.array([float(opt.state_bytes)])))[0])
+        assert total == ref_bytes, f"rank {r}, {mesh.layout}: the ranks hold {total:.0f} bytes of state, AdamW {ref_bytes}"
+        out[ep_size] = (opt.state_bytes, ref_bytes)
+        mesh.close()
+    return out
+
+
 CHECKS = [check_all_to_all, check_all_to_all_rows, check_large_messages, check_all_reduce, check_broadcast,
           check_all_to_all_grad, check_expert_parallel, check_data_parallel, check_zero, check_mesh_groups,
-          check_mesh_training]
+          check_mesh_training, check_mesh_zero]
 
 
 def main(argv=None):

@@ -67,12 +67,13 @@ def setup(model, optimizer, comm):
     shared parameters (and its DP group's first rank's experts). comm: the world's communicator
     or a Mesh. The optimizer must be built before (on the full model: its parameter order is
     then the single-process one, so checkpoints match); moments already loaded from a
-    checkpoint are sliced like their experts. Returns the model."""
+    checkpoint are sliced like their experts. optimizer None: one built after (ZeRO's, on
+    the shards). Returns the model."""
     mesh = as_mesh(comm)
     shard_experts(model, mesh.ep)
     for layer in expert_layers(model):
         for p in layer.experts.parameters():
-            state = optimizer.state.get(id(p), {})
+            state = optimizer.state.get(id(p), {}) if optimizer is not None else {}
             for key, value in state.items():
                 if hasattr(value, "shape"):
                     state[key] = value[layer.first:layer.last].copy()   # (E, ...) -> (E/ep, ...)
