@@ -20,12 +20,12 @@ Keep NVLink multicast off on shared machines: export NCCL_NVLS_ENABLE=0.
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 
 from tinymoe.backend import cupy, to_device, to_numpy
 from tinymoe.distributed.communicator import Communicator
+from tinymoe.distributed.launch import local_rank
 
 try:
     from cupy.cuda import nccl
@@ -44,13 +44,12 @@ class NCCLCommunicator(Communicator):
 
     def __init__(self, bootstrap: Communicator, device=None):
         """bootstrap: the host communicator of the same processes (toy or MPI). device: this
-        rank's GPU (a cupy.cuda.Device); None: GPU local rank mod the GPUs of this host."""
+        rank's GPU (a cupy.cuda.Device); None: GPU (rank on this host) mod (GPUs of this host)."""
         super().__init__(bootstrap.rank, bootstrap.world_size)
         cp = cupy()
         self.bootstrap = bootstrap
         if device is None:
-            local_rank = int(os.environ.get("TINYMOE_LOCAL_RANK", os.environ.get("MPI_LOCALRANKID", self.rank)))
-            device = cp.cuda.Device(local_rank % cp.cuda.runtime.getDeviceCount())
+            device = cp.cuda.Device(local_rank(self.rank) % cp.cuda.runtime.getDeviceCount())
         self.device = device
         self.device.use()
         self.comm = nccl.NcclCommunicator(self.world_size, self._shared_unique_id(), self.rank)
