@@ -275,8 +275,15 @@ def check_mesh_groups(comm, device="cpu"):
         mesh.close()
 
 
-MESH_MODEL = dict(vocab_size=16, block_size=4, n_layer=1, n_head=2, d_model=8, d_ff=6, num_experts=8, top_k=2,
+MESH_MODEL = dict(vocab_size=16, block_size=4, n_layer=1, n_head=2, d_model=8, d_ff=6, top_k=2,
                   capacity_factor=None, aux_loss_weight=0.0, z_loss_weight=1e-3)   # dropless, no group-wise loss
+
+
+def _mesh_model(device, W):
+    """The tiny MoE GPT of the mesh checks, 2 W experts (any EP group size of W divides them), float64."""
+    from tinymoe.models import build_model
+
+    return build_model("moe-gpt", **MESH_MODEL, num_experts=2 * W).to(device, dtype=np.float64)
 
 
 def check_mesh_training(comm, ep_sizes=None, device="cpu", tol=1e-12):
@@ -289,7 +296,6 @@ def check_mesh_training(comm, ep_sizes=None, device="cpu", tol=1e-12):
     from tinymoe.distributed import training
     from tinymoe.distributed.data_parallel import all_reduce_gradients, clip_grad_norm_
     from tinymoe.distributed.mesh import Mesh
-    from tinymoe.models import build_model
     from tinymoe.optim import AdamW, clip_grad_norm_ as one_process_clip
 
     W, r = comm.world_size, comm.rank
@@ -301,7 +307,7 @@ def check_mesh_training(comm, ep_sizes=None, device="cpu", tol=1e-12):
         return opt, lambda: (model(x, y)[1].backward(), reduce_and_clip())
 
     tinymoe.manual_seed(1)
-    ref = build_model("moe-gpt", **MESH_MODEL).to(device, dtype=np.float64)
+    ref = _mesh_model(device, W)
     ref_opt, run = step(ref, to_device(ids[:, :-1], device), to_device(ids[:, 1:], device),
                         lambda: one_process_clip(ref.parameters(), 0.5))
     ref_norm = run()[1]
@@ -313,7 +319,7 @@ def check_mesh_training(comm, ep_sizes=None, device="cpu", tol=1e-12):
     for ep_size in ep_sizes or _divisors(W):
         mesh = Mesh(comm, ep_size)
         tinymoe.manual_seed(1)
-        model = build_model("moe-gpt", **MESH_MODEL).to(device, dtype=np.float64)
+        model = _mesh_model(device, W)
         mine = ids[r * 2:(r + 1) * 2]                                         # this rank's rows
         opt, run = step(model, to_device(mine[:, :-1], device), to_device(mine[:, 1:], device),
                         lambda: (all_reduce_gradients(model.parameters(), mesh),
@@ -347,7 +353,6 @@ def check_mesh_zero(comm, ep_sizes=None, steps=2, device="cpu", tol=1e-12):
     from tinymoe.distributed.data_parallel import all_reduce_gradients, clip_grad_norm_
     from tinymoe.distributed.mesh import Mesh
     from tinymoe.distributed.zero import MeshZeroAdamW
-    from tinymoe.models import build_model
     from tinymoe.optim import AdamW, clip_grad_norm_ as one_process_clip
 
     W, r = comm.world_size, comm.rank
@@ -359,7 +364,7 @@ def check_mesh_zero(comm, ep_sizes=None, steps=2, device="cpu", tol=1e-12):
                 {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
 
     tinymoe.manual_seed(2)
-    ref = build_model("moe-gpt", **MESH_MODEL).to(device, dtype=np.float64)
+    ref = _mesh_model(device, W)
     ref_opt = AdamW(groups(ref), lr=0.05, betas=(0.9, 0.95))
     for t in range(steps):
         ref_opt.zero_grad()
@@ -372,7 +377,7 @@ def check_mesh_zero(comm, ep_sizes=None, steps=2, device="cpu", tol=1e-12):
     for ep_size in ep_sizes or _divisors(W):
         mesh = Mesh(comm, ep_size)
         tinymoe.manual_seed(2)
-        model = training.setup(build_model("moe-gpt", **MESH_MODEL).to(device, dtype=np.float64), None, mesh)
+        model = training.setup(_mesh_model(device, W), None, mesh)
         opt = MeshZeroAdamW(groups(model), mesh, lr=0.05, betas=(0.9, 0.95))
         for t in range(steps):
             mine = ids[t, r * 2:(r + 1) * 2]                                  # this rank's rows
