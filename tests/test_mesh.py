@@ -87,6 +87,21 @@ def test_group_needs_this_rank_and_distinct_ranks():
         world.group([1, 1])
 
 
+def test_local_rank_from_any_launcher(monkeypatch):
+    # NCCL ranks pick their GPU by their rank on the host: ranks 8-15 of two hosts are GPUs 0-7
+    from tinymoe.distributed.launch import LOCAL_RANK_ENV, local_rank
+
+    for name in LOCAL_RANK_ENV:
+        monkeypatch.delenv(name, raising=False)
+    assert local_rank(11) == 11                              # no launcher said it: the default
+    monkeypatch.setenv("SLURM_LOCALID", "5")
+    assert local_rank(11) == 5
+    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_RANK", "3")    # Open MPI's mpirun
+    assert local_rank(11) == 3
+    monkeypatch.setenv("MPI_LOCALRANKID", "2")               # MPICH's mpiexec
+    assert local_rank(11) == 2
+
+
 def test_ep_size_needs_expert_parallel(tmp_path):
     with pytest.raises(ValueError, match=r"train: ep_size=2 needs expert_parallel=True \(--expert-parallel\)"):
         train(TrainConfig(**RUN, ep_size=2, out_dir=str(tmp_path)))
