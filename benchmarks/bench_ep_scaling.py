@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 # per rank: the same at every world size
-GPU = dict(model=dict(d_model=512, n_layer=4, n_head=8, d_ff=1024, top_k=2, capacity_factor=1.25),
+GPU = dict(model=dict(d_model=1024, n_layer=4, n_head=16, d_ff=2048, top_k=2, capacity_factor=1.25),
            experts_per_rank=2, batch_per_rank=16, block=256, warmup=3, reps=10)
 TINY = dict(model=dict(d_model=16, n_layer=1, n_head=2, d_ff=16, top_k=2, capacity_factor=1.25),
             experts_per_rank=2, batch_per_rank=2, block=16, warmup=1, reps=3)

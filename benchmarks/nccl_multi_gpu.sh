@@ -15,6 +15,9 @@
 # 5. 20 steps of examples/train_moe_gpt.py on N GPUs as N/2 EP x 2 DP                     -> $OUT/train_*
 # Every step runs under `timeout` (GNU timeout signals the whole process group: no orphaned ranks);
 # a failed step does not stop the next one. Exit code: the number of failed steps.
+# ONLY="pattern ..." runs the steps whose names match (globs), e.g. two calls of under 300 s each:
+#     ONLY="preflight selftest a2a gpu_tests train" BUDGET=290 bash benchmarks/nccl_multi_gpu.sh
+#     ONLY="preflight scale_*" BUDGET=290 bash benchmarks/nccl_multi_gpu.sh
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1   # never NVLink multicast
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MPLBACKEND=Agg
@@ -26,8 +29,12 @@ mkdir -p "$OUT"
 FAILED=0
 SUMMARY=""
 
+read -ra PATTERNS <<< "${ONLY:-*}"   # read, not a for loop over $ONLY: the globs must not match files
+
 step() {  # step NAME LIMIT_S command...: under timeout (capped by the time left), output in $OUT/NAME.log
-  local name=$1 limit=$2; shift 2
+  local name=$1 limit=$2 pattern wanted=0; shift 2
+  for pattern in "${PATTERNS[@]}"; do [[ $name == $pattern ]] && wanted=1; done
+  (( wanted )) || return 0
   local left=$((BUDGET - SECONDS))
   if (( left < 20 )); then
     echo "== $name: skipped, ${left} s left"; SUMMARY+="$name: skipped"$'\n'; FAILED=$((FAILED + 1)); return
