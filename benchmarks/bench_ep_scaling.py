@@ -15,7 +15,7 @@ every expert sees about batch_per_rank x block x k / experts_per_rank tokens at 
 W times the tokens/s of one GPU. The one-GPU baseline is one process with the plain MoELayer
 (E = experts_per_rank, no all-to-all), the model a user would otherwise train.
 
-A step is the trainer's (tinymoe.train.train_step): forward (all-to-alls in the EP group),
+A step is the trainer's (tinymoe.step.make_step): forward (all-to-alls in the EP group),
 backward, gradient all-reduces (dense over the world, experts over the DP group), clipping
 by the global norm, AdamW. Per configuration, the slowest rank's numbers:
     step_s          the median step as it runs in training (no extra synchronization)
@@ -105,13 +105,14 @@ def build(size, mesh, device, timer):
 def measure(size, mesh, device):
     """Median step time, then the timed collectives; returns the row (the slowest rank's numbers)."""
     from tinymoe.backend import synchronize, to_device, to_numpy
-    from tinymoe.train import train_step
+    from tinymoe.step import make_step
 
     timer = CommTimer(device)
     model, optimizer, config = build(size, mesh, device, timer)
     rank, W = (mesh.rank, mesh.world_size) if mesh is not None else (0, 1)
     ids = np.random.default_rng(rank).integers(0, 256, (size["batch_per_rank"], size["block"] + 1))
     x, y = to_device(ids[:, :-1], device), to_device(ids[:, 1:], device)
+    train_step = make_step(model, optimizer, grad_clip=1.0, comm=mesh)
 
     def steps(n):
         """Seconds of each of n steps, every one started together on all ranks."""
@@ -121,7 +122,7 @@ def measure(size, mesh, device):
                 mesh.barrier()                              # all ranks start together (not an all-reduce here)
             synchronize(device)
             start = time.perf_counter()
-            train_step(model, optimizer, x, y, 1.0, mesh)
+            train_step(x, y)
             synchronize(device)
             out.append(time.perf_counter() - start)
         return out

@@ -31,7 +31,7 @@ from tinymoe.models import build_model
 from tinymoe.models.btm import average_parameters, ensemble_log_probs
 from tinymoe.nn import functional as F
 from tinymoe.optim import AdamW
-from tinymoe.train import train_step
+from tinymoe.step import EagerStep
 
 DOMAINS = {  # name -> top-level stdlib folders
     "asyncio": ("asyncio", "concurrent", "multiprocessing"),
@@ -63,9 +63,9 @@ class Mixture:
 
 
 def fit(model, sampler, steps, lr=3e-3):
-    opt = AdamW(model.parameters(), lr=lr)
+    step = EagerStep(model, AdamW(model.parameters(), lr=lr), grad_clip=1.0)
     for _ in range(steps):
-        train_step(model, opt, *sampler())
+        step(*sampler())
     return model
 
 

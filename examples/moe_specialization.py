@@ -20,7 +20,7 @@ import numpy as np
 from tinymoe import manual_seed, optim
 from tinymoe.autograd.grad_mode import no_grad
 from tinymoe.models import build_model
-from tinymoe.train import train_step
+from tinymoe.step import EagerStep
 
 WORDS = "the cat sat on a mat and dog ran to big red sun we go up".split()
 
@@ -60,10 +60,10 @@ def main():
     E, L = 8, 48
     model = build_model("moe-gpt", n_layer=2, d_model=48, n_head=4, num_experts=E, top_k=1,
                         d_ff=96, router="switch", capacity_factor=None, block_size=L).to(args.device)
-    opt = optim.AdamW(model.parameters(), lr=3e-3)
+    train_step = EagerStep(model, optim.AdamW(model.parameters(), lr=3e-3), grad_clip=1.0)
     for step in range(steps):
         x, y = batch(rng.choice(TASKS, 16), L, rng)
-        loss, _ = train_step(model, opt, x, y)
+        train_step(x, y)
         if step % 50 == 0 or step == steps - 1:
             print(f"step {step}: loss {model.last_ce:.3f}")
 

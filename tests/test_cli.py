@@ -27,8 +27,8 @@ def test_python_dash_m_entry_point(tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--top-k", "9"], "router 'topk': top_k=9 must be between 1 and num_experts=8"),
-    (["--capacity-factor", "0"], "capacity_factor must be > 0 or None (dropless), got 0.0"),
+    (["--top-k", "9"], "error: --top-k must be <= --experts (8), got 9"),
+    (["--capacity-factor", "0"], "error: --capacity-factor must be > 0 (or none: dropless), got 0.0"),
     (["--data", "/nonexistent/x.txt"], "--data: file '/nonexistent/x.txt' does not exist"),
     (["--recompute"], "GPT: recompute=True needs a dense model (num_experts=0)"),
 ])

@@ -4,6 +4,7 @@
 in the groups check); under MPI with mpiexec -n 4. float64, a dropless tiny MoE GPT without the
 load-balancing loss, so that W ranks compute what one process computes on the global batch.
 """
+import dataclasses
 import importlib.util
 import json
 import os
@@ -16,8 +17,9 @@ import pytest
 from test_train_distributed import CLI, MODEL, RUN, _assert_same_run, _run_files
 from tinymoe.distributed import ToyPool, selftest
 from tinymoe.distributed.communicator import SingleProcess
-from tinymoe.distributed.mesh import Mesh, as_mesh, check_mesh
+from tinymoe.distributed.mesh import Mesh, as_mesh
 from tinymoe.train import TrainConfig, train
+from tinymoe.train_config import validate_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -69,14 +71,12 @@ def test_ep_size_must_divide_the_world(ep_size):
         Mesh(_world_of(4), ep_size)
 
 
-def test_batch_and_experts_must_split():
-    mesh = Mesh(_world_of(8), 8)
-    with pytest.raises(ValueError, match="batch_size=12 cannot be split evenly over 8 ranks; use a multiple of 8"):
-        check_mesh(mesh, 12, [8])
-    with pytest.raises(ValueError, match=r"6 experts cannot be split evenly over 8 ranks \(the expert-parallel "
-                                         r"group, ep_size=8 of 8 ranks\)"):
-        check_mesh(mesh, 16, [8, 6])
-    check_mesh(mesh, 16, [8, 16])
+def test_experts_must_split_over_the_ep_group_not_the_world():
+    cfg = TrainConfig(**RUN8, model_config={**MODEL, "num_experts": 4}, expert_parallel=True, ep_size=4)
+    validate_config(cfg, 8)                                  # 4 experts over groups of 4 of the 8 ranks
+    with pytest.raises(ValueError, match=r"--experts must be a multiple of the 8 ranks of an expert-parallel "
+                                         r"group .*got 4"):
+        validate_config(dataclasses.replace(cfg, ep_size=None), 8)
 
 
 def test_group_needs_this_rank_and_distinct_ranks():
@@ -150,11 +150,11 @@ def test_train_on_4x2_then_resume_on_2x2_equals_one_process(pools, corpus, refer
 
 
 def test_experts_that_do_not_split_over_the_ep_group_are_refused_before_training(pools, corpus, tmp_path):
-    with pytest.raises(RuntimeError, match=r"2 experts cannot be split evenly over 4 ranks \(the expert-parallel "
-                                           r"group, ep_size=4 of 4 ranks\)"):
+    with pytest.raises(RuntimeError, match=r"--experts must be a multiple of the 2 ranks of an expert-parallel "
+                                           r"group .*got 3"):
         pools(4).run(_train_rank, **RUN8, data=corpus, out_dir=str(tmp_path), expert_parallel=True,
-                     model_config={**MODEL, "num_experts": 2}, ep_size=4)
-    assert not (tmp_path / "moe-gpt" / "log.jsonl").exists()
+                     model_config={**MODEL, "num_experts": 3}, ep_size=2)
+    assert not (tmp_path / "moe-gpt").exists()
 
 
 def test_cli_ep_size_under_the_launcher(corpus, tmp_path):

@@ -5,6 +5,7 @@ import os
 import numpy as np
 import pytest
 
+from tinymoe.checkpoint import load_checkpoint
 from tinymoe.train import TrainConfig, load_model, read_log, train
 
 TINY_MODEL = dict(n_layer=1, d_model=16, n_head=2, d_ff=16, num_experts=4)
@@ -42,7 +43,9 @@ def test_resume_continues_where_it_stopped(tmp_path):
     assert [r["step"] for r in log if "loss" in r] == [3, 6, 9, 12]
 
 
-def test_ctrl_c_saves_checkpoint_and_returns(tmp_path, monkeypatch):
+def test_ctrl_c_finishes_the_step_saves_and_returns_130(tmp_path, monkeypatch):
+    import signal
+
     import tinymoe.data.corpus as corpus
 
     calls = {"n": 0}
@@ -51,13 +54,13 @@ def test_ctrl_c_saves_checkpoint_and_returns(tmp_path, monkeypatch):
     def interrupt_at_step_5(self):
         calls["n"] += 1
         if calls["n"] == 5:
-            raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGINT)     # Ctrl-C while step 5 draws its batch
         return original(self)
 
     monkeypatch.setattr(corpus.BatchSampler, "__call__", interrupt_at_step_5)
     s = train(tiny(tmp_path))
-    assert s["interrupted"] and s["step"] == 4
-    assert os.path.exists(s["checkpoint"])
+    assert s["interrupted"] and s["step"] == 5 and s["exit_code"] == 130
+    assert load_checkpoint(s["checkpoint"])["step"] == 5
 
 
 def test_errors(tmp_path):

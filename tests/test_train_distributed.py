@@ -105,10 +105,10 @@ def test_resume_on_two_ranks_continues_the_run(pool, corpus, reference, tmp_path
 
 
 def test_experts_not_divisible_by_ranks(pool, corpus, tmp_path):
-    with pytest.raises(RuntimeError, match="3 experts cannot be split evenly over 2 ranks"):
+    with pytest.raises(RuntimeError, match="--experts must be a multiple of the 2 ranks .*got 3"):
         pool.run(_train_rank, **RUN, data=corpus, out_dir=str(tmp_path), model_config={**MODEL, "num_experts": 3},
                  expert_parallel=True)
-    with pytest.raises(RuntimeError, match="batch_size=3 cannot be split evenly over 2 ranks"):
+    with pytest.raises(RuntimeError, match="--batch-size 3 cannot be split evenly over 2 ranks"):
         pool.run(_train_rank, **{**RUN, "batch_size": 3}, data=corpus, out_dir=str(tmp_path), model_config=MODEL,
                  expert_parallel=True)
 

@@ -3,7 +3,12 @@
     python -m tinymoe train                       # the default MoE GPT on the stdlib corpus (CPU)
     python -m tinymoe train --model gpt --steps 500 --data notes.txt
     python -m tinymoe train --router switch --experts 16 --top-k 1 --capacity-factor 1.0
-    python -m tinymoe generate --checkpoint runs/moe-gpt/ckpt.safetensors --prompt "def "
+    python -m tinymoe train --resume               # continue runs/moe-gpt (--overwrite: start over)
+    python -m tinymoe generate --checkpoint runs/moe-gpt --prompt "def "
+
+Exit codes: 0 done; 2 a bad option or input (one line on stderr names it); 3 the run
+diverged (its last good checkpoint kept); 130 / 143 stopped by SIGINT / SIGTERM after
+saving a checkpoint (continue with --resume).
     python -m tinymoe.distributed.launch --nproc 2 -m tinymoe train --expert-parallel
     mpiexec -n 2 python -m tinymoe train --expert-parallel --backend mpi
     python -m tinymoe.distributed.launch --nproc 8 -m tinymoe train --expert-parallel --ep-size 4
@@ -75,12 +80,14 @@ def add_train_arguments(p):
                       ("warmup-steps", int), ("weight-decay", float), ("grad-clip", float),
                       ("eval-interval", int), ("eval-batches", int), ("log-interval", int),
                       ("checkpoint-interval", int), ("seed", int), ("time-limit", _number_or_none),
-                      ("threads", int),
+                      ("threads", int), ("max-bad-steps", int),
                       ("sample-tokens", int)):
         default = getattr(d, name.replace("-", "_"))
         t.add_argument(f"--{name}", type=typ, help=f"default {default}")
     t.add_argument("--resume", action="store_true", default=False,
                    help="continue from the run's checkpoint")
+    t.add_argument("--overwrite", action="store_true", default=False,
+                   help="delete the run folder's run (checkpoint, log) and start over")
     t.add_argument("--quick", action="store_true", default=False,
                    help="tiny model, few steps (smoke test)")
     t.add_argument("--no-progress", action="store_true", default=False)
@@ -117,14 +124,18 @@ def run_train(args):
     model_config = model_config_for(args.model, options, args.quick)
     if args.quick:
         fields = {**QUICK, **fields}
+    if "warmup_steps" in vars(args) and args.warmup_steps > fields.get("steps", TrainConfig.steps):
+        raise ValueError(f"train: --warmup-steps must be <= --steps "
+                         f"({fields.get('steps', TrainConfig.steps)}), got {args.warmup_steps}")
     fields["progress"] = not args.no_progress
     summary = train(TrainConfig(model_config=model_config, **fields))
-    return 0 if summary else 1
+    return summary["exit_code"]     # 0; 130 or 143 when a signal stopped (and saved) the run
 
 
 def add_generate_arguments(p):
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--prompt", default="class ")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint file, or the run folder holding it")
+    p.add_argument("--prompt", default="class ",
+                   help="text to continue; empty: start from a newline (tinymoe.data.START_BYTE)")
     p.add_argument("--max-new-tokens", type=int, default=300)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=10, help="sample among the k likeliest bytes")
@@ -134,12 +145,16 @@ def add_generate_arguments(p):
 
 def run_generate(args):
     from .backend import manual_seed
-    from .data import decode, encode
+    from .data import decode, prompt_ids
     from .train import load_model
 
+    for name, value, low in (("max-new-tokens", args.max_new_tokens, 0), ("temperature", args.temperature, 0),
+                             ("top-k", args.top_k, 1)):
+        if not value >= low:
+            raise ValueError(f"--{name} must be >= {low}, got {value}")
     model = load_model(args.checkpoint)
     manual_seed(args.seed)
-    ids = model.generate(encode(args.prompt)[None], args.max_new_tokens, args.temperature,
+    ids = model.generate(prompt_ids(args.prompt)[None], args.max_new_tokens, args.temperature,
                          args.top_k, use_cache=not args.no_cache)
     print(decode(ids[0]))
     return 0
@@ -172,11 +187,22 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    from .step import DivergenceError
+
     try:
         return COMMANDS[args.command][2](args)
-    except (ValueError, TypeError, RuntimeError, FileNotFoundError) as err:
-        print(f"tinymoe {args.command}: error: {err}", file=sys.stderr)
+    except DivergenceError as err:                  # the run stopped; its last checkpoint is kept
+        _error(args.command, err)
+        return 3
+    except (ValueError, TypeError, RuntimeError, OSError) as err:
+        _error(args.command, err)
         return 2
+
+
+def _error(command: str, err: Exception) -> None:
+    """One line on stderr: 'tinymoe train: error: --batch-size must be >= 1, got 0'."""
+    text = str(err).removeprefix(f"{command}: ")
+    print(f"tinymoe {command}: error: {text}", file=sys.stderr)
 
 
 if __name__ == "__main__":

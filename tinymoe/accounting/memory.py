@@ -157,3 +157,34 @@ def training_step_bytes(n_params: int, activation_bytes: float,
     }
     parts["total"] = sum(parts.values())
     return parts
+
+
+def rough_training_step_bytes(model, batch: int, seq_len: int, bytes_per_value: int = 4) -> float:
+    """An estimate of one training step's peak memory for ANY tinymoe language model, to refuse
+    a run that cannot fit before it starts (`profile`). The dense GPT uses the exact count
+    above; other models: 16 bytes per parameter (weights, gradients, Adam's two moments) plus
+    about 24 saved values per token and channel per layer, the (L, L) attention scores of
+    every attention layer, and the logits with their log-probabilities (2 T V)."""
+    c, n_params = model.config, model.num_parameters()
+    if getattr(c, "num_experts", 1) == 0 and hasattr(c, "n_head") and c.activation in ("gelu", "swiglu"):
+        act = tinymoe_gpt_activation_bytes(c, batch, seq_len, bytes_per_value)["total"]
+        return training_step_bytes(n_params, act)["total"]
+    T, d, layers = batch * seq_len, c.d_model, c.n_layer
+    width = d * getattr(c, "expand", 1)
+    attention_layers = sum(map(c.is_attention_layer, range(layers))) if hasattr(c, "is_attention_layer") \
+        else (layers if hasattr(c, "n_head") else 0)
+    scores = attention_layers * batch * getattr(c, "n_head", 0) * seq_len * seq_len
+    values = layers * 24 * T * width + scores + 2 * T * c.vocab_size
+    return 16 * n_params + values * bytes_per_value
+
+
+def available_bytes(device: str) -> int:
+    """Memory free for a new allocation now: the GPU's free memory, or the host's available RAM."""
+    if str(device).startswith("cuda"):
+        from ..backend import cupy
+        return int(cupy().cuda.runtime.memGetInfo()[0])
+    import os
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):   # not POSIX: no check
+        return 1 << 62

@@ -16,6 +16,16 @@ def encode(text: str) -> np.ndarray:
     return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
 
 
+START_BYTE = 10   # "\n": where a sample starts when the prompt is empty (a fresh line of text)
+
+
+def prompt_ids(text: str) -> np.ndarray:
+    """A prompt's ids (n,); an empty prompt starts from START_BYTE, a newline, since every
+    model needs at least one token to condition on."""
+    ids = encode(text)
+    return ids if ids.size else np.array([START_BYTE], np.int64)
+
+
 def decode(ids) -> str:
     """ids (any int sequence in [0, 256)) -> str; invalid UTF-8 becomes U+FFFD."""
     ids = np.asarray(ids).reshape(-1)

@@ -81,6 +81,23 @@ def checksum(parameters) -> str:
     return h.hexdigest()
 
 
+def global_grad_norm(parameters, comm):
+    """||g|| of the WHOLE model (shared + every rank's experts), as a 0-d array on the device,
+    the same on every rank: ||g||^2 = ||g_shared||^2 + sum over the EP group of
+    ||g_experts of r||^2, the gradients already all-reduced (each EP group holds every expert
+    once). comm: the world's communicator or a Mesh. One all-reduce of one number; no host read."""
+    from tinymoe.distributed.mesh import as_mesh
+
+    comm = as_mesh(comm).ep
+    params = [p for p in parameters if p.grad is not None]
+    xp = array_module(params[0].grad)
+    zero = xp.zeros((), params[0].grad.dtype)
+    shared = sum((xp.vdot(p.grad.ravel(), p.grad.ravel()) for p in params if not is_expert_parallel(p)), zero)
+    mine = sum((xp.vdot(p.grad.ravel(), p.grad.ravel()) for p in params if is_expert_parallel(p)), zero)
+    experts = comm.all_reduce(xp.reshape(xp.asarray(mine), (1,)), op="sum")[0]
+    return xp.sqrt(shared + experts)
+
+
 def clip_grad_norm_(parameters, max_norm: float, comm=None) -> float:
     """Clip by the norm of the WHOLE model's gradient, the same on every rank.
 

@@ -4,7 +4,9 @@ Like `torchrun` or `mpiexec`, for the toy backend. The launcher
   1. opens one duplex pipe per pair of ranks (a socketpair),
   2. starts N copies of the script, each told its rank, the world size and which
      file descriptors lead to which peer (environment variables TINYMOE_*),
-  3. watches them: when one fails, it stops the others and exits with its code,
+  3. watches them: when one fails, it stops the others and exits with its code (a rank
+     stopped by SIGTERM or SIGINT, exit 143 / 130, has saved and is not a failure: the
+     others stop at the same step, and the launcher exits with that code),
      saying whether that rank had joined the world (called tinymoe.distributed.init())
      or died before, so "only 3 of 4 processes started" is never a silent hang.
 """
@@ -20,6 +22,8 @@ import sys
 import time
 
 from tinymoe.distributed.toy import DEFAULT_TIMEOUT
+
+STOPPED = (130, 143)   # a rank's exit code after SIGINT / SIGTERM: it saved and stopped, not failed
 
 
 # "my index among the processes of this host", as each launcher says it: this one, MPICH's Hydra,
@@ -97,7 +101,9 @@ def watch(procs, joined_fds) -> int:
         else:
             time.sleep(0.05)
         codes = [p.poll() for p in procs]
-        failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
+        failed = [r for r, c in enumerate(codes) if c not in (None, 0, *STOPPED)]
+        if not failed and all(c is not None for c in codes) and any(c in STOPPED for c in codes):
+            return max(codes)         # every rank stopped by a signal, after saving together
         if failed:
             r = failed[0]
             if r not in joined:
@@ -112,7 +118,9 @@ def watch(procs, joined_fds) -> int:
             return 0
 
 
-def stop(procs, grace: float = 5.0) -> None:
+def stop(procs, grace: float = 30.0) -> None:
+    """SIGTERM to every rank still running: each finishes its step and saves (the ranks save
+    together); after `grace` seconds the ones left are killed."""
     for p in procs:
         if p.poll() is None:
             p.send_signal(signal.SIGTERM)

@@ -99,16 +99,3 @@ def as_mesh(comm: Communicator) -> Mesh:
     (ep = the world, dp = a world of one). Makes no collective call."""
     return comm if isinstance(comm, Mesh) else Mesh(comm)
 
-
-def check_mesh(mesh: Communicator, batch_size: int, num_experts: list[int]) -> None:
-    """What a training run on `mesh` needs, said before anything runs: the global batch splits
-    into equal shares (one per rank), and every MoE layer's experts over the EP group."""
-    mesh = as_mesh(mesh)
-    if batch_size % mesh.world_size:
-        raise ValueError(f"expert parallelism: batch_size={batch_size} cannot be split evenly over "
-                         f"{mesh.world_size} ranks; use a multiple of {mesh.world_size}")
-    for E in sorted(set(num_experts)):
-        if E % mesh.ep_size:
-            raise ValueError(f"expert parallelism: {E} experts cannot be split evenly over {mesh.ep_size} ranks "
-                             f"(the expert-parallel group, ep_size={mesh.ep_size} of {mesh.world_size} ranks); "
-                             f"use an ep_size that divides {E}")

@@ -41,23 +41,22 @@ import numpy as np
 from tinymoe.backend import array_module, to_numpy
 from tinymoe.distributed.data_parallel import broadcast_parameters, checksum
 from tinymoe.distributed.expert_parallel import ExpertParallelMoE, shard_experts
-from tinymoe.distributed.mesh import as_mesh, check_mesh
+from tinymoe.distributed.mesh import as_mesh
 
 
 def expert_layers(model) -> list:
     return [m for m in model.modules() if isinstance(m, ExpertParallelMoE)]
 
 
-def check_shapes(model, batch_size: int, comm) -> None:
-    """Before the run: the batch splits over the ranks, every MoE layer's experts over the EP group."""
-    from tinymoe.nn.moe import MoELayer
-
-    check_mesh(comm, batch_size, [m.num_experts for m in model.modules() if isinstance(m, MoELayer)])
+def check_batch_size(batch_size: int, comm) -> None:
+    if batch_size % comm.world_size:
+        raise ValueError(f"expert parallelism: batch_size={batch_size} cannot be split evenly over "
+                         f"{comm.world_size} ranks; use a multiple of {comm.world_size}")
 
 
 def local_rows(x, comm):
     """Rank r's rows of the global batch: x (B, ...) -> x[r B/W : (r+1) B/W]  (B/W, ...)."""
-    check_mesh(comm, x.shape[0], [])
+    check_batch_size(x.shape[0], comm)
     n = x.shape[0] // comm.world_size
     return x[comm.rank * n:(comm.rank + 1) * n]
 

@@ -93,7 +93,10 @@ class ZeroAdamW:
         for p in self.params:
             p.grad = None
 
-    def step(self):
+    def step(self, found_inf=None):
+        """found_inf: a 0-d bool (the step object's guard), the same on every rank; true: no change."""
+        if found_inf is not None and bool(found_inf):
+            return
         xp = array_module(self.params[0].data)
         for g, (lo, hi), shard in zip(self.groups, self.slices, self.shards):
             grads = self._flat([p.grad if p.grad is not None else xp.zeros_like(p.data) for p in g["params"]])
@@ -138,6 +141,6 @@ class MeshZeroAdamW:
         for part in self.parts:
             part.zero_grad()
 
-    def step(self):
+    def step(self, found_inf=None):
         for part in self.parts:   # dense first, then experts: the same order on every rank
-            part.step()
+            part.step(found_inf)

@@ -20,7 +20,7 @@ from ..nn import Embedding, LayerNorm, Linear, Module, ModuleList, recompute
 from ..nn import functional as F
 from ..nn.attention import KVCache, MultiHeadAttention
 from ..nn.moe import MoELayer
-from .lm import RemembersLastLoss, host_ids, ids_on
+from .lm import RemembersLastLoss, host_ids, ids_on, sample_next
 
 
 @dataclass
@@ -131,7 +131,7 @@ class GPT(RemembersLastLoss, Module):
     def forward(self, ids, targets=None, cache: KVCache | None = None):
         """ids (B, L) int -> logits (B, L, V), loss (mean cross-entropy + aux losses) or None."""
         device = backend.device_of(self.wte.weight.data)
-        ids = ids_on(ids, device)                                            # (B, L)
+        ids = ids_on(ids, device, "GPT")                                     # (B, L)
         B, L = ids.shape
         start = cache.length if cache is not None else 0
         if start + L > self.config.block_size:
@@ -148,7 +148,7 @@ class GPT(RemembersLastLoss, Module):
         logits = F.linear(x, self.wte.weight)                                 # (B, L, V) tied
         if targets is None:
             return logits, None
-        targets = ids_on(targets, device)
+        targets = ids_on(targets, device, "GPT", "targets")
         loss = F.cross_entropy(logits, targets)
         self._remember_ce(loss)                                        # model.last_ce, for the logs
         for moe in self.moe_layers():
@@ -186,19 +186,6 @@ class GPT(RemembersLastLoss, Module):
                 else:
                     logits, _ = self(ids[:, -1:], cache=cache)
                 z = backend.to_numpy(logits.data[:, -1, :]).astype(np.float64)   # (B, V)
-                ids = np.concatenate([ids, _sample(z, temperature, top_k, rng)[:, None]], axis=1)
+                ids = np.concatenate([ids, sample_next(z, temperature, top_k, rng)[:, None]], axis=1)
         self.train(was_training)
         return ids
-
-
-def _sample(logits, temperature, top_k, rng):
-    """logits (B, V) -> (B,) ids: greedy at temperature 0, else softmax(z / T) over the top k."""
-    if temperature == 0:
-        return logits.argmax(axis=-1)
-    z = logits / temperature
-    if top_k is not None:
-        kth = np.sort(z, axis=-1)[:, -min(top_k, z.shape[-1])][:, None]
-        z = np.where(z < kth, -np.inf, z)
-    p = np.exp(z - z.max(axis=-1, keepdims=True))
-    p /= p.sum(axis=-1, keepdims=True)
-    return np.array([rng.choice(len(row), p=row) for row in p])

@@ -25,8 +25,8 @@ from ..nn import functional as F
 from ..nn.attention import KVCache, MultiHeadAttention
 from ..nn.moe import MoELayer
 from ..nn.ssm import MambaBlock
-from .gpt import MLP, _sample
-from .lm import RemembersLastLoss, host_ids, ids_on
+from .gpt import MLP
+from .lm import RemembersLastLoss, generate_by_recompute, host_ids, ids_on, sample_next
 
 
 @dataclass
@@ -115,16 +115,14 @@ class HybridLM(RemembersLastLoss, Module):
 
     def forward(self, ids, targets=None):
         """ids (B, L) int -> logits (B, L, V), loss (cross-entropy + MoE aux losses) or None."""
-        ids = ids_on(ids, backend.device_of(self.embedding.weight.data))
-        if ids.ndim != 2:
-            raise ValueError(f"HybridLM: ids must be (B, L), got shape {tuple(ids.shape)}")
+        ids = ids_on(ids, backend.device_of(self.embedding.weight.data), "HybridLM")
         h = self.embedding(ids)                                        # (B, L, d)
         for layer in self.layers:
             h = layer(h)
         logits = F.linear(self.norm_f(h), self.embedding.weight)      # (B, L, V), tied
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits, ids_on(targets, backend.device_of(logits.data)))
+        loss = F.cross_entropy(logits, ids_on(targets, backend.device_of(logits.data), "HybridLM", "targets"))
         self._remember_ce(loss)                                        # model.last_ce, for the logs
         for moe in self.moe_layers():
             if moe.aux_loss is not None:
@@ -151,11 +149,14 @@ class HybridLM(RemembersLastLoss, Module):
             return F.linear(self.norm_f(h), self.embedding.weight)
 
     def generate(self, ids, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None):
-        """Sample max_new_tokens after ids (B, L), one recurrent step per token."""
+                 top_k: int | None = None, use_cache: bool = True):
+        """Sample max_new_tokens after ids (B, L), one recurrent step per token (use_cache=False:
+        the parallel forward over the whole sequence for every token instead)."""
         if temperature < 0:
             raise ValueError(f"generate: temperature must be >= 0, got {temperature}")
         ids = host_ids(ids)                                                   # (B, L)
+        if not use_cache:
+            return generate_by_recompute(self, ids, max_new_tokens, temperature, top_k)
         was_training = self.training
         self.eval()                                                    # MoE eval capacity
         xp = backend.array_module(self.embedding.weight.data)
@@ -166,7 +167,7 @@ class HybridLM(RemembersLastLoss, Module):
         out, last = [ids], ids[:, -1]
         for _ in range(max_new_tokens):
             z = backend.to_numpy(self.step(xp.asarray(last), state).data).astype(np.float64)
-            last = _sample(z, temperature, top_k, rng)
+            last = sample_next(z, temperature, top_k, rng)
             out.append(last[:, None])
         self.train(was_training)
         return np.concatenate(out, axis=1)

@@ -21,8 +21,7 @@ from ..autograd.grad_mode import no_grad
 from ..nn import Embedding, Module, ModuleList, RMSNorm, recompute
 from ..nn import functional as F
 from ..nn.ssm import MambaBlock, S4DBlock
-from .gpt import _sample
-from .lm import RemembersLastLoss, host_ids, ids_on
+from .lm import RemembersLastLoss, generate_by_recompute, host_ids, ids_on, sample_next
 
 
 @dataclass
@@ -86,16 +85,14 @@ class MambaLM(RemembersLastLoss, Module):
 
     def forward(self, ids, targets=None):
         """ids (B, L) int -> logits (B, L, V), mean cross-entropy (or None)."""
-        ids = ids_on(ids, backend.device_of(self.embedding.weight.data))
-        if ids.ndim != 2:
-            raise ValueError(f"MambaLM: ids must be (B, L), got shape {tuple(ids.shape)}")
+        ids = ids_on(ids, backend.device_of(self.embedding.weight.data), "MambaLM")
         h = self.embedding(ids)                                        # (B, L, d)
         for layer in self.layers:
             h = recompute(layer, h) if self.config.recompute else layer(h)
         logits = self._logits(h)
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits, ids_on(targets, backend.device_of(logits.data)))
+        loss = F.cross_entropy(logits, ids_on(targets, backend.device_of(logits.data), "MambaLM", "targets"))
         self._remember_ce(loss)                                        # model.last_ce, for the logs
         return logits, loss
 
@@ -116,14 +113,16 @@ class MambaLM(RemembersLastLoss, Module):
             return self._logits(h)
 
     def generate(self, ids, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None):
+                 top_k: int | None = None, use_cache: bool = True):
         """Sample max_new_tokens after ids (B, L) with the recurrent step: the prompt is
-        read token by token into the states, then each new token costs O(1)."""
+        read token by token into the states, then each new token costs O(1).
+        use_cache=False reruns the parallel (convolutional/scan) forward over the whole
+        sequence for every token instead: O(L) per token, the same samples."""
         if temperature < 0:
             raise ValueError(f"generate: temperature must be >= 0, got {temperature}")
         ids = host_ids(ids)                                                   # (B, L)
-        if ids.shape[1] < 1:
-            raise ValueError("generate: the prompt needs at least one token")
+        if not use_cache:
+            return generate_by_recompute(self, ids, max_new_tokens, temperature, top_k)
         xp = backend.array_module(self.embedding.weight.data)
         state = self.allocate_state(ids.shape[0])
         rng = backend.rng("cpu")
@@ -134,6 +133,6 @@ class MambaLM(RemembersLastLoss, Module):
         for _ in range(max_new_tokens):
             logits = self.step(xp.asarray(last), state)                # (B, V)
             z = backend.to_numpy(logits.data).astype(np.float64)
-            last = _sample(z, temperature, top_k, rng)
+            last = sample_next(z, temperature, top_k, rng)
             out.append(last[:, None])
         return np.concatenate(out, axis=1)

@@ -33,7 +33,9 @@ class AdamW(Optimizer):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps,
                                       weight_decay=weight_decay))
 
-    def step(self):
+    def step(self, found_inf=None):
+        if self._skips(found_inf):
+            return
         for group in self.param_groups:
             lr, (beta1, beta2) = group["lr"], group["betas"]
             eps, wd = group["eps"], group["weight_decay"]

@@ -22,3 +22,25 @@ def clip_grad_norm_(params, max_norm: float, eps: float = 1e-6) -> float:
         for g in grads:
             g *= scale
     return total
+
+
+def grad_norm(params):
+    """||g|| = sqrt(sum over parameters of sum(g^2)), as a 0-d array on the gradients' device:
+    no host read, so a GPU step does not wait for it. Parameters without a gradient count 0."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        raise ValueError("grad_norm: no parameter has a gradient (call backward first)")
+    xp = backend.array_module(grads[0])
+    squares = xp.stack([xp.vdot(g.ravel(), g.ravel()) for g in grads])   # (n_params,)
+    return xp.sqrt(squares.sum())
+
+
+def scale_grads_(params, norm, max_norm: float, eps: float = 1e-6) -> None:
+    """Clip in place by a norm that stays on the device: g = g * min(1, max_norm / (norm + eps))."""
+    if max_norm <= 0:
+        raise ValueError(f"scale_grads_: max_norm must be > 0, got {max_norm}")
+    xp = backend.array_module(norm)
+    factor = xp.minimum(max_norm / (norm + eps), 1.0)
+    for p in params:
+        if p.grad is not None:
+            p.grad *= factor.astype(p.grad.dtype)

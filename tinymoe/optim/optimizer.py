@@ -59,8 +59,16 @@ class Optimizer:
             for p in group["params"]:
                 p.grad = None
 
-    def step(self):
+    def step(self, found_inf=None):
+        """Update every parameter from its gradient. `found_inf`: a 0-d bool array (on the
+        parameters' device) or None; where it is true the step changes nothing (parameters,
+        moments, step counts): the divergence guard's and the loss scaler's skipped step."""
         raise NotImplementedError
+
+    @staticmethod
+    def _skips(found_inf) -> bool:
+        """Whether this step is skipped (reads the flag: one host read on a GPU)."""
+        return found_inf is not None and bool(found_inf)
 
     # ---------------------------------------------------------------- state I/O
     def _indexed_params(self):

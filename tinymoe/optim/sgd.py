@@ -26,7 +26,9 @@ class SGD(Optimizer):
         super().__init__(params, dict(lr=lr, momentum=momentum,
                                       weight_decay=weight_decay, nesterov=nesterov))
 
-    def step(self):
+    def step(self, found_inf=None):
+        if self._skips(found_inf):
+            return
         for group in self.param_groups:
             lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
             for p in group["params"]:

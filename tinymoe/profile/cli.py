@@ -1,7 +1,7 @@
 """`python -m tinymoe profile`: one training step of a model, counted op by op.
 
     python -m tinymoe profile --model gpt --batch 8 --seq-len 64
-    python -m tinymoe profile --model moe-gpt --set num_experts=8 --set top_k=2 --out prof/
+    python -m tinymoe profile --model moe-gpt --set num_experts=8 --set top_k=2 --out runs/prof
     python -m tinymoe profile --model gpt --peak-flops 1e12 --bandwidth 5e10   # given roof
 
 Prints FLOPs, bytes, arithmetic intensity and time per op type (forward and backward)
@@ -40,7 +40,7 @@ def add_arguments(p):
     p.add_argument("--depth", type=int, default=2, help="module names cut to this many parts")
     p.add_argument("--peak-flops", type=float, default=None, help="FLOP/s of the roof (default: measured)")
     p.add_argument("--bandwidth", type=float, default=None, help="bytes/s of the roof (default: measured)")
-    p.add_argument("--out", default="profile_out", help="folder for the plots")
+    p.add_argument("--out", default=os.path.join("runs", "profile"), help="folder for the plots")
 
 
 def run(args) -> int:
@@ -54,9 +54,13 @@ def run(args) -> int:
     from .profiler import profile
     from .roofline import measure_peaks, plot_roofline
 
+    for name, value in (("batch", args.batch), ("seq-len", args.seq_len), ("depth", args.depth)):
+        if value < 1:
+            raise ValueError(f"--{name} must be >= 1, got {value}")
     config = dict(args.config)
     config.setdefault("block_size", args.seq_len)
     backend.manual_seed(0)
+    _check_fits(build_model(args.model, **config), args)
     with track_memory(args.device) as mem:
         model = build_model(args.model, **config).to(args.device)
         opt = AdamW(model.parameters(), lr=1e-3)
@@ -110,6 +114,17 @@ def run(args) -> int:
                             os.path.join(args.out, "modules.png"))
     print(f"wrote {path} and {modules}")
     return 0
+
+
+def _check_fits(model, args) -> None:
+    """Refuse, before allocating, a step whose estimated memory exceeds what the device has free."""
+    from ..accounting.memory import available_bytes, rough_training_step_bytes
+
+    need, have = rough_training_step_bytes(model, args.batch, args.seq_len), available_bytes(args.device)
+    if need > have:
+        raise ValueError(f"one training step of {args.model} at --batch {args.batch} --seq-len {args.seq_len} "
+                         f"needs about {need / 1e9:.1f} GB (estimate), more than the {have / 1e9:.1f} GB "
+                         f"free on {args.device}; lower --seq-len or --batch")
 
 
 def _plot_modules(rows, path):
