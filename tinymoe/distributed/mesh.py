@@ -98,4 +98,3 @@ def as_mesh(comm: Communicator) -> Mesh:
     """A mesh as it is; a plain communicator as the mesh it always was: every rank one EP group
     (ep = the world, dp = a world of one). Makes no collective call."""
     return comm if isinstance(comm, Mesh) else Mesh(comm)
-
