@@ -1,7 +1,7 @@
 """All-to-all bandwidth, and the compute/communication split of an expert-parallel step.
 
 On this machine (CPU):
-    python benchmarks/bench_alltoall.py cpu [--nproc 2] [--plots docs/img]
+    python benchmarks/bench_alltoall.py cpu [--nproc 2] [--out docs/img]
   1. all-to-all bandwidth vs message size: toy backend (shared memory + pipes) and MPI
      (mpich, through mpiexec), with a plain memcpy of the same size for scale;
   2. one expert-parallel MoE step (forward + backward) on the toy backend, split into
@@ -21,6 +21,8 @@ On GPUs, one process per GPU (NCCL):
      completion (synchronized) and the host time alone (until the call returns, unsynchronized:
      the Python and library overhead). Then the expert-parallel split on the GPUs.
 Every number is the median of repeated runs, the slowest rank's time, after a warm-up.
+Rank 0 writes alltoall_{cpu,gpu}.json (the raw numbers) and alltoall_{cpu,gpu}.png to
+runs/bench_alltoall/ (or under --out: --out docs/img refreshes the figures of docs/distributed.md).
 """
 from __future__ import annotations
 
@@ -305,11 +307,8 @@ def run_cpu(args):
                          capture_output=True, text=True, check=True)
     results["mpi"] = json.loads(out.stdout.strip().splitlines()[-1])
     report(results)
-    if args.plots:
-        plot(results, args.plots)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+    save_json(results, args.out, "cpu")
+    plot(results, args.out)
 
 
 def run_gpu(args):
@@ -337,13 +336,16 @@ def run_gpu(args):
             results[name] = out
         if comm.rank == 0:
             print(f"[{name} done in {time.perf_counter() - start:.0f} s]", flush=True)
-            if args.json:
-                with open(args.json, "w") as f:
-                    json.dump(results, f, indent=1)
+            save_json(results, args.out, "gpu")
     if comm.rank == 0:
         report(results, args.target)
-        if args.plots:
-            plot(results, args.plots)
+        plot(results, args.out)
+
+
+def save_json(results, folder, where):
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"alltoall_{where}.json"), "w") as f:
+        json.dump(results, f, indent=1)
 
 
 LABELS = {"memcpy": "one memcpy", "nccl": "tinymoe (one buffer)", "nccl_list": "tinymoe (list)",
@@ -417,8 +419,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("where", choices=["cpu", "gpu"])
     p.add_argument("--nproc", type=int, default=2, help="ranks for the CPU benchmark")
-    p.add_argument("--plots", default=None, help="folder for the PNG plot (docs/img)")
-    p.add_argument("--json", default=None, help="file for the raw numbers")
+    p.add_argument("--out", default="runs/bench_alltoall",
+                   help="folder for alltoall_{cpu,gpu}.png and .json (created; default %(default)s)")
     p.add_argument("--target", type=float, default=0.9,
                    help="GPU: the least tinymoe / torch bandwidth ratio at >= 1 MiB per peer (default %(default)s)")
     args = p.parse_args()

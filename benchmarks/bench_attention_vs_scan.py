@@ -1,7 +1,9 @@
 """Attention's O(L^2) against the selective scan's O(L): time and peak memory vs length.
 
     python benchmarks/bench_attention_vs_scan.py                 # CPU, prints a table
-    python benchmarks/bench_attention_vs_scan.py --plot docs/img/attention_vs_scan.png
+    python benchmarks/bench_attention_vs_scan.py --out docs/img  # refreshes the figure of docs/performance.md
+
+The plot goes to runs/bench_attention_vs_scan/attention_vs_scan.png (or under --out).
 
 For each sequence length L, one forward of
   - naive attention (the whole (L, L) score matrix per head),
@@ -15,6 +17,7 @@ side by side in one process.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 import tracemalloc
 
@@ -104,13 +107,15 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS))
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--plot", default=None, help="write the plot (PNG) here")
+    p.add_argument("--out", default="runs/bench_attention_vs_scan",
+                   help="folder for attention_vs_scan.png (created; default %(default)s)")
     args = p.parse_args()
     rows = run(args.lengths, args.repeats)
     print_table(rows)
-    if args.plot:
-        plot(rows, args.plot)
-        print(f"wrote {args.plot}")
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "attention_vs_scan.png")
+    plot(rows, path)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

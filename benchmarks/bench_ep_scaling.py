@@ -1,10 +1,12 @@
 """Weak scaling of expert-parallel MoE GPT training, and the communication share of its step.
 
 On GPUs (one process per GPU; benchmarks/nccl_multi_gpu.sh runs all of it):
-    python benchmarks/bench_ep_scaling.py --device cuda --json $OUT/scaling_w1.json          # 1 GPU
+    python benchmarks/bench_ep_scaling.py --device cuda --out $OUT                           # 1 GPU
     NCCL_NVLS_ENABLE=0 python -m tinymoe.distributed.launch --nproc 4 benchmarks/bench_ep_scaling.py \
-        --device cuda --backend nccl [--ep-size 2] --json $OUT/scaling_w4.json                # 4 GPUs
-    python benchmarks/bench_ep_scaling.py --summarize $OUT/scaling_*.json --plot $OUT        # table, figure
+        --device cuda --backend nccl [--ep-size 2] --out $OUT                                 # 4 GPUs
+    python benchmarks/bench_ep_scaling.py --summarize --out $OUT                             # table, figure
+Each configuration writes its row to scaling_w<W>_ep<ep_size>.json in --out (default
+runs/bench_ep_scaling); --summarize tabulates every row there and draws ep_scaling.png.
 On the CPU (the same code at toy sizes, to check the logic):
     python -m tinymoe.distributed.launch --nproc 4 benchmarks/bench_ep_scaling.py --tiny --ep-size 2
 
@@ -154,8 +156,11 @@ def device_name(device):
     return cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["name"].decode()
 
 
-def summarize(paths, plot_dir=None):
-    """The table of every row, efficiency against the one-process row; optionally the figure."""
+def summarize(folder):
+    """The table of every row in `folder`, efficiency against the one-process row; the figure."""
+    paths = sorted(glob.glob(os.path.join(folder, "scaling_w*_ep*.json")))
+    if not paths:
+        raise FileNotFoundError(f"bench_ep_scaling --summarize: no scaling_w*_ep*.json rows in {folder}")
     rows = sorted((json.load(open(p)) for p in paths), key=lambda r: (r["world_size"], -r["ep_size"]))
     base = next((r for r in rows if r["world_size"] == 1), None)
     print(f"weak scaling, {rows[0]['device']}: per rank {rows[0]['batch_per_rank']} x {rows[0]['block']} tokens, "
@@ -169,8 +174,7 @@ def summarize(paths, plot_dir=None):
         print(f"{r['world_size']:>4} {str(r['ep_size']) + 'x' + str(r['dp_size']):>9} {r['model']['num_experts']:>4} "
               f"{r['tokens_per_s']:>11,.0f} {speed:>7.2f}x {r['efficiency']:>10.1%} {1e3 * r['step_s']:>8.1f} "
               f"{1e3 * r['all_to_all_s']:>7.1f} {1e3 * r['all_reduce_s']:>9.1f} {r['comm_share']:>10.1%}")
-    if plot_dir:
-        plot(rows, plot_dir)
+    plot(rows, folder)
     return rows
 
 
@@ -213,12 +217,12 @@ def main(argv=None):
                    help="default: from the launcher; none: one process (the baseline)")
     p.add_argument("--ep-size", type=int, default=None, help="ranks per expert-parallel group (default: all)")
     p.add_argument("--tiny", action="store_true", help="toy sizes (checking the logic on the CPU)")
-    p.add_argument("--json", default=None, help="file for this configuration's row")
-    p.add_argument("--summarize", nargs="+", default=None, help="row files (globs) to tabulate instead")
-    p.add_argument("--plot", default=None, help="with --summarize: folder for ep_scaling.png")
+    p.add_argument("--out", default="runs/bench_ep_scaling",
+                   help="folder for the rows (scaling_w<W>_ep<ep>.json) and ep_scaling.png (default %(default)s)")
+    p.add_argument("--summarize", action="store_true", help="tabulate the rows in --out instead of measuring")
     a = p.parse_args(argv)
     if a.summarize:
-        return summarize(sorted({f for pattern in a.summarize for f in glob.glob(pattern)}), a.plot)
+        return summarize(a.out)
     import tinymoe.distributed as dist
     from tinymoe.distributed.mesh import Mesh
 
@@ -227,10 +231,14 @@ def main(argv=None):
     row = measure(TINY if a.tiny else GPU, mesh, a.device)
     if world.rank == 0:
         print(json.dumps(row))
-        if a.json:
-            with open(a.json, "w") as f:
-                json.dump(row, f, indent=1)
+        save_row(row, a.out)
     return row
+
+
+def save_row(row, folder):
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"scaling_w{row['world_size']}_ep{row['ep_size']}.json"), "w") as f:
+        json.dump(row, f, indent=1)
 
 
 if __name__ == "__main__":

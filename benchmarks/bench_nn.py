@@ -1,13 +1,14 @@
 """Costs around training, not in it: the optimizer step and the checkpoint.
 
-    python benchmarks/bench_nn.py [--params 4e6] [--repeat 5] [--plots docs/img]
+    python benchmarks/bench_nn.py [--params 4e6] [--repeat 5] [--out docs/img]
 
 1. AdamW.step() on P float32 parameters, tinymoe (in-place updates) vs the same
    formula written with NumPy temporaries, side by side; and vs torch.optim.AdamW
    (foreach) when torch is importable.
 2. save_checkpoint / load_checkpoint of a model with P parameters (+ AdamW state):
    seconds, MB/s, and the share spent on the SHA-256 checksum.
-3. Plots for docs/nn.md: the warmup + cosine schedule, and XOR training curves.
+3. Plots for docs/nn.md: the warmup + cosine schedule, and XOR training curves, written to
+   runs/bench_nn/{nn_lr_schedule,nn_xor}.png (or under --out: --out docs/img refreshes them).
 """
 from __future__ import annotations
 
@@ -159,12 +160,12 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=float, default=4e6)
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--plots", default=None, help="folder for the PNGs (e.g. docs/img)")
+    parser.add_argument("--out", default="runs/bench_nn",
+                        help="folder for nn_lr_schedule.png and nn_xor.png (created; default %(default)s)")
     args = parser.parse_args()
     bench_optimizer(int(args.params), args.repeat)
     bench_checkpoint(int(args.params), args.repeat)
-    if args.plots:
-        os.makedirs(args.plots, exist_ok=True)
-        plot_schedule(args.plots)
-        plot_xor(args.plots)
-        print(f"\nplots written to {args.plots}/nn_lr_schedule.png and nn_xor.png")
+    os.makedirs(args.out, exist_ok=True)
+    plot_schedule(args.out)
+    plot_xor(args.out)
+    print(f"\nplots written to {args.out}/nn_lr_schedule.png and nn_xor.png")

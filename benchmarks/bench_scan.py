@@ -1,6 +1,7 @@
 """Selective scan on the GPU: tinymoe's two fused kernels against the baselines.
 
     python benchmarks/bench_scan.py [--batch 8 --d-inner 1536 --L 2048 --N 16] [--sweep]
+    python benchmarks/bench_scan.py --sweep --out docs/img    # refreshes docs/img/scan_bench_h200.png
 
 All in one run, float32, Mamba's options (D, delta_bias, delta_softplus; no z):
 - tinymoe `cupy` (CUDA C RawKernel) and `numba_cuda`, forward and forward+backward, as
@@ -13,9 +14,12 @@ All in one run, float32, Mamba's options (D, delta_bias, delta_softplus; no z):
 The floor is the HBM traffic (each input read once, each output written once) over the
 device-to-device copy bandwidth measured here; the table gives each time's fraction of it.
 Timing: CUDA events around back-to-back calls after a warm-up; median of repeats.
+A bar chart of the table goes to runs/bench_scan/scan_bench_<gpu>.png (<gpu>: h200, h100, ...;
+or under --out).
 """
 import argparse
 import os
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -143,7 +147,8 @@ def main():
     p.add_argument("--N", type=int, default=16)
     p.add_argument("--sweep", action="store_true", help="also time other launch shapes")
     p.add_argument("--skip-baselines", action="store_true")
-    p.add_argument("--plot", help="save a bar chart of the table to this PNG")
+    p.add_argument("--out", default="runs/bench_scan",
+                   help="folder for scan_bench_<gpu>.png (created; default %(default)s)")
     a = p.parse_args()
     args = make(a.batch, a.d_inner, a.L, a.N)
     dout, u, delta, A, B, C, D, bias = args
@@ -212,8 +217,16 @@ def main():
     for name, f, fb, b, err in rows:
         print(f"{name:34s} {f:9.3f} {fb:11.3f} {b / f:8.2f} {100 * floor_f / f:9.1f}% "
               f"{f / best_f:10.1f}x {err:9.1e}  bwd {b:.3f} ms")
-    if a.plot:
-        plot(rows, floor_f, floor_b, dev, a.plot)
+    os.makedirs(a.out, exist_ok=True)
+    path = os.path.join(a.out, f"scan_bench_{gpu_tag(dev)}.png")
+    plot(rows, floor_f, floor_b, dev, path)
+    print(f"wrote {path}")
+
+
+def gpu_tag(name):
+    """'NVIDIA H200' -> 'h200', 'NVIDIA H100 80GB HBM3' -> 'h100'; else the name in lower case."""
+    model = re.search(r"\b[A-Z]\d{2,4}\b", name)
+    return model.group(0).lower() if model else re.sub(r"\W+", "_", name.lower()).strip("_")
 
 
 def plot(rows, floor_f, floor_b, dev, path):

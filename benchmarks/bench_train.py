@@ -1,13 +1,18 @@
-"""Training throughput on the GPU: tinymoe's default MoE GPT and Mamba LM vs PyTorch eager.
+"""Training throughput on the GPU: tinymoe eager and captured (one CUDA graph per step) vs
+PyTorch eager and torch.compile, for the default MoE GPT, the Mamba LM and a larger MoE GPT.
 
-    python benchmarks/bench_train.py [--batch 32 --seq 128 --steps 10]
+    python benchmarks/bench_train.py [--batch 32 --seq 128 --steps 20 --models moe-gpt,mamba,moe-gpt-large
+                                      --compile moe-gpt]
 
-All in one run, float32, AdamW, random token batches (throughput does not depend on the
-data). The PyTorch twins below have the same architecture and sizes as the tinymoe models
-(parameter counts printed side by side): the MoE GPT with the common per-expert loop, and
-Mamba with the sequential scan loop (the readable PyTorch recipe). Reports tokens per
-second (median of rounds after warm-up) and peak GPU memory (tinymoe: CuPy's pool total;
-PyTorch: max reserved by its caching allocator, the same notion).
+All in one run, float32, AdamW (clip 1.0), random token batches (throughput does not depend
+on the data). The PyTorch twins below have the same architecture and sizes as the tinymoe
+models (parameter counts printed side by side): the MoE GPT with the common per-expert loop,
+and Mamba with the sequential scan loop (the readable PyTorch recipe). Reports tokens per
+second (median of 3 rounds after warm-up), host time per step (the Python call alone, before
+the GPU catches up: what bounds a launch-bound step), launches per step (tinymoe: the kernels
+the step records in its CUDA graph = the eager step's launches; captured, the host launches
+the graph plus a few copies), and peak GPU memory (tinymoe: CuPy's pools; PyTorch: max
+reserved by its caching allocator, the same notion).
 """
 import argparse
 import math
@@ -29,36 +34,63 @@ from tinymoe.models.mamba import MambaLM  # noqa: E402
 cp = tinymoe.backend.cupy()
 
 
-def tokens_per_second(step, tokens, steps, sync):
-    step()
-    step()  # warm-up: compilation, allocator
+def tokens_per_second(step, tokens, steps, sync, warmup=3):
+    """(median tokens/s of 3 rounds, median host seconds per step call)."""
+    for _ in range(warmup):  # compilation, allocator, capture
+        step()
     sync()
-    rates = []
+    rates, host = [], []
     for _ in range(3):
         t0 = time.perf_counter()
         for _ in range(steps):
+            h0 = time.perf_counter()
             step()
+            host.append(time.perf_counter() - h0)
         sync()
         rates.append(tokens * steps / (time.perf_counter() - t0))
-    return statistics.median(rates)
+    return statistics.median(rates), statistics.median(host)
 
 
-def tinymoe_run(model, a):
+def graph_kernels(graph) -> int | None:
+    """Kernel nodes of a captured cupy Graph (the driver's cuGraphGetNodes / cuGraphNodeGetType)."""
+    import ctypes
+    handle = getattr(graph, "graph", 0)
+    if not handle:
+        return None
+    cuda = ctypes.CDLL("libcuda.so.1")
+    n = ctypes.c_size_t(0)
+    if cuda.cuGraphGetNodes(ctypes.c_void_p(handle), None, ctypes.byref(n)):
+        return None
+    nodes = (ctypes.c_void_p * n.value)()
+    cuda.cuGraphGetNodes(ctypes.c_void_p(handle), nodes, ctypes.byref(n))
+    kind = ctypes.c_int(0)
+    kernels = 0
+    for node in nodes:
+        cuda.cuGraphNodeGetType(ctypes.c_void_p(node), ctypes.byref(kind))
+        kernels += kind.value == 0                               # CU_GRAPH_NODE_TYPE_KERNEL
+    return kernels
+
+
+def tinymoe_run(build, a, mode):
+    """mode "off": the eager step; "on": the captured step (tinymoe.step.make_step)."""
+    from tinymoe.optim import AdamW
+    from tinymoe.step import make_step
     pool = cp.get_default_memory_pool()
     pool.free_all_blocks()
-    model.to("cuda")
-    opt = tinymoe.optim.AdamW(model.parameters(), lr=1e-3)
-    ids = cp.random.default_rng(0).integers(0, 256, (a.batch, a.seq + 1))
-    x = tinymoe.tensor(ids[:, :-1], device="cuda")
-    y = tinymoe.tensor(ids[:, 1:], device="cuda")
-
-    def step():
-        opt.zero_grad()
-        _, loss = model(x, y)
-        loss.backward()
-        opt.step()
-    tps = tokens_per_second(step, a.batch * a.seq, a.steps, cp.cuda.Device().synchronize)
-    return tps, pool.total_bytes(), model.num_parameters()
+    tinymoe.manual_seed(0)
+    model = build().to("cuda")
+    opt = AdamW(model.parameters(), lr=1e-3)
+    step_obj = make_step(model, opt, grad_clip=1.0, cuda_graph=mode)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 256, (a.batch, a.seq + 1))
+    x, y = ids[:, :-1], ids[:, 1:]                      # host ids: the step copies them in
+    tps, host = tokens_per_second(lambda: step_obj(x, y), a.batch * a.seq, a.steps,
+                                  cp.cuda.Device().synchronize)
+    graph = getattr(step_obj, "graph", None)
+    kernels = graph_kernels(graph) if graph is not None else None
+    peak = pool.total_bytes() + (step_obj.pool.total_bytes() if graph is not None else 0)
+    note = getattr(step_obj, "reason", None)
+    return tps, host, kernels, peak, model.num_parameters(), note
 
 
 # ---------------------------------------------------------------- PyTorch twins
@@ -168,42 +200,76 @@ def torch_models():
     return MoEGPT, Mamba
 
 
-def torch_run(model, a):
+def torch_run(model, a, compile_mode=None):
+    """compile_mode None: eager; "default" / "reduce-overhead": torch.compile's modes."""
     import torch
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     model = model.cuda()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     ids = torch.randint(0, 256, (a.batch, a.seq + 1), device="cuda")
+    fwd = model if compile_mode is None else torch.compile(model, mode=compile_mode)
 
     def step():
         opt.zero_grad(set_to_none=True)
-        model(ids[:, :-1], ids[:, 1:]).backward()
+        fwd(ids[:, :-1], ids[:, 1:]).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-    tps = tokens_per_second(step, a.batch * a.seq, a.steps, torch.cuda.synchronize)
-    return tps, torch.cuda.max_memory_reserved(), sum(p.numel() for p in model.parameters())
+    tps, host = tokens_per_second(step, a.batch * a.seq, a.steps, torch.cuda.synchronize)
+    return tps, host, None, torch.cuda.max_memory_reserved(), sum(p.numel() for p in model.parameters()), None
+
+
+MODELS = {   # name -> (build the tinymoe model, batch, seq): None keeps --batch / --seq
+    "moe-gpt": (lambda a: build_model("moe-gpt", block_size=a.seq), None, None),
+    "mamba": (lambda a: MambaLM(), None, None),
+    "moe-gpt-large": (lambda a: build_model("moe-gpt", block_size=512, d_model=512, n_layer=8,
+                                            n_head=8, d_ff=2048, num_experts=8), 16, 512),
+}
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--steps", type=int, default=10)
-    a = p.parse_args()
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--models", default="moe-gpt,mamba,moe-gpt-large")
+    p.add_argument("--compile", default="moe-gpt", help="models with torch.compile rows ('' for none)")
+    p.add_argument("--no-torch", action="store_true")
+    args = p.parse_args()
     dev = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
-    print(f"device {dev}; batch={a.batch} seq={a.seq} float32 AdamW")
-    tinymoe.manual_seed(0)
-    moe, mamba = build_model("moe-gpt", block_size=a.seq), MambaLM()
-    rows = [("tinymoe moe-gpt", *tinymoe_run(moe, a)), ("tinymoe mamba", *tinymoe_run(mamba, a))]
-    try:
-        MoEGPT, Mamba = torch_models()
-        rows.insert(1, ("PyTorch eager moe-gpt (expert loop)", *torch_run(MoEGPT(moe.config), a)))
-        rows.append(("PyTorch eager mamba (sequential scan)", *torch_run(Mamba(mamba.config), a)))
-    except ImportError as e:
-        print(f"PyTorch: skipped ({e})")
-    print(f"\n{'model':40s} {'params':>9s} {'tokens/s':>10s} {'peak MiB':>9s}")
-    for name, tps, peak, params in rows:
-        print(f"{name:40s} {params:9d} {tps:10.0f} {peak / 2**20:9.1f}")
+    print(f"device {dev}; float32 AdamW, clip 1.0")
+    rows = []
+    for name in args.models.split(","):
+        build, batch, seq = MODELS[name]
+        a = argparse.Namespace(**{**vars(args), "batch": batch or args.batch, "seq": seq or args.seq})
+        tag = f"{name} {a.batch}x{a.seq}"
+        for mode, label in (("off", "tinymoe eager"), ("on", "tinymoe captured")):
+            try:
+                rows.append((tag, label, *tinymoe_run(lambda: build(a), a, mode)))
+            except Exception as err:  # a failed capture is a result too
+                rows.append((tag, label, 0, 0, None, 0, 0, f"{type(err).__name__}: {err}"[:120]))
+        if args.no_torch:
+            continue
+        try:
+            MoEGPT, Mamba = torch_models()
+        except ImportError as e:
+            print(f"PyTorch: skipped ({e})")
+            continue
+        twin = (lambda: Mamba(build(a).config)) if name == "mamba" else (lambda: MoEGPT(build(a).config))
+        modes = [(None, "PyTorch eager")]
+        if name in args.compile.split(","):
+            modes += [("reduce-overhead", "torch.compile reduce-overhead"), ("default", "torch.compile default")]
+        for mode, label in modes:
+            try:
+                rows.append((tag, label, *torch_run(twin(), a, mode)))
+            except Exception as err:
+                rows.append((tag, label, 0, 0, None, 0, 0, f"{type(err).__name__}: {err}"[:120]))
+    print(f"\n{'model':22s} {'run':30s} {'params':>10s} {'tokens/s':>10s} {'host ms/step':>12s} "
+          f"{'kernels/step':>12s} {'peak MiB':>9s}")
+    for tag, label, tps, host, kernels, peak, params, note in rows:
+        k = "-" if kernels is None else str(kernels)
+        print(f"{tag:22s} {label:30s} {params:10d} {tps:10.0f} {host * 1e3:12.3f} {k:>12s} "
+              f"{peak / 2**20:9.1f}" + (f"   ({note})" if note else ""))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@
 # H200); bench: the GPU benchmarks (about 4 minutes); all (the default): both, in that order.
 # (with CuPy, torch, JAX and numba-cuda importable; on the device machine, NumPy < 2.5 first:
 #  see docs/kernels.md, "Running on the GPU machine"). Logs go to $OUT/<step>.log; a failed
-# step does not stop the next one; the exit code is the number of failed steps.
+# step does not stop the next one; the exit code is the number of failed steps. Files that the
+# benchmarks write (bench_scan's scan_bench_<gpu>.png) go to $OUT too.
 set -uo pipefail
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MPLBACKEND=Agg
 export NUMBA_CUDA_ARRAY_INTERFACE_SYNC=0
@@ -31,7 +32,7 @@ if [[ $WHAT == tests || $WHAT == all ]]; then
 fi
 if [[ $WHAT == bench || $WHAT == all ]]; then
   step autograd 60 python3 benchmarks/bench_autograd.py --device cuda
-  step scan 120 python3 benchmarks/bench_scan.py
+  step scan 120 python3 benchmarks/bench_scan.py --out "$OUT"
   step moe 90 python3 benchmarks/bench_moe.py
   step train 120 python3 benchmarks/bench_train.py
 fi

@@ -5,7 +5,8 @@
 #  see docs/kernels.md, "Running on the GPU machine")
 # 1. the NCCL selftest (launcher, 2 ranks; every check, ZeRO-1 and the single-buffer all-to-all included)
 # 2. bench_alltoall gpu: tinymoe's single-buffer and list all-to-alls, raw CuPy NCCL (own and default
-#    stream) and torch all_to_all_single side by side, host time per call, NCCL versions; EP split -> $OUT
+#    stream) and torch all_to_all_single side by side, host time per call, NCCL versions; EP split
+#    -> $OUT/alltoall_gpu.{json,png}
 # 3. the GPU tests (NCCL selftest, the single-buffer path on 2 GPUs, 2-GPU training == 1 CPU process)
 # 4. 20 steps of examples/train_moe_gpt.py --expert-parallel --backend nccl                  -> $OUT/train_*
 # (the bench runs second so that the measurement comes back even if a later step runs long)
@@ -54,7 +55,7 @@ PY"
 step selftest 60 "$PY" -m tinymoe.distributed.launch --nproc 2 -m tinymoe.distributed.selftest --backend nccl
 
 TAIL=48 step bench 150 "$PY" -m tinymoe.distributed.launch --nproc 2 --timeout 120 \
-    benchmarks/bench_alltoall.py gpu --json "$OUT/a2a_gpu.json" --plots "$OUT"
+    benchmarks/bench_alltoall.py gpu --out "$OUT"
 
 step gpu_tests 150 "$PY" -m pytest -q -p no:cacheprovider -m gpu -rs \
     tests/test_distributed_nccl.py tests/test_train_distributed.py

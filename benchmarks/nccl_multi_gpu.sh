@@ -6,11 +6,11 @@
 # 1. the NCCL selftest on N ranks (every check; the mesh's groups and one step equal to one process
 #    on every shape of N: NCCL communicators per EP and DP group, made through the bootstrap)
 # 2. bench_alltoall gpu on N ranks: tinymoe vs torch.distributed all_to_all_single, target >= 1.0x
-#    at >= 1 MiB per peer; the EP step split                                  -> $OUT/a2a_gpu<N>.json, .png
+#    at >= 1 MiB per peer; the EP step split                     -> $OUT/alltoall_gpu.json, alltoall_gpu<N>.png
 # 3. weak scaling of the MoE GPT (2 experts and 16 x 256 tokens per GPU): 1 GPU (one process, no
 #    all-to-all), then EP over 2, 4 (, 8) GPUs, then meshes N/2 EP x 2 DP (and 2 EP x N/2 DP at 8);
 #    tokens/s, efficiency vs 1 GPU, all-to-all and all-reduce time, communication share
-#                                                                  -> $OUT/scaling_*.json, ep_scaling.png
+#                                                   -> $OUT/scaling_w<W>_ep<ep>.json, ep_scaling.png
 # 4. the GPU tests of the mesh (4 GPUs, 2 EP x 2 DP, trains like one CPU process to 1e-7)
 # 5. 20 steps of examples/train_moe_gpt.py on N GPUs as N/2 EP x 2 DP                     -> $OUT/train_*
 # Every step runs under `timeout` (GNU timeout signals the whole process group: no orphaned ranks);
@@ -71,23 +71,22 @@ PY"
 
 step selftest 120 "${LAUNCH[@]}" "$N" -m tinymoe.distributed.selftest --backend nccl
 
-TAIL=40 step a2a 150 "${LAUNCH[@]}" "$N" benchmarks/bench_alltoall.py gpu --target 1.0 \
-    --json "$OUT/a2a_gpu$N.json" --plots "$OUT"
+TAIL=40 step a2a 150 "${LAUNCH[@]}" "$N" benchmarks/bench_alltoall.py gpu --target 1.0 --out "$OUT"
 
 # weak scaling: one configuration per launch (a new world each), the 1-GPU baseline first
 SCALE=(--device cuda)
-step scale_w1 90 "$PY" benchmarks/bench_ep_scaling.py "${SCALE[@]}" --json "$OUT/scaling_w1.json"
+step scale_w1 90 "$PY" benchmarks/bench_ep_scaling.py "${SCALE[@]}" --out "$OUT"
 for W in 2 4 8; do
   (( W > N )) && continue
   step "scale_w${W}" 90 "${LAUNCH[@]}" "$W" benchmarks/bench_ep_scaling.py "${SCALE[@]}" --backend nccl \
-      --json "$OUT/scaling_w${W}.json"
+      --out "$OUT"
 done
 MESHES=$( (( N >= 8 )) && echo "4 2" || echo "2" )    # EP sizes: 4 EP x 2 DP and 2 EP x 4 DP, or 2 x 2
 for EP in $MESHES; do
   step "scale_w${N}_ep${EP}" 90 "${LAUNCH[@]}" "$N" benchmarks/bench_ep_scaling.py "${SCALE[@]}" --backend nccl \
-      --ep-size "$EP" --json "$OUT/scaling_w${N}_ep${EP}.json"
+      --ep-size "$EP" --out "$OUT"
 done
-TAIL=30 step scale_summary 30 "$PY" benchmarks/bench_ep_scaling.py --summarize "$OUT/scaling_*.json" --plot "$OUT"
+TAIL=30 step scale_summary 30 "$PY" benchmarks/bench_ep_scaling.py --summarize --out "$OUT"
 
 step gpu_tests 150 "$PY" -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_mesh.py
 

@@ -1,6 +1,6 @@
 """What the scan kernels compile to, without a GPU: registers, spills, SASS opcode counts.
 
-    python benchmarks/numba_sass.py --site /tmp/nbc [--dump DIR]
+    python benchmarks/numba_sass.py --site /tmp/nbc [--out DIR]
 
 Numba CUDA and nvcc compile the same algorithm (numba_cuda.py, selective_scan.cu) to
 machine code (SASS) of very different lengths; counting the opcodes of each, side by
@@ -13,6 +13,7 @@ cuobjdump. Setup, once (one pip call: --target skips packages whose folder exist
 
 The nvcc column needs CUDA's nvcc on PATH (the CUDA C twin, at the launch shapes in use).
 Counts are static (instructions in the code, not executed); the hot loops dominate both.
+Each kernel's SASS text goes to runs/numba_sass/<kernel>_{numba,nvcc}.sass (or under --out).
 """
 import argparse
 import collections
@@ -79,7 +80,8 @@ def numba_kernels():
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--site", required=True, help="the pip --target folder of the setup above")
-    p.add_argument("--dump", help="also write each kernel's SASS into this folder")
+    p.add_argument("--out", default="runs/numba_sass",
+                   help="folder for each kernel's <name>_{numba,nvcc}.sass (created; default %(default)s)")
     args = p.parse_args()
     bin_dir = use_wheels(args.site)
     sys.path.insert(0, str(REPO))
@@ -110,10 +112,12 @@ def main():
         print(f"  {'opcode':22s} {'Numba':>6s} {'nvcc':>6s}")
         for op in sorted(set(ops_n) | set(ops_c), key=lambda o: -(ops_n[o] + ops_c[o]))[:25]:
             print(f"  {op:22s} {ops_n[op]:6d} {ops_c[op]:6d}")
-        if args.dump:
-            Path(args.dump).mkdir(parents=True, exist_ok=True)
-            (Path(args.dump) / f"{name}_numba.sass").write_text(text_n)
-            (Path(args.dump) / f"{name}_nvcc.sass").write_text(text_c)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{name}_numba.sass").write_text(text_n)
+        if text_c:
+            (out / f"{name}_nvcc.sass").write_text(text_c)
+        print(f"  SASS written to {out}/{name}_*.sass")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@
 Baseline: the seed trained on the mixture of all domains for D * S1 more steps, the same
 total number of training steps.
 
-    python examples/branch_train_merge.py --quick
+    python examples/branch_train_merge.py --quick   # -> runs/branch_train_merge/branch_train_merge.png
+    python examples/branch_train_merge.py --out docs/img    # refreshes the figure of docs/moe.md
 """
 import argparse
 import copy
@@ -91,7 +92,8 @@ def evaluate(models, val, how):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", default="docs/img")
+    p.add_argument("--out", default="runs/branch_train_merge",
+                   help="folder for branch_train_merge.png (created; default %(default)s)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = p.parse_args()
     s0, s1 = (100, 100) if args.quick else (300, 300)

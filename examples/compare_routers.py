@@ -6,6 +6,10 @@ top-2 routers get experts of width 64, top-1 routers width 128, the dense softma
 is measured on validation batches at capacity factors 1.0, 1.25 and 2.0.
 
     python examples/compare_routers.py --quick      # a few minutes on a laptop CPU
+    python examples/compare_routers.py --out docs/img   # refreshes the figures of docs/moe.md
+
+The figures go to --out (default runs/compare_routers/); the training runs and results.json
+to runs/compare_routers/ always.
 """
 import argparse
 import json
@@ -48,7 +52,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer steps")
     p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--out", default="docs/img")
+    p.add_argument("--out", default="runs/compare_routers",
+                   help="folder for compare_routers_{loss,load}.png (created; default %(default)s)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = p.parse_args()
     steps = args.steps or (150 if args.quick else 600)
@@ -56,7 +61,8 @@ def main():
                 eval_interval=max(steps // 6, 1), eval_batches=4, log_interval=10,
                 checkpoint_interval=10**9, sample_tokens=0, plots=False, progress=False,
                 device=args.device,
-                out_dir="runs/compare_routers", max_corpus_bytes=4_000_000)
+                out_dir="runs/compare_routers", overwrite=True,   # each run of the script starts over
+                max_corpus_bytes=4_000_000)
     val = load_corpus(None, base["max_corpus_bytes"]).val
     results = {}
     for name, (k, width) in ROUTERS.items():

@@ -3,6 +3,7 @@
     python examples/expert_parallel.py                      # 4 toy ranks (started here)
     python -m tinymoe.distributed.launch --nproc 4 examples/expert_parallel.py
     mpiexec -n 4 python examples/expert_parallel.py --backend mpi
+    python examples/expert_parallel.py --out docs/img       # refreshes the figure of docs/distributed.md
 
 One MoE layer with E experts, E / W on each of W ranks, learns a task where each token
 belongs to one of E clusters and the right answer is a cluster-specific linear map: the
@@ -11,7 +12,8 @@ Every rank draws its own tokens; expert weights are trained by expert parallelis
 gate by data parallelism (gradient all-reduce). Rank 0 plots, per step,
   - how many token slots each rank's experts processed (the load each rank carries),
   - how many bytes each rank sent through the all-to-alls (there and back),
-  - the loss.
+  - the loss,
+into runs/expert_parallel/expert_parallel.png (or under --out).
 """
 from __future__ import annotations
 
@@ -99,13 +101,13 @@ def plot(log, path):
     print(f"wrote {path}")
 
 
-def report(log, plot_path):
+def report(log, out):
     steps, W, _ = log.shape
     print(f"{W} ranks: loss {log[0, :, 2].mean():.3f} -> {log[-1, :, 2].mean():.3f}; "
           f"last step token slots per rank {log[-1, :, 0].astype(int).tolist()}, "
           f"kB sent per rank {(log[-1, :, 1] / 1e3).round(1).tolist()}, dropped {log[-1, :, 3].mean():.1%}")
-    if plot_path:
-        plot(log, plot_path)
+    os.makedirs(out, exist_ok=True)
+    plot(log, os.path.join(out, "expert_parallel.png"))
 
 
 def main():
@@ -113,15 +115,16 @@ def main():
     p.add_argument("--nproc", type=int, default=4, help="toy ranks to start when not launched")
     p.add_argument("--backend", default=None, help="toy / mpi / nccl (default: from the launcher)")
     p.add_argument("--steps", type=int, default=STEPS)
-    p.add_argument("--plot", default="docs/img/expert_parallel.png")
+    p.add_argument("--out", default="runs/expert_parallel",
+                   help="folder for expert_parallel.png (created; default %(default)s)")
     a = p.parse_args()
     if a.backend is None and dist._detect_backend() == "single":  # not launched: start the toy ranks here
-        report(dist.spawn(train, a.nproc, a.steps)[0], a.plot)
+        report(dist.spawn(train, a.nproc, a.steps)[0], a.out)
         return
     comm = dist.init(a.backend)
     log = train(comm, a.steps)
     if comm.rank == 0:
-        report(log, a.plot)
+        report(log, a.out)
 
 
 if __name__ == "__main__":

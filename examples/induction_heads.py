@@ -7,9 +7,13 @@ stays (d_inner, N) per layer). Whether it still *recalls* is the question this m
 
     python examples/induction_heads.py                  # a few CPU minutes
     python examples/induction_heads.py --steps 200
+    python examples/induction_heads.py --out docs/img   # refreshes the figure of docs/ssm.md
+
+The plot goes to runs/induction_heads/induction_heads.png (or under --out).
 """
 import argparse
 import json
+import os
 import time
 
 import numpy as np
@@ -39,7 +43,8 @@ def evaluate(model, L, n=256):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=STEPS)
-    p.add_argument("--plot", default="docs/img/induction_heads.png")
+    p.add_argument("--out", default="runs/induction_heads",
+                   help="folder for induction_heads.png (created; default %(default)s)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = p.parse_args()
     tinymoe.manual_seed(SEED)
@@ -60,23 +65,24 @@ def main():
                   flush=True)
     results = {L: evaluate(model, L) for L in EVAL_LENS}
     print(json.dumps({"train_length": TRAIN_LEN, "accuracy_by_length": results}))
-    if args.plot:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(5, 3), dpi=100)
-        ax.plot(list(results), list(results.values()), marker="o", label="Mamba")
-        ax.axvline(TRAIN_LEN, color="gray", ls="--", label="training length")
-        ax.axhline(1 / (VOCAB - 1), color="gray", ls=":", label="chance")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("sequence length")
-        ax.set_ylabel("recall accuracy")
-        ax.set_ylim(0, 1.02)
-        ax.set_title("Induction heads: train at 64, test longer")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(args.plot)
-        print("plot:", args.plot)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 3), dpi=100)
+    ax.plot(list(results), list(results.values()), marker="o", label="Mamba")
+    ax.axvline(TRAIN_LEN, color="gray", ls="--", label="training length")
+    ax.axhline(1 / (VOCAB - 1), color="gray", ls=":", label="chance")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("sequence length")
+    ax.set_ylabel("recall accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.set_title("Induction heads: train at 64, test longer")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "induction_heads.png")
+    fig.savefig(path)
+    print("plot:", path)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ Tasks (one per sequence, each a different kind of byte string):
     upper    repeated motifs: "QXZQXZQXZ..."
     brackets nested brackets: "([{}])(()){}..."
 
-    python examples/moe_specialization.py --quick
+    python examples/moe_specialization.py --quick   # -> runs/moe_specialization/moe_specialization.png
+    python examples/moe_specialization.py --out docs/img    # refreshes the figure of docs/moe.md
 """
 import argparse
 import os
@@ -51,7 +52,8 @@ def batch(tasks, length, rng):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", default="docs/img")
+    p.add_argument("--out", default="runs/moe_specialization",
+                   help="folder for moe_specialization.png (created; default %(default)s)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = p.parse_args()
     steps = 150 if args.quick else 400

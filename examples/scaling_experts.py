@@ -6,7 +6,10 @@ Transformer finding (Fedus et al. 2021, Fig. 1 and 4): more experts, lower loss 
 same step. Also prints a table of parameters vs. FLOPs per token, like the lecture's
 T5 / Switch table (tinymoe.accounting).
 
-    python examples/scaling_experts.py --quick
+    python examples/scaling_experts.py --quick      # -> runs/scaling_experts/scaling_experts.png
+    python examples/scaling_experts.py --out docs/img   # refreshes the figure of docs/moe.md
+
+The figure goes to --out; the training runs to runs/scaling_experts/ always.
 """
 import argparse
 import os
@@ -30,7 +33,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--out", default="docs/img")
+    p.add_argument("--out", default="runs/scaling_experts",
+                   help="folder for scaling_experts.png (created; default %(default)s)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = p.parse_args()
     steps = args.steps or (1000 if args.quick else 3000)
@@ -38,7 +42,8 @@ def main():
                 eval_interval=max(steps // 8, 1), eval_batches=4, log_interval=10,
                 checkpoint_interval=10**9, sample_tokens=0, plots=False, progress=False,
                 device=args.device,
-                out_dir="runs/scaling_experts", max_corpus_bytes=4_000_000)
+                out_dir="runs/scaling_experts", overwrite=True,   # each run of the script starts over
+                max_corpus_bytes=4_000_000)
     curves, rows = {}, []
     for E in EXPERTS:
         name = "dense" if E == 0 else f"switch-{E}"

@@ -16,7 +16,8 @@ its step. For several step sizes Delta, with zero-order hold (ZOH) and bilinear:
 4. compare with the true p(t) = t - sin(t): the only error left is sampling a(t) once per
    step, O(Delta).
 
-    python examples/ssm_car.py                       # writes docs/img/ssm_car.png
+    python examples/ssm_car.py                       # writes runs/ssm_car/ssm_car.png
+    python examples/ssm_car.py --out docs/img        # refreshes the figure of docs/ssm.md
 
 The one example without --device: its systems are 2 x 2 matrices (NumPy, SciPy's expm),
 nothing a GPU would speed up; the trainable SSMs of the later examples take --device cuda.
@@ -58,7 +59,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=float, nargs="+", default=[1.0, 0.5, 0.1],
                    help="step sizes Delta in seconds")
-    p.add_argument("--out", default="docs/img", help="folder for ssm_car.png")
+    p.add_argument("--out", default="runs/ssm_car",
+                   help="folder for ssm_car.png (created; default %(default)s)")
     args = p.parse_args()
 
     print("| Delta (s) | method | conv - recurrent | recurrent - held-input kinematics "

@@ -17,7 +17,8 @@ import tinymoe
 from tinymoe.autograd.grad_mode import no_grad
 from tinymoe.data import BatchSampler, decode, encode, eval_batches, load_corpus
 from tinymoe.models.mamba import MambaConfig, MambaLM
-from tinymoe.optim import AdamW, WarmupCosine, clip_grad_norm_
+from tinymoe.optim import AdamW, WarmupCosine
+from tinymoe.step import make_step
 
 # ---- knobs
 D_MODEL = 128
@@ -38,6 +39,8 @@ def main():
     p.add_argument("--data", default=None, help="a text file (default: the stdlib corpus)")
     p.add_argument("--prompt", default="def ")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--cuda-graph", choices=["auto", "on", "off"], default="auto",
+                   help="replay the step as one CUDA graph on a GPU (docs/cuda_graphs.md)")
     args = p.parse_args()
 
     tinymoe.manual_seed(SEED)
@@ -48,17 +51,15 @@ def main():
     opt = AdamW(model.parameters(), lr=LR, weight_decay=0.1)
     schedule = WarmupCosine(opt, min(WARMUP, args.steps), args.steps)
     sample = BatchSampler(corpus.train, BATCH, BLOCK, seed=SEED)
+    # forward, backward, clip to norm 1, AdamW: eagerly, or replayed as one CUDA graph
+    train_step = make_step(model, opt, grad_clip=1.0, cuda_graph=args.cuda_graph)
     start = time.perf_counter()
     for step in range(1, args.steps + 1):
         x, y = sample()
-        _, loss = model(x, y)
-        opt.zero_grad()
-        loss.backward()
-        clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        result = train_step(x, y)
         schedule.step()
         if step % 25 == 0 or step == args.steps:
-            print(f"step {step:4d}  loss {loss.item():.3f}  ({time.perf_counter() - start:.0f} s)",
+            print(f"step {step:4d}  loss {float(result.loss):.3f}  ({time.perf_counter() - start:.0f} s)",
                   flush=True)
 
     with no_grad():

@@ -9,7 +9,9 @@ Expert + data parallel (the experts spread over the ranks, the batch split betwe
     mpiexec -n 2 python examples/train_moe_gpt.py --expert-parallel --backend mpi
     python -m tinymoe.distributed.launch --nproc 2 examples/train_moe_gpt.py --expert-parallel --backend nccl
 
-Every knob is below; change one, run again, compare runs/<name>/loss.png.
+Every knob is below; change one, run again with --overwrite (or a new TRAIN name, to keep both
+runs), compare runs/<name>/loss.png. --resume continues the run; SIGTERM or Ctrl-C saves a
+checkpoint and exits 143 or 130, as `python -m tinymoe train` does.
 """
 import argparse
 
@@ -47,12 +49,17 @@ if __name__ == "__main__":
                    help="default: from the launcher (toy) or mpiexec (mpi); nccl trains on the GPUs")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="default: cpu, or cuda with --backend nccl")
+    p.add_argument("--resume", action="store_true", help="continue runs/moe-gpt-example/ from its checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="delete runs/moe-gpt-example/'s run and start over")
+    p.add_argument("--cuda-graph", choices=["auto", "on", "off"], default="auto",
+                   help="replay the step as one CUDA graph where the model allows (docs/cuda_graphs.md)")
     args = p.parse_args()
     model = dict(MODEL, n_layer=2, d_model=32, n_head=2, d_ff=64) if args.quick else MODEL
     run = {**TRAIN, **(QUICK if args.quick else {})}
     if args.steps is not None:
         run["steps"] = args.steps
     run["device"] = args.device or ("cuda" if args.backend == "nccl" else "cpu")
+    run.update(resume=args.resume, overwrite=args.overwrite, cuda_graph=args.cuda_graph)
     if args.expert_parallel:   # E = 8 experts: 1, 2, 4 or 8 ranks
         run.update(expert_parallel=True, backend=args.backend)
-    train(TrainConfig(**run, model_config=model))
+    raise SystemExit(train(TrainConfig(**run, model_config=model))["exit_code"])

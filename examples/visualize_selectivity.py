@@ -7,8 +7,12 @@ unchanged (exp(Delta A) ~ 1, "ignore this"). A trained model should open up on t
 tokens and stay shut on the noise between them.
 
     python examples/visualize_selectivity.py             # trains ~500 steps, then plots
+    python examples/visualize_selectivity.py --out docs/img  # refreshes the figure of docs/ssm.md
+
+The plot goes to runs/visualize_selectivity/selectivity.png (or under --out).
 """
 import argparse
+import os
 
 import numpy as np
 
@@ -57,7 +61,8 @@ def selectivity(model, x, layer=0):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=STEPS)
-    p.add_argument("--plot", default="docs/img/selectivity.png")
+    p.add_argument("--out", default="runs/visualize_selectivity",
+                   help="folder for selectivity.png (created; default %(default)s)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = p.parse_args()
     model = train(args.steps, args.device)
@@ -97,8 +102,10 @@ def main():
     axes[2].set_xlabel("position")
     axes[2].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(args.plot)
-    print("plot:", args.plot)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "selectivity.png")
+    fig.savefig(path)
+    print("plot:", path)
 
 
 if __name__ == "__main__":

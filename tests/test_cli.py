@@ -28,7 +28,7 @@ def test_python_dash_m_entry_point(tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["--top-k", "9"], "error: --top-k must be <= --experts (8), got 9"),
-    (["--capacity-factor", "0"], "error: --capacity-factor must be > 0 (or none: dropless), got 0.0"),
+    (["--capacity-factor", "0"], "error: --capacity-factor must be a finite number > 0 (or none: dropless), got 0.0"),
     (["--data", "/nonexistent/x.txt"], "--data: file '/nonexistent/x.txt' does not exist"),
     (["--recompute"], "GPT: recompute=True needs a dense model (num_experts=0)"),
 ])

@@ -40,9 +40,19 @@ def test_erf_edge_values():
 
 
 def test_coefficients_come_from_the_documented_fit():
+    """The fit (SciPy's least_squares at its tightest tolerances) lands within a few parts per
+    million of the shipped coefficients, the last digits depending on the SciPy and BLAS
+    versions (4e-6 apart seen between two); what matters is that both fit erf equally well."""
     P, Q = gelu_cpu.fit_erf_coefficients()
-    np.testing.assert_allclose(P, gelu_cpu.ERF_P, rtol=1e-6)
-    np.testing.assert_allclose(Q, gelu_cpu.ERF_Q, rtol=1e-6)
+    np.testing.assert_allclose(P, gelu_cpu.ERF_P, rtol=1e-4)
+    np.testing.assert_allclose(Q, gelu_cpu.ERF_Q, rtol=1e-4)
+    x = np.linspace(0.0, gelu_cpu.ERF_CLAMP, 20001)
+    t = x * x
+
+    def max_error(p, q):
+        return np.abs(x * np.polyval(p, t) / np.polyval(q, t) - erf64(x)).max()
+
+    assert max_error(P, Q) == pytest.approx(max_error(gelu_cpu.ERF_P, gelu_cpu.ERF_Q), rel=1e-3)
 
 
 @settings(max_examples=25, deadline=None)

@@ -40,13 +40,19 @@ def make_case(T, k, E, capacity, d, how, seed, xp=np, dtype=np.float64):
     return [xp.asarray(a) for a in (ei,)] + [xp.asarray(a, dtype) for a in (x, w, dout)]
 
 
-def check_against_reference(module, case, seed, xp, dtype, rtol):
+def check_against_reference(module, case, seed, xp, dtype, rtol, static=False):
     T, k, E, capacity, d, how = case
     ei, x, w, dout = make_case(*case, seed, xp=xp, dtype=dtype)
     host = lambda a: tinymoe.backend.to_numpy(a)  # noqa: E731
     ref_in = [host(a) for a in (ei, x, w, dout)]
-    plan = module.make_dispatch_plan(ei, E, capacity)
-    want = reference.make_dispatch_plan(ref_in[0], E, capacity)
+    if static:                                    # C rows per expert (capacity None: T k)
+        capacity = max(capacity or T * k, 1)
+        plan = module.make_static_plan(ei, E, capacity)
+        want = reference.make_static_plan(ref_in[0], E, capacity)
+        assert plan.static and plan.bounds == want.bounds == tuple(range(0, E * capacity + 1, capacity))
+    else:
+        plan = module.make_dispatch_plan(ei, E, capacity)
+        want = reference.make_dispatch_plan(ref_in[0], E, capacity)
     for f in PLAN_FIELDS:
         np.testing.assert_array_equal(host(getattr(plan, f)), getattr(want, f), err_msg=f"{f} {case}")
     xs = module.permute(x, plan)
@@ -64,11 +70,11 @@ def check_against_reference(module, case, seed, xp, dtype, rtol):
         np.testing.assert_allclose(host(g), e, rtol=rtol, atol=rtol, err_msg=f"{name} {case}")
 
 
-def _numba_cases(cases):
+def _numba_cases(cases, static=False):
     from tinymoe.kernels.dispatch import numba_cuda
     numba_cuda.THREADS = 32  # one warp per row block: the simulator runs a Python thread each
     for case in cases:
-        check_against_reference(numba_cuda, tuple(case), 0, np, np.float64, 1e-12)
+        check_against_reference(numba_cuda, tuple(case), 0, np, np.float64, 1e-12, static)
 
 
 def run_in_simulator(fn, *args):
@@ -83,6 +89,10 @@ def run_in_simulator(fn, *args):
 
 def test_numba_cuda_dispatch_in_simulator():
     run_in_simulator(_numba_cases, CASES)
+
+
+def test_numba_cuda_static_dispatch_in_simulator():
+    run_in_simulator(_numba_cases, CASES, True)
 
 
 def test_numba_cuda_dispatch_rejects_bad_input():
@@ -115,6 +125,13 @@ GPU_CASES = CASES + [(1000, 2, 8, 300, 130, "random"), (4097, 1, 64, None, 33, "
 def test_gpu_dispatch_matches_reference(impl, dtype, case):
     rtol = 1e-5 if dtype == np.float32 else 1e-12
     check_against_reference(_gpu_module(impl), case, 1, tinymoe.backend.cupy(), dtype, rtol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["numba_cuda", "cupy"])
+@pytest.mark.parametrize("case", GPU_CASES)
+def test_gpu_static_dispatch_matches_reference(impl, case):
+    check_against_reference(_gpu_module(impl), case, 1, tinymoe.backend.cupy(), np.float32, 1e-5, True)
 
 
 @pytest.mark.gpu

@@ -65,6 +65,23 @@ def synchronize(device: str = "cpu") -> None:
         cupy().cuda.Device().synchronize()
 
 
+# ---------------------------------------------------------------- CUDA graph capture
+# True while tinymoe/step/cuda_graph.py records a step: code that would read a device value
+# on the host (a range check, a count) skips it then; the step checked its inputs on the
+# host before copying them in.
+_capturing = False
+
+
+def is_capturing() -> bool:
+    """True while a CUDA graph of a training step is being captured."""
+    return _capturing
+
+
+def set_capturing(on: bool) -> None:
+    global _capturing
+    _capturing = bool(on)
+
+
 def module_for(device: str):
     """The array module that holds data on `device`."""
     return cupy() if check_device(device) == "cuda" else np
@@ -105,6 +122,8 @@ def manual_seed(seed: int) -> None:
     _cpu_rng = np.random.default_rng(_seed)
     _gpu_rng = None  # re-created lazily from (seed, epoch)
     _gpu_epoch = 0
+    global _device_random
+    _device_random = None
 
 
 def rng(device: str = "cpu"):
@@ -118,6 +137,56 @@ def rng(device: str = "cpu"):
     return _gpu_rng
 
 
+class DeviceRandom:
+    """The state of the GPU's counter-based draws (kernels/random, Philox4x32-10): a key from
+    the seed, the step number in device memory (so a captured step reads it there), and the
+    number of draws so far in this step (a host int: the same at every replay)."""
+
+    def __init__(self, seed: int):
+        k = np.random.SeedSequence([int(seed), 0x7068696C]).generate_state(2)      # "phil"
+        self.key = (int(k[0]), int(k[1]))
+        self.draw = 0
+        self._step = None                       # (1,) uint32 on the GPU, made on first use
+        self._start = 0                         # the step number until then
+
+    def counter(self):
+        """The device array holding the step number (made before a capture: CapturedStep)."""
+        if self._step is None:
+            self._step = cupy().full(1, self._start, dtype=np.uint32)
+        return self._step
+
+    def next_draw(self) -> int:
+        d, self.draw = self.draw, self.draw + 1
+        return d
+
+    def advance(self) -> None:
+        """A new step: draws restart at 0 under the next step number (one tiny kernel)."""
+        self.draw = 0
+        if self._step is None:
+            self._start += 1                    # no device array yet: count on the host
+        else:
+            self._step += 1
+
+    def state(self) -> dict:
+        return {"step": int(self._step[0]) if self._step is not None else self._start, "draw": self.draw}
+
+    def load(self, state: dict) -> None:
+        self.draw, self._start = int(state["draw"]), int(state["step"])
+        if self._step is not None:
+            self._step[...] = self._start
+
+
+_device_random = None
+
+
+def device_random() -> DeviceRandom:
+    """The GPU's counter-based generator state (seeded by manual_seed)."""
+    global _device_random
+    if _device_random is None:
+        _device_random = DeviceRandom(_seed)
+    return _device_random
+
+
 def get_rng_state() -> dict:
     """The generators' state as plain JSON-able data (for checkpoints).
 
@@ -126,7 +195,8 @@ def get_rng_state() -> dict:
     global _gpu_rng, _gpu_epoch
     _gpu_epoch += 1
     _gpu_rng = None
-    return {"seed": _seed, "gpu_epoch": _gpu_epoch, "bit_generator": _cpu_rng.bit_generator.state}
+    return {"seed": _seed, "gpu_epoch": _gpu_epoch, "bit_generator": _cpu_rng.bit_generator.state,
+            "philox": device_random().state()}
 
 
 def set_rng_state(state: dict) -> None:
@@ -135,6 +205,10 @@ def set_rng_state(state: dict) -> None:
     _gpu_epoch = int(state.get("gpu_epoch", 0))
     _gpu_rng = None
     _cpu_rng.bit_generator.state = state["bit_generator"]
+    global _device_random
+    _device_random = DeviceRandom(_seed)
+    if "philox" in state:
+        _device_random.load(state["philox"])
 
 
 def default_float_dtype():

@@ -92,6 +92,9 @@ def add_train_arguments(p):
                    help="tiny model, few steps (smoke test)")
     t.add_argument("--no-progress", action="store_true", default=False)
     t.add_argument("--dtype", choices=["float32", "float64"], help="default: the model's (float32)")
+    t.add_argument("--cuda-graph", choices=["auto", "on", "off"],
+                   help="replay the training step as one CUDA graph (auto: where the model allows; "
+                        "docs/cuda_graphs.md); default auto")
     e = p.add_argument_group("expert parallelism (start the ranks with the launcher or mpiexec)")
     e.add_argument("--expert-parallel", action="store_true", default=False,
                    help="train on every rank: experts sharded, the batch split between the ranks")
@@ -149,7 +152,7 @@ def run_generate(args):
     from .train import load_model
 
     for name, value, low in (("max-new-tokens", args.max_new_tokens, 0), ("temperature", args.temperature, 0),
-                             ("top-k", args.top_k, 1)):
+                             ("top-k", args.top_k, 1), ("seed", args.seed, 0)):
         if not value >= low:
             raise ValueError(f"--{name} must be >= {low}, got {value}")
     model = load_model(args.checkpoint)

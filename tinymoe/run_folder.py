@@ -36,6 +36,11 @@ def plan_run(folder: str, resume: bool, overwrite: bool) -> RunPlan:
     ckpt, log = os.path.join(folder, CHECKPOINT), os.path.join(folder, LOG)
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise ValueError(f"train: the run folder {folder} is a file; choose another --name or --out-dir")
+    parent = os.path.dirname(os.path.abspath(folder))
+    while not os.path.exists(parent):                           # the nearest existing folder above
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"train: --out-dir cannot hold {folder}: {parent} is a file, not a folder")
     if resume:
         if not os.path.exists(ckpt):
             hint = (f"; its previous checkpoint {prev_path(ckpt)} can be renamed to {CHECKPOINT}"

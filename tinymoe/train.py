@@ -173,7 +173,7 @@ def train(cfg: TrainConfig) -> dict:
                            "model": dataclasses.asdict(model.config)}, f, indent=1)
     if comm is not None:
         ep.setup(model, optimizer, comm)                # shard the experts, broadcast the rest
-    run_step = make_step(model, optimizer, grad_clip=cfg.grad_clip, comm=comm)
+    run_step = make_step(model, optimizer, grad_clip=cfg.grad_clip, comm=comm, cuda_graph=cfg.cuda_graph)
     if plan.resume_step is not None:
         run_step.load_state_dict(info["extra"].get("step_state", {}))
     if lead and run_step.reason:
@@ -211,8 +211,7 @@ def train(cfg: TrainConfig) -> dict:
                 x, y = sampler()                                          # (B, L): the global batch
                 if comm is not None:                                      # (B/W, L): this rank's rows
                     x, y = ep.local_rows(x, comm), ep.local_rows(y, comm)
-                x, y = backend.to_device(x, cfg.device), backend.to_device(y, cfg.device)
-                result = run_step(x, y)
+                result = run_step(x, y)                                   # host ids: the step copies them
                 scheduler.step()
                 step += 1
                 guard.record(step, result.finite)
@@ -228,12 +227,11 @@ def train(cfg: TrainConfig) -> dict:
                         val, val_step = evaluate(model, corpus.val, cfg, comm), step
                         record.update(val_loss=val, val_bpb=val / math.log(2))
                     log(record)
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", val=f"{val:.3f}" if val else "-",
+                                    tok_s=f"{tok_s:,.0f}")     # at log steps: read from the device then
                 if step % cfg.checkpoint_interval == 0:
                     save()
                 bar.update(1)
-                if cfg.progress and lead:                                 # reading last_ce waits for a GPU
-                    bar.set_postfix(loss=f"{model.last_ce:.3f}", val=f"{val:.3f}" if val else "-",
-                                    tok_s=f"{tok_s:,.0f}")
                 signum, over = _stop_now(cfg, signals.signum, time.time() - start, comm)
                 if signum:
                     signals.signum = signum                               # on every rank: the same exit
@@ -296,6 +294,7 @@ def _progress(cfg, initial, lead=True):
 
     class _Silent:
         def update(self, n): pass
+        def set_postfix(self, **values): pass
         def close(self): pass
     return _Silent()
 

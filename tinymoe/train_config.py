@@ -46,6 +46,7 @@ class TrainConfig:
     ep_size: int | None = None        # ranks per expert-parallel group (W = ep_size x dp_size); None: all
     backend: str | None = None        # toy | mpi | nccl; None: from the launcher (one process if none)
     dtype: str | None = None          # None: the model's own (float32); "float64" for exact checks
+    cuda_graph: str = "auto"          # auto | on | off: replay the step as a CUDA graph (tinymoe/step)
     max_corpus_bytes: int = 16_000_000
     progress: bool = True             # tqdm bar
     plots: bool = True
@@ -69,7 +70,7 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
     """Raise a ValueError naming the flag for the first option out of range."""
     at_least = {"steps": 1, "batch_size": 1, "block_size": 1, "eval_interval": 1, "eval_batches": 1,
                 "log_interval": 1, "checkpoint_interval": 1, "max_bad_steps": 1, "sample_tokens": 0,
-                "warmup_steps": 0, "max_corpus_bytes": 1}
+                "warmup_steps": 0, "max_corpus_bytes": 1, "seed": 0}
     for name, low in at_least.items():
         value = getattr(cfg, name)
         _need(isinstance(value, int) and value >= low, name, f"an integer >= {low}", value)
@@ -81,6 +82,10 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
     _need(cfg.threads is None or cfg.threads >= 1, "threads", ">= 1", cfg.threads)
     _need(cfg.time_limit is None or cfg.time_limit >= 0, "time_limit", ">= 0 seconds (or none)", cfg.time_limit)
     _need(cfg.sample_top_k is None or cfg.sample_top_k >= 1, "sample_top_k", ">= 1", cfg.sample_top_k)
+    _need(cfg.cuda_graph in ("auto", "on", "off"), "cuda_graph", "one of auto, on, off", cfg.cuda_graph)
+    if cfg.cuda_graph == "on" and (cfg.device != "cuda" or cfg.expert_parallel):
+        raise ValueError("train: --cuda-graph on records the step of one process on a GPU: it needs "
+                         "--device cuda and no --expert-parallel (auto captures where it can)")
     if cfg.resume and cfg.overwrite:
         raise ValueError("train: --resume continues the run, --overwrite deletes it: give one of them")
     if cfg.name is not None and (not cfg.name or cfg.name in (".", "..") or "/" in cfg.name):
@@ -120,10 +125,10 @@ def validate_model_config(model: str, options: dict, world_size: int = 1) -> Non
         _need(0 <= c["dropout"] < 1, "dropout", "in [0, 1)", c["dropout"])
     for name in ("capacity_factor", "eval_capacity_factor"):
         if c.get(name) is not None:
-            _need(c[name] > 0, name, "> 0 (or none: dropless)", c[name])
+            _need(math.isfinite(c[name]) and c[name] > 0, name, "a finite number > 0 (or none: dropless)", c[name])
     for name in ("aux_loss_weight", "z_loss_weight"):
         if name in c:
-            _need(c[name] >= 0, name, ">= 0", c[name])
+            _need(math.isfinite(c[name]) and c[name] >= 0, name, "a finite number >= 0", c[name])
     experts = c.get("num_experts", 0)
     if experts and "top_k" in c:
         _need(c["top_k"] <= experts, "top_k", f"<= --experts ({experts})", c["top_k"])

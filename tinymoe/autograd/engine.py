@@ -43,7 +43,12 @@ def _accumulate_leaf(leaf: Tensor, grad):
             f"backward: gradient of shape {grad.shape} for a tensor of shape {leaf.shape}"
         )
     if leaf.grad is None:
-        leaf.grad = grad.copy()  # own it: op backwards may hand out shared arrays
+        buffer = getattr(leaf, "grad_buffer", None)  # a fixed home (tinymoe/optim/flat.py)
+        if buffer is not None and buffer.dtype == grad.dtype:
+            buffer[...] = grad
+            leaf.grad = buffer
+        else:
+            leaf.grad = grad.copy()  # own it: op backwards may hand out shared arrays
     else:
         leaf.grad += grad
 

@@ -16,6 +16,7 @@ from functools import lru_cache
 from .. import backend
 from ..autograd.function import Function
 from ..autograd.ops import sum_to_shape
+from ..kernels.blas import matmul as _mm           # a @ b; cuBLAS directly while capturing
 from . import functional as F
 from .linear import Linear
 from .module import Module
@@ -56,7 +57,7 @@ class CausalAttention(Function):
         p = xp.exp(s, out=s)
         total = p.sum(axis=-1, keepdims=True)                                 # (B, Hkv, G, Lq, 1)
         p /= total                                                            # softmax
-        out = p @ v                                                           # (B, Hkv, G, Lq, d)
+        out = _mm(p, v)                                                           # (B, Hkv, G, Lq, d)
         ctx.keep_probs = keep_probs
         if keep_probs:
             ctx.save(q, k, v, p, out)
@@ -68,7 +69,7 @@ class CausalAttention(Function):
     def _scores(q, k, scale):
         """S = Q K^T * scale + M, M = -inf where a query would see the future: (..., Lq, Lk)."""
         xp = backend.array_module(q)
-        s = q @ xp.swapaxes(k, -1, -2)
+        s = _mm(q, xp.swapaxes(k, -1, -2))
         s *= scale
         s += causal_mask(q.shape[-2], k.shape[-2], s.dtype.str, backend.device_of(s))
         return s
@@ -81,14 +82,14 @@ class CausalAttention(Function):
             s = CausalAttention._scores(q, k, ctx.scale)                      # recompute P
             s -= p
             p = xp.exp(s, out=s)                                              # P = exp(S - lse)
-        dv = sum_to_shape(xp.swapaxes(p, -1, -2) @ grad, v.shape)
+        dv = sum_to_shape(_mm(xp.swapaxes(p, -1, -2), grad), v.shape)
         rowsum = (grad * out).sum(axis=-1, keepdims=True)                     # (B, Hkv, G, Lq, 1)
-        ds = grad @ xp.swapaxes(v, -1, -2)                                    # dP (B, Hkv, G, Lq, Lk)
+        ds = _mm(grad, xp.swapaxes(v, -1, -2))                                    # dP (B, Hkv, G, Lq, Lk)
         ds -= rowsum                                                          # softmax backward,
         ds *= p                                                               # in place
         ds *= ctx.scale
-        dq = ds @ k
-        dk = sum_to_shape(xp.swapaxes(ds, -1, -2) @ q, k.shape)
+        dq = _mm(ds, k)
+        dk = sum_to_shape(_mm(xp.swapaxes(ds, -1, -2), q), k.shape)
         return dq, dk, dv
 
 

@@ -11,6 +11,7 @@ roofline.png and modules.png to --out.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 
 
@@ -57,6 +58,9 @@ def run(args) -> int:
     for name, value in (("batch", args.batch), ("seq-len", args.seq_len), ("depth", args.depth)):
         if value < 1:
             raise ValueError(f"--{name} must be >= 1, got {value}")
+    for name, value in (("peak-flops", args.peak_flops), ("bandwidth", args.bandwidth)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"--{name} must be a finite number > 0, got {value}")
     config = dict(args.config)
     config.setdefault("block_size", args.seq_len)
     backend.manual_seed(0)
@@ -100,7 +104,7 @@ def run(args) -> int:
         print("estimate: " + ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in est.items())
               + f"  (estimate / measured = {est['total'] / peak:.3f})")
 
-    if args.peak_flops and args.bandwidth:
+    if args.peak_flops is not None and args.bandwidth is not None:
         roof = {"flop_per_s": args.peak_flops, "bytes_per_s": args.bandwidth}
     else:
         roof = measure_peaks(args.device)

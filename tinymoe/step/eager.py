@@ -41,6 +41,7 @@ class EagerStep:
 
     def __call__(self, x, y) -> StepResult:
         """One step on this rank's batch x, y (B, L) token ids (host or device arrays)."""
+        backend.device_random().advance()           # a new step for the GPU's random draws
         _, loss = self.model(x, y)
         self.model.zero_grad()
         loss.backward()

@@ -13,7 +13,8 @@ class Embedding(Function):
         if ids.dtype.kind not in "iu":
             raise op_error("embedding", f"ids must be integers, got {ids.dtype}", TypeError)
         V = weight.shape[0]
-        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= V):
+        # the range check reads ids on the host; a captured step checked its batch before
+        if ids.size and not backend.is_capturing() and (int(ids.min()) < 0 or int(ids.max()) >= V):
             raise op_error("embedding", f"ids must be in [0, {V}), got min {int(ids.min())} max {int(ids.max())}", IndexError)
         ctx.save(ids)
         ctx.shape = weight.shape
@@ -28,14 +29,18 @@ class Embedding(Function):
 
 
 class Dropout(Function):
-    """y = x * m / (1 - p),  m ~ Bernoulli(1 - p) drawn from tinymoe's seeded RNG;
+    """y = x * m / (1 - p),  m ~ Bernoulli(1 - p) drawn from tinymoe's seeded RNG (on a GPU
+    the counter-based one, tinymoe/kernels/random);
     dL/dx = dL/dy * m / (1 - p)"""
 
     @staticmethod
     def forward(ctx, x, p):
-        device = backend.device_of(x)
-        keep = backend.rng(device).random(x.shape, dtype=x.dtype) >= p
-        scale = keep * x.dtype.type(1 / (1 - p))
+        if backend.is_cupy_array(x):       # the counter-based generator: one launch, capturable
+            from ...kernels import random
+            scale = random.dropout_scale(x.shape, x.dtype, p)
+        else:
+            keep = backend.rng("cpu").random(x.shape, dtype=x.dtype) >= p
+            scale = keep * x.dtype.type(1 / (1 - p))
         ctx.save(scale)
         return x * scale
 

@@ -1,5 +1,6 @@
 """Matrix products: batched, broadcasting matmul and the fused linear layer."""
 from ... import backend
+from ...kernels.blas import matmul as _mm          # a @ b; cuBLAS directly while capturing
 from ..function import Function, op_error
 from ._util import sum_to_shape
 
@@ -17,15 +18,15 @@ class MatMul(Function):
                 f"({x.shape[-1]} != {y.shape[-2]})",
             )
         ctx.save(x, y)
-        return x @ y
+        return _mm(x, y)
 
     @staticmethod
     def backward(ctx, grad):
         x, y = ctx.saved
         gx, gy = ctx.needs_input_grad
         xp = backend.array_module(grad)
-        dx = sum_to_shape(grad @ xp.swapaxes(y, -1, -2), x.shape) if gx else None
-        dy = sum_to_shape(xp.swapaxes(x, -1, -2) @ grad, y.shape) if gy else None
+        dx = sum_to_shape(_mm(grad, xp.swapaxes(y, -1, -2)), x.shape) if gx else None
+        dy = sum_to_shape(_mm(xp.swapaxes(x, -1, -2), grad), y.shape) if gy else None
         return dx, dy
 
 
@@ -65,7 +66,7 @@ class LinearFunction(Function):
                 f"input has {x.shape[-1]} features but weight {tuple(weight.shape)} expects {weight.shape[1]}",
             )
         ctx.save(x, weight)
-        y = x @ weight.T
+        y = _mm(x, weight.T)
         if bias is not None:
             y += bias
         return y
@@ -74,8 +75,8 @@ class LinearFunction(Function):
     def backward(ctx, grad):
         x, weight = ctx.saved
         gx, gw, gb = ctx.needs_input_grad
-        dx = grad @ weight if gx else None
+        dx = _mm(grad, weight) if gx else None
         grad2d = grad.reshape(-1, grad.shape[-1])  # (M, out)
-        dw = grad2d.T @ x.reshape(-1, x.shape[-1]) if gw else None
+        dw = _mm(grad2d.T, x.reshape(-1, x.shape[-1])) if gw else None
         db = grad2d.sum(axis=0) if gb else None
         return dx, dw, db

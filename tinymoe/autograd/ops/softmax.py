@@ -63,15 +63,17 @@ class CrossEntropy(Function):
         t = targets.reshape(-1)  # (N,)
         valid = t != ignore_index
         t_safe = xp.where(valid, t, 0)
-        # the range check and the count in one device-to-host transfer (one sync on a GPU)
-        lo, hi, n_valid = (int(v) for v in xp.stack([t_safe.min(), t_safe.max(), valid.sum()])
-                           .tolist()) if t.size else (0, 0, 0)
-        if lo < 0 or hi >= C:
-            raise op_error("cross_entropy", f"targets must be in [0, {C}) or ignore_index, "
-                           f"got min {lo} max {hi}")
+        # The range check reads the targets on the host (a sync on a GPU): skipped while a
+        # CUDA graph is captured, whose step checked its batch on the host before copying it.
+        if t.size and not backend.is_capturing():
+            lo, hi = (int(v) for v in xp.stack([t_safe.min(), t_safe.max()]).tolist())
+            if lo < 0 or hi >= C:
+                raise op_error("cross_entropy", f"targets must be in [0, {C}) or ignore_index, "
+                               f"got min {lo} max {hi}")
         logp = _log_softmax(xp, z, -1)  # (N, C)
         losses = -xp.take_along_axis(logp, t_safe[:, None], axis=1)[:, 0] * valid
-        count = max(n_valid, 1) if reduction == "mean" else 1
+        # the number of counted rows stays an array: no host read
+        count = xp.maximum(valid.sum(), 1).astype(logits.dtype) if reduction == "mean" else 1
         ctx.save(logp, t_safe, valid)
         ctx.shape, ctx.reduction, ctx.count = logits.shape, reduction, count
         if reduction == "none":

@@ -1,6 +1,7 @@
 """Expert dispatch / combine: plain array functions behind one `impl=` choice.
 
     plan = make_dispatch_plan(expert_index, num_experts, capacity=None, impl=None)
+    plan = make_static_plan(expert_index, num_experts, capacity, impl=None)   C rows per expert
     xs   = permute(x, plan)                     (T, d) -> (R, d)
     dx   = permute_backward(dxs, plan, T)       (R, d) -> (T, d)
     out  = combine(ys, weights, plan)           (R, d), (T, k) -> (T, d)
@@ -36,6 +37,11 @@ def make_dispatch_plan(expert_index, num_experts, capacity=None, impl=None) -> D
     return _impl(impl, expert_index).make_dispatch_plan(expert_index, num_experts, capacity)
 
 
+def make_static_plan(expert_index, num_experts, capacity, impl=None) -> DispatchPlan:
+    """Every expert owns `capacity` rows (padding marked -1): static shapes, no host read."""
+    return _impl(impl, expert_index).make_static_plan(expert_index, num_experts, capacity)
+
+
 def permute(x, plan, impl=None):
     return _impl(impl, x).permute(x, plan)
 
@@ -52,5 +58,5 @@ def combine_backward(dout, ys, weights, plan, impl=None):
     return _impl(impl, dout).combine_backward(dout, ys, weights, plan)
 
 
-__all__ = ["DispatchPlan", "IMPLS", "DEFAULT_IMPL", "make_dispatch_plan", "permute",
+__all__ = ["DispatchPlan", "IMPLS", "DEFAULT_IMPL", "make_dispatch_plan", "make_static_plan", "permute",
            "permute_backward", "combine", "combine_backward"]

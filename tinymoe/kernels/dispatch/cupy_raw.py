@@ -12,7 +12,7 @@ import numpy as np
 
 from ...backend import cupy
 from .numba_cuda import CHUNK, SLOT_WARPS, THREADS, WARP, _rows2d
-from .reference import DispatchPlan, check_expert_index, check_max_expert
+from .reference import DispatchPlan, check_expert_index, check_max_expert, check_static
 
 SOURCE = Path(__file__).with_name("dispatch.cu")
 
@@ -66,6 +66,33 @@ def make_dispatch_plan(expert_index, num_experts: int, capacity=None) -> Dispatc
     return DispatchPlan(counts=counts.astype(cp.int64), offsets=offsets, slot_row=slot_row,
                         row_token=row_slot // k, row_slot=row_slot,
                         num_experts=num_experts, capacity=capacity, bounds=bounds)
+
+
+def make_static_plan(expert_index, num_experts: int, capacity: int) -> DispatchPlan:
+    """C = capacity rows per expert (reference.py :: make_static_plan), from the same two
+    kernels with offsets e*C: nothing is read on the host, so a CUDA graph can hold it."""
+    cp = cupy()
+    check_static(expert_index, num_experts, capacity)
+    T, k = expert_index.shape
+    E, C = num_experts, capacity
+    ei = cp.ascontiguousarray(expert_index, dtype=cp.int64)
+    chunks = max(1, -(-T * k // CHUNK))
+    blocks = -(-chunks // THREADS)
+    dims = (np.int32(T), np.int32(k), np.int32(E), np.int32(chunks))
+    hist = cp.zeros((chunks, E), cp.int64)                                  # (chunks, E)
+    if T * k:
+        _kernel("count_chunks")((blocks,), (THREADS,), (ei, *dims, hist))
+    counts = cp.minimum(hist.sum(axis=0), C)                                # (E,) kept
+    offsets = cp.arange(E + 1, dtype=cp.int64) * C                          # (E+1,) static
+    start = cp.cumsum(hist, axis=0) - hist
+    slot_row = cp.empty((T, k), cp.int64)
+    row_slot = cp.full(E * C, -1, cp.int64)
+    if T * k:
+        _kernel("assign_rows")((blocks,), (THREADS,),
+                               (ei, *dims, start, counts, offsets, slot_row, row_slot))
+    return DispatchPlan(counts=counts, offsets=offsets, slot_row=slot_row,
+                        row_token=cp.where(row_slot >= 0, row_slot // k, -1), row_slot=row_slot,
+                        num_experts=E, capacity=C, bounds=tuple(range(0, E * C + 1, C)), static=True)
 
 
 def _permute(x, plan, scale=None):

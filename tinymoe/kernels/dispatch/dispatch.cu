@@ -40,7 +40,7 @@ extern "C" __global__ void assign_rows(const i64* __restrict__ expert_index, int
     for (i64 s = (i64)c * CHUNK; s < end; ++s) {
         const i64 t = s % T, j = s / T, e = expert_index[t * k + j];
         slot_row[t * k + j] = -1;
-        if (e < 0) continue;
+        if (e < 0 || e >= E) continue;  // empty slot (or an index a static plan did not check)
         const i64 rank = start[(i64)c * E + e]++;
         if (rank < counts[e]) {
             const i64 row = offsets[e] + rank;
@@ -51,13 +51,19 @@ extern "C" __global__ void assign_rows(const i64* __restrict__ expert_index, int
 }
 
 // out[r] = x[row_token[r]] (* scale[row_slot[r]]): one block per row r, coalesced.
+// A padding row of a static plan (row_token -1) is zeros.
 extern "C" __global__ void permute_rows(const scalar_t* __restrict__ x,
                                         const i64* __restrict__ row_token,
                                         const scalar_t* __restrict__ scale,
                                         const i64* __restrict__ row_slot, bool has_scale,
                                         int d, scalar_t* __restrict__ out) {
     const i64 r = blockIdx.x;
-    const scalar_t* src = x + row_token[r] * d;
+    const i64 token = row_token[r];
+    if (token < 0) {
+        for (int i = threadIdx.x; i < d; i += blockDim.x) out[r * d + i] = scalar_t(0);
+        return;
+    }
+    const scalar_t* src = x + token * d;
     const scalar_t w = has_scale ? scale[row_slot[r]] : scalar_t(1);
     for (int i = threadIdx.x; i < d; i += blockDim.x) out[r * d + i] = src[i] * w;
 }

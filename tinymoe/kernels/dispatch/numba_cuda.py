@@ -23,7 +23,7 @@ from numba import cuda
 
 from ...backend import array_module, to_numpy
 from ..cuda_utils import WARP, at, shfl_down
-from .reference import DispatchPlan, check_expert_index
+from .reference import DispatchPlan, check_expert_index, check_static
 
 CHUNK = 64  # slots per thread in the plan kernels
 THREADS = 128  # threads per block of the row kernels
@@ -55,7 +55,7 @@ def assign_rows(expert_index, start, counts, offsets, slot_row, row_slot):
         j = s // T
         e = expert_index[t, j]
         slot_row[t, j] = -1
-        if e >= 0:
+        if 0 <= e < counts.shape[0]:  # not empty (nor an index a static plan did not check)
             rank = start[c, e]
             start[c, e] = rank + 1
             if rank < counts[e]:
@@ -66,9 +66,14 @@ def assign_rows(expert_index, start, counts, offsets, slot_row, row_slot):
 
 @cuda.jit
 def permute_rows(x, row_token, scale, row_slot, has_scale, out):
-    """out[r] = x[row_token[r]] (* scale[row_slot[r]]): one block per row r."""
+    """out[r] = x[row_token[r]] (* scale[row_slot[r]]): one block per row r; a padding row
+    of a static plan (row_token -1) is zeros."""
     r = cuda.blockIdx.x
     src = row_token[r]
+    if src < 0:
+        for i in range(cuda.threadIdx.x, x.shape[1], cuda.blockDim.x):
+            out[at(r), at(i)] = 0
+        return
     w = scale[row_slot[r]] if has_scale else scale[0]  # scale is [1] when absent
     for i in range(cuda.threadIdx.x, x.shape[1], cuda.blockDim.x):
         out[at(r), at(i)] = x[at(src), at(i)] * w
@@ -131,6 +136,31 @@ def make_dispatch_plan(expert_index, num_experts: int, capacity=None) -> Dispatc
     return DispatchPlan(counts=counts.astype(xp.int64), offsets=offsets, slot_row=slot_row,
                         row_token=row_slot // k, row_slot=row_slot,
                         num_experts=num_experts, capacity=capacity, bounds=bounds)
+
+
+def make_static_plan(expert_index, num_experts: int, capacity: int) -> DispatchPlan:
+    """C = capacity rows per expert (reference.py :: make_static_plan), from the same two
+    kernels with offsets e*C: nothing is read on the host."""
+    xp = array_module(expert_index)
+    check_static(expert_index, num_experts, capacity)
+    T, k = expert_index.shape
+    E, C = num_experts, capacity
+    ei = xp.ascontiguousarray(expert_index, dtype=xp.int64)
+    chunks = max(1, -(-T * k // CHUNK))
+    blocks = -(-chunks // THREADS)
+    hist = xp.zeros((chunks, E), xp.int64)
+    if T * k:
+        count_chunks[blocks, THREADS](ei, hist)
+    counts = xp.minimum(hist.sum(axis=0), C)                                   # (E,)
+    offsets = xp.arange(E + 1, dtype=xp.int64) * C                             # (E+1,) static
+    start = xp.cumsum(hist, axis=0) - hist
+    slot_row = xp.empty((T, k), xp.int64)
+    row_slot = xp.full(E * C, -1, xp.int64)
+    if T * k:
+        assign_rows[blocks, THREADS](ei, start, counts, offsets, slot_row, row_slot)
+    return DispatchPlan(counts=counts, offsets=offsets, slot_row=slot_row,
+                        row_token=xp.where(row_slot >= 0, row_slot // k, -1), row_slot=row_slot,
+                        num_experts=E, capacity=C, bounds=tuple(range(0, E * C + 1, C)), static=True)
 
 
 def _rows2d(x, op):

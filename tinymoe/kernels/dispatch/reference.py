@@ -14,6 +14,13 @@ nothing to combine: the token passes through the residual connection only.
 
 A negative expert index marks an empty slot (e.g. a GShard second choice not kept, or
 a token no expert chose under expert-choice routing): it is never dispatched.
+
+Static plans (`make_static_plan`, for a captured CUDA graph): every expert owns exactly C =
+capacity rows, rows e*C : (e+1)*C, so R = E*C and the row bounds are known on the host
+without reading the data. Expert e's kept slots fill its first counts[e] rows in the same
+priority order; the rest are padding rows (row_token = row_slot = -1), which permute fills
+with zeros, the experts map to zeros (no biases; act(0) = 0), and combine never reads. The
+same slots are kept and dropped as in the dynamic plan with that capacity.
 """
 from __future__ import annotations
 
@@ -33,6 +40,12 @@ class DispatchPlan:
     capacity: int | None
     bounds: tuple       # (E+1,) offsets as Python ints, fetched once with the plan, so that
                         # the expert matmuls read row ranges without a device sync
+    static: bool = False    # rows e*C : (e+1)*C per expert, padding rows marked -1
+
+    @property
+    def padding_rows(self):
+        """Rows that carry no slot (0-d array; 0 for a dynamic plan)."""
+        return self.num_rows - self.counts.sum()
 
     @property
     def num_rows(self) -> int:
@@ -53,6 +66,14 @@ def check_expert_index(expert_index, num_experts, capacity, op="make_dispatch_pl
         check_max_expert(int(expert_index.max()), num_experts, op)
     if capacity is not None and capacity < 0:
         raise ValueError(f"{op}: capacity must be >= 0 or None, got {capacity}")
+
+
+def check_static(expert_index, num_experts, capacity, op="make_static_plan"):
+    """The checks of a static plan: none reads the data (an index >= num_experts is dropped
+    by the kernels instead of raising)."""
+    check_expert_index(expert_index, num_experts, None, op, check_range=False)
+    if capacity is None or int(capacity) != capacity or capacity < 1:
+        raise ValueError(f"{op}: capacity must be an int >= 1, got {capacity!r}")
 
 
 def check_max_expert(max_index, num_experts, op="make_dispatch_plan"):
@@ -95,9 +116,35 @@ def make_dispatch_plan(expert_index, num_experts: int, capacity: int | None = No
                         bounds=bounds)
 
 
+def make_static_plan(expert_index, num_experts: int, capacity: int) -> DispatchPlan:
+    """The plan with capacity C = `capacity` rows per expert (see the module docstring)."""
+    xp = array_module(expert_index)
+    check_static(expert_index, num_experts, capacity)
+    plan = make_dispatch_plan(expert_index, num_experts, capacity)
+    T, k = expert_index.shape
+    E, C = num_experts, capacity
+    rows = xp.arange(plan.num_rows)                                            # dynamic rows
+    expert_of_row = xp.searchsorted(plan.offsets, rows, side="right") - 1      # (R,)
+    static_row = expert_of_row * C + (rows - plan.offsets[expert_of_row])      # e*C + rank
+    row_slot = xp.full(E * C, -1, dtype=xp.int64)
+    row_slot[static_row] = plan.row_slot
+    kept = plan.slot_row >= 0
+    slot_row = xp.full((T, k), -1, dtype=xp.int64)
+    slot_row[kept] = static_row[plan.slot_row[kept]]
+    return DispatchPlan(counts=plan.counts, offsets=xp.arange(E + 1, dtype=xp.int64) * C,
+                        slot_row=slot_row, row_token=xp.where(row_slot >= 0, row_slot // k, -1),
+                        row_slot=row_slot, num_experts=E, capacity=C,
+                        bounds=tuple(range(0, E * C + 1, C)), static=True)
+
+
 def permute(x, plan: DispatchPlan):
-    """x (T, d) -> xs (R, d): xs[r] = x[row_token[r]]  (gather into expert-contiguous order)."""
-    return x[plan.row_token]
+    """x (T, d) -> xs (R, d): xs[r] = x[row_token[r]]  (gather into expert-contiguous order);
+    padding rows (row_token -1) are zeros."""
+    if not plan.static:
+        return x[plan.row_token]
+    xp = array_module(x)
+    real = plan.row_token >= 0
+    return x[xp.where(real, plan.row_token, 0)] * real[:, None].astype(x.dtype)
 
 
 def _gather_slots(ys, plan: DispatchPlan):
@@ -139,7 +186,8 @@ def combine_backward(dout, ys, weights, plan: DispatchPlan):
     dweights[t,j] = dout[t] . ys[slot_row[t, j]]    (0 for a dropped slot)
     """
     xp = array_module(dout)
-    w_row = weights.reshape(-1)[plan.row_slot]                                # (R,)
-    dys = dout[plan.row_token] * w_row[:, None]
+    real = plan.row_slot >= 0                                                 # (R,) not padding
+    w_row = weights.reshape(-1)[xp.where(real, plan.row_slot, 0)] * real      # (R,) 0 on padding
+    dys = dout[xp.where(real, plan.row_token, 0)] * w_row[:, None]
     dweights = xp.einsum("td,tkd->tk", dout, _gather_slots(ys, plan).astype(dout.dtype))
     return dys.astype(ys.dtype), dweights.astype(weights.dtype)

@@ -69,6 +69,23 @@ class Router(Module):
         return f"num_experts={self.num_experts}, top_k={self.top_k}"
 
 
+def _standard_normal(like):
+    """N(0, 1) noise shaped like `like`: the GPU's counter-based generator on a CuPy array
+    (capturable), the seeded NumPy generator otherwise."""
+    if backend.is_cupy_array(like):
+        from ...kernels import random
+        return random.normal(like.shape, like.dtype)
+    return backend.rng("cpu").standard_normal(like.shape).astype(like.dtype)
+
+
+def _uniform(n, like):
+    """n uniform numbers in [0, 1) on like's device (float64 on the CPU, as before)."""
+    if backend.is_cupy_array(like):
+        from ...kernels import random
+        return random.uniform((n,), like.dtype)
+    return backend.rng("cpu").random(n)
+
+
 def _gather(probs, expert_index):
     """probs[t, expert_index[t, j]] as a (T, k) Tensor; empty slots read expert 0 (unused)."""
     xp = backend.array_module(expert_index)
@@ -144,8 +161,8 @@ class GShardRouter(Router):
         expert_index = index.data.copy()
         if self.training:
             xp = backend.array_module(expert_index)
-            u = backend.rng(backend.device_of(expert_index)).random(expert_index.shape[0])
-            drop = xp.asarray(u) >= 2 * weights.data[:, 1]                   # keep w.p. 2 g2
+            u = _uniform(expert_index.shape[0], weights.data)                # (T,)
+            drop = u >= 2 * weights.data[:, 1]                               # keep w.p. 2 g2
             expert_index[:, 1] = xp.where(drop, -1, expert_index[:, 1])
         # f_i counts first choices only (GShard's c_e / S).
         losses = {"load_balance": load_balancing_loss(probs, expert_index[:, :1], self.num_experts)}
@@ -172,9 +189,7 @@ class NoisyTopKRouter(Router):
         noisy = self.training and k < E
         if noisy:
             std = F.softplus(self.noise(x))                                  # (T, E)
-            device = backend.device_of(clean.data)
-            eps = backend.rng(device).standard_normal(clean.shape).astype(clean.dtype)
-            H = clean + backend.to_device(eps, device) * std                 # eq. 4
+            H = clean + _standard_normal(clean.data) * std                   # eq. 4
         else:
             H = clean
         top = F.topk(H, min(k + 1, E), axis=-1)                              # values (T, k[+1]), sorted

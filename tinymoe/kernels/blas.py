@@ -1,0 +1,176 @@
+"""Matrix products that a CUDA graph can record: cuBLAS called directly (ctypes).
+
+    c = matmul(a, b)       a (..., M, K) @ b (..., K, N) -> (..., M, N), batch axes broadcast
+
+CuPy refuses any cuBLAS call while a stream is being captured (its wrappers raise
+"calling cuBLAS API during stream capture is currently unsupported" before calling the
+library), although cuBLAS itself supports capture when its workspace is fixed (cuBLAS
+documentation, "CUDA Graphs Support"). So while tinymoe captures a step
+(backend.is_capturing()), every product of the autograd ops goes through this module: one
+cuBLAS handle of its own, bound to the capturing stream and to a workspace this module owns,
+and one strided-batched GEMM per product. Otherwise `matmul` is CuPy's (or NumPy's) own.
+
+cuBLAS is column-major; a row-major C = A B is computed as C^T = B^T A^T, where a row-major
+array read column-major *is* its transpose. `gemm_plan` works out, from shapes and strides
+alone, each operand's op (N or T), leading dimension and batch stride (the CPU tests check
+it by replaying the plan on NumPy memory); an operand whose layout does not fit (a non-unit
+inner stride, batch axes that do not collapse to one stride) is copied contiguous first.
+"""
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import backend
+
+WORKSPACE_BYTES = 32 * 2**20       # cuBLAS's recommendation for Hopper
+OP_N, OP_T = 0, 1
+
+
+@dataclass
+class Operand:
+    op: int           # OP_N: the column-major view of the memory is used as is; OP_T: transposed
+    ld: int           # leading dimension (elements)
+    stride: int       # batch stride (elements; 0: one matrix for every batch)
+
+
+def _matrix_layout(shape, strides, itemsize):
+    """(op, ld) of a row-major-product operand (rows, cols), or None when it must be copied.
+    Row-major (unit column stride): its column-major view is its transpose -> OP_N."""
+    rows, cols = shape
+    s_row, s_col = strides[0] // itemsize, strides[1] // itemsize
+    if cols == 1 and rows == 1:
+        return OP_N, 1
+    if (s_col == 1 or cols == 1) and (rows == 1 or s_row >= cols):
+        return OP_N, s_row if rows > 1 else cols
+    if (s_row == 1 or rows == 1) and (cols == 1 or s_col >= rows):
+        return OP_T, s_col if cols > 1 else rows
+    return None                      # overlapping rows (a broadcast) or no unit stride: copy
+
+
+def _batch_stride(shape, strides, itemsize):
+    """One stride (elements) that walks every batch index in order, or None."""
+    dims = [(n, s // itemsize) for n, s in zip(shape, strides) if n != 1]
+    if not dims:
+        return 0
+    if all(s == 0 for _, s in dims):
+        return 0
+    for (n0, s0), (n1, s1) in zip(dims, dims[1:]):
+        if s0 != s1 * n1:
+            return None
+    return dims[-1][1]
+
+
+def gemm_plan(a_shape, a_strides, b_shape, b_strides, itemsize):
+    """The cuBLAS arguments of C = A @ B for (broadcast) operands of these shapes and strides
+    (bytes): (batch shape, M, N, K, plan of A, plan of B); a plan is None where that operand
+    must be copied contiguous (then its plan is the contiguous array's)."""
+    batch = np.broadcast_shapes(tuple(a_shape[:-2]), tuple(b_shape[:-2]))
+    M, K = a_shape[-2:]
+    N = b_shape[-1]
+
+    def plan(shape, strides):
+        nb = len(shape) - 2
+        full = (0,) * (len(batch) - nb) + tuple(
+            0 if n == 1 and m != 1 else s for n, m, s in zip(shape[:-2], batch[len(batch) - nb:], strides[:-2]))
+        layout = _matrix_layout(shape[-2:], strides[-2:], itemsize)
+        stride = _batch_stride(batch, full, itemsize)
+        if layout is None or stride is None:
+            return None
+        return Operand(layout[0], layout[1], stride)
+
+    return batch, M, N, K, plan(a_shape, a_strides), plan(b_shape, b_strides)
+
+
+# ----------------------------------------------------------------------------- cuBLAS
+class _Cublas:
+    """This module's cuBLAS handle and workspace (made outside any capture, then reused)."""
+
+    def __init__(self):
+        cp = backend.cupy()
+        cp.cuda.device.get_cublas_handle()                   # makes CuPy load libcublas
+        path = next(line.split()[-1] for line in open("/proc/self/maps")
+                    if "libcublas.so" in line and "libcublasLt" not in line)
+        self.lib = ctypes.CDLL(path)
+        self.handle = ctypes.c_void_p()
+        self._check(self.lib.cublasCreate_v2(ctypes.byref(self.handle)), "cublasCreate")
+        self.workspace = cp.empty(WORKSPACE_BYTES, cp.uint8)  # kept: the graph records its address
+        self.stream = None
+        c_ll, c_int, c_void = ctypes.c_longlong, ctypes.c_int, ctypes.c_void_p
+        for name, real in (("cublasSgemmStridedBatched", ctypes.c_float),
+                           ("cublasDgemmStridedBatched", ctypes.c_double)):
+            fn = getattr(self.lib, name)
+            fn.argtypes = [c_void, c_int, c_int, c_int, c_int, c_int, ctypes.POINTER(real),
+                           c_void, c_int, c_ll, c_void, c_int, c_ll, ctypes.POINTER(real),
+                           c_void, c_int, c_ll, c_int]
+        self.gemm = {np.dtype(np.float32): (self.lib.cublasSgemmStridedBatched, ctypes.c_float),
+                     np.dtype(np.float64): (self.lib.cublasDgemmStridedBatched, ctypes.c_double)}
+
+    @staticmethod
+    def _check(status, what):
+        if status != 0:
+            raise RuntimeError(f"blas: {what} failed with cuBLAS status {status}")
+
+    def bind(self, stream_ptr: int):
+        """Use `stream_ptr`; setting a stream resets cuBLAS's workspace, so set ours again."""
+        if self.stream != stream_ptr:
+            self._check(self.lib.cublasSetStream_v2(self.handle, ctypes.c_void_p(stream_ptr)),
+                        "cublasSetStream")
+            self._check(self.lib.cublasSetWorkspace_v2(self.handle, ctypes.c_void_p(self.workspace.data.ptr),
+                                                       ctypes.c_size_t(WORKSPACE_BYTES)),
+                        "cublasSetWorkspace")
+            self.stream = stream_ptr
+
+
+_cublas = None
+
+
+def prepare():
+    """Create the handle and workspace now (before a capture: creating them allocates)."""
+    global _cublas
+    if _cublas is None:
+        _cublas = _Cublas()
+    return _cublas
+
+
+def matmul(a, b):
+    """a @ b. While a CUDA graph is captured, on CuPy float32/float64 arrays: cuBLAS directly."""
+    if not (backend.is_cupy_array(a) and backend.is_capturing()):
+        return a @ b
+    return cublas_matmul(a, b)
+
+
+def cublas_matmul(a, b):
+    """a (..., M, K) @ b (..., K, N) with this module's cuBLAS handle (any stream state)."""
+    cp = backend.cupy()
+    if a.ndim < 2 or b.ndim < 2 or a.shape[-1] != b.shape[-2] or a.dtype != b.dtype:
+        return a @ b                                         # vectors, mixed dtypes: CuPy's rules
+    blas = prepare()
+    if a.dtype not in blas.gemm:
+        raise TypeError(f"blas.matmul: no cuBLAS GEMM for {a.dtype} during capture")
+    batch, M, N, K, pa, pb = gemm_plan(a.shape, a.strides, b.shape, b.strides, a.itemsize)
+    if pa is None:
+        a = cp.ascontiguousarray(cp.broadcast_to(a, batch + a.shape[-2:]))
+    if pb is None:
+        b = cp.ascontiguousarray(cp.broadcast_to(b, batch + b.shape[-2:]))
+    if pa is None or pb is None:
+        batch, M, N, K, pa, pb = gemm_plan(a.shape, a.strides, b.shape, b.strides, a.itemsize)
+    c = cp.empty(batch + (M, N), a.dtype)
+    count = int(np.prod(batch)) if batch else 1
+    if c.size == 0:
+        return c
+    if K == 0:
+        c[...] = 0
+        return c
+    blas.bind(cp.cuda.get_current_stream().ptr)
+    fn, real = blas.gemm[a.dtype]
+    one, zero = real(1.0), real(0.0)
+    # C^T (N x M, column-major, ldc = N) = B^T (N x K) A^T (K x M)
+    status = fn(blas.handle, pb.op, pa.op, N, M, K, ctypes.byref(one),
+                ctypes.c_void_p(b.data.ptr), pb.ld, pb.stride,
+                ctypes.c_void_p(a.data.ptr), pa.ld, pa.stride, ctypes.byref(zero),
+                ctypes.c_void_p(c.data.ptr), N, M * N, count)
+    blas._check(status, "gemm")
+    return c
