@@ -102,7 +102,7 @@ def test_local_rank_from_any_launcher(monkeypatch):
 
 
 def test_ep_size_needs_expert_parallel(tmp_path):
-    with pytest.raises(ValueError, match=r"train: ep_size=2 needs expert_parallel=True \(--expert-parallel\)"):
+    with pytest.raises(ValueError, match=r"train: --ep-size 2 needs --expert-parallel"):
         train(TrainConfig(**RUN, ep_size=2, out_dir=str(tmp_path)))
 
 

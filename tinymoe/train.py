@@ -43,7 +43,7 @@ from .run_folder import plan_run, start_run
 from .run_log import append_record, plot_run, read_log
 from .signals import StopSignals
 from .step import DivergenceGuard, make_step
-from .train_config import TrainConfig, validate_config
+from .train_config import TrainConfig, flag, validate_config
 
 __all__ = ["TrainConfig", "train", "load_model", "read_log", "plot_run", "evaluate", "make_optimizer"]
 
@@ -112,7 +112,8 @@ def _world(cfg: TrainConfig):
     if not cfg.expert_parallel:
         for name in ("backend", "ep_size"):
             if getattr(cfg, name) is not None:
-                raise ValueError(f"train: {name}={getattr(cfg, name)!r} needs expert_parallel=True (--expert-parallel)")
+                raise ValueError(f"train: {flag(name)} {getattr(cfg, name)} needs --expert-parallel "
+                                 f"(expert_parallel=True)")
         launched = max(int(os.environ.get(v, 1)) for v in ("TINYMOE_WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"))
         if launched > 1:
             raise RuntimeError(f"train: this process is one of {launched} started by a launcher, but "

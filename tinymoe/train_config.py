@@ -82,6 +82,8 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
     _need(cfg.threads is None or cfg.threads >= 1, "threads", ">= 1", cfg.threads)
     _need(cfg.time_limit is None or cfg.time_limit >= 0, "time_limit", ">= 0 seconds (or none)", cfg.time_limit)
     _need(cfg.sample_top_k is None or cfg.sample_top_k >= 1, "sample_top_k", ">= 1", cfg.sample_top_k)
+    _need(cfg.ep_size is None or (isinstance(cfg.ep_size, int) and cfg.ep_size >= 1), "ep_size",
+          "an integer >= 1 (or none: every rank)", cfg.ep_size)
     _need(cfg.cuda_graph in ("auto", "on", "off"), "cuda_graph", "one of auto, on, off", cfg.cuda_graph)
     if cfg.cuda_graph == "on" and (cfg.device != "cuda" or cfg.expert_parallel):
         raise ValueError("train: --cuda-graph on records the step of one process on a GPU: it needs "
