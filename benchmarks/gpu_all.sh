@@ -35,6 +35,7 @@ if [[ $WHAT == bench || $WHAT == all ]]; then
   step scan 120 python3 benchmarks/bench_scan.py --out "$OUT"
   step moe 90 python3 benchmarks/bench_moe.py
   step train 120 python3 benchmarks/bench_train.py
+  step decode 180 python3 benchmarks/bench_decode.py
 fi
 echo "== done in ${SECONDS} s, ${FAILED} failed"
 exit $FAILED
