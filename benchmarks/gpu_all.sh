@@ -36,6 +36,7 @@ if [[ $WHAT == bench || $WHAT == all ]]; then
   step scan 120 python3 benchmarks/bench_scan.py --out "$OUT"
   step moe 90 python3 benchmarks/bench_moe.py
   step train 120 python3 benchmarks/bench_train.py
+  step decode 180 python3 benchmarks/bench_decode.py
   step train_precisions 120 python3 benchmarks/bench_train.py --precisions --steps 3
 fi
 if [[ $WHAT == precision ]]; then   # mixed precision alone (docs/precision.md): under 5 minutes

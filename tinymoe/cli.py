@@ -5,12 +5,14 @@
     python -m tinymoe train --router switch --experts 16 --top-k 1 --capacity-factor 1.0
     python -m tinymoe train --resume               # continue runs/moe-gpt (--overwrite: start over)
     python -m tinymoe generate --checkpoint runs/moe-gpt --prompt "def "
+    python -m tinymoe generate --pretrained state-spaces/mamba-130m-hf --prompt "The"
 
 Exit codes: 0 done; 2 a bad option or input (one line on stderr names it); 3 the run
 diverged (its last good checkpoint kept); 130 / 143 stopped by SIGINT / SIGTERM after
 saving a checkpoint (continue with --resume).
     python -m tinymoe.distributed.launch --nproc 2 -m tinymoe train --expert-parallel
     mpiexec -n 2 python -m tinymoe train --expert-parallel --backend mpi
+    python -m tinymoe.distributed.launch --nproc 8 -m tinymoe train --expert-parallel --ep-size 4
 
 Commands live in COMMANDS: name -> (help, add_arguments(parser), run(args)). To add one,
 write those two functions and add a line (or call `register`).
@@ -102,6 +104,9 @@ def add_train_arguments(p):
                    help="train on every rank: experts sharded, the batch split between the ranks")
     e.add_argument("--backend", choices=["toy", "mpi", "nccl"], default=argparse.SUPPRESS,
                    help="default: from the launcher (toy) or mpiexec (mpi); nccl needs --device cuda")
+    e.add_argument("--ep-size", type=int, default=argparse.SUPPRESS,
+                   help="ranks per expert-parallel group (the world = ep-size x data-parallel replicas; "
+                        "default: all ranks)")
 
 
 def model_config_for(model: str, options: dict, quick: bool) -> dict:
@@ -135,7 +140,10 @@ def run_train(args):
 
 
 def add_generate_arguments(p):
-    p.add_argument("--checkpoint", required=True, help="a checkpoint file, or the run folder holding it")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a checkpoint file, or the run folder holding it")
+    source.add_argument("--pretrained", metavar="PATH_OR_ID",
+                        help="a Hugging Face model folder or Hub repo id (docs/pretrained.md)")
     p.add_argument("--prompt", default="class ",
                    help="text to continue; empty: start from a newline (tinymoe.data.START_BYTE)")
     p.add_argument("--max-new-tokens", type=int, default=300)
@@ -154,9 +162,35 @@ def run_generate(args):
                              ("top-k", args.top_k, 1), ("seed", args.seed, 0)):
         if not value >= low:
             raise ValueError(f"--{name} must be >= {low}, got {value}")
+    if args.pretrained:
+        return run_generate_pretrained(args)
     model = load_model(args.checkpoint)
     manual_seed(args.seed)
     ids = model.generate(prompt_ids(args.prompt)[None], args.max_new_tokens, args.temperature,
+                         args.top_k, use_cache=not args.no_cache)
+    print(decode(ids[0]))
+    return 0
+
+
+def run_generate_pretrained(args):
+    """generate --pretrained: the model and, where the folder has one, its own tokenizer."""
+    from . import data
+    from .backend import manual_seed
+    from .models.pretrained import from_pretrained, load_tokenizer
+
+    model = from_pretrained(args.pretrained)
+    tokenizer = load_tokenizer(args.pretrained)
+    if tokenizer is None:
+        if model.config.vocab_size != data.VOCAB_SIZE:
+            raise ValueError(f"{args.pretrained} has no tokenizer.json, and its vocabulary of "
+                             f"{model.config.vocab_size} is not bytes: add the model's tokenizer.json")
+        print(f"tinymoe generate: {args.pretrained} has no tokenizer.json; using the byte tokenizer",
+              file=sys.stderr)
+        encode, decode = data.prompt_ids, data.decode
+    else:
+        encode, decode = tokenizer.encode, tokenizer.decode
+    manual_seed(args.seed)
+    ids = model.generate(encode(args.prompt)[None], args.max_new_tokens, args.temperature,
                          args.top_k, use_cache=not args.no_cache)
     print(decode(ids[0]))
     return 0

@@ -34,6 +34,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .data import BatchSampler, check_length, decode, eval_batches, load_corpus, prompt_ids
 from .distributed import training as ep
 from .distributed.communicator import SingleProcess
+from .distributed.mesh import Mesh
 from .models import build_model
 from .nn import functional as F
 from .nn.moe import MoELayer
@@ -44,7 +45,7 @@ from .run_folder import plan_run, start_run
 from .run_log import append_record, plot_run, read_log
 from .signals import StopSignals
 from .step import DivergenceGuard, make_step
-from .train_config import TrainConfig, validate_config
+from .train_config import TrainConfig, flag, validate_config
 
 __all__ = ["TrainConfig", "train", "load_model", "read_log", "plot_run", "evaluate", "make_optimizer"]
 
@@ -111,8 +112,10 @@ def _world(cfg: TrainConfig):
     import tinymoe.distributed as dist
 
     if not cfg.expert_parallel:
-        if cfg.backend is not None:
-            raise ValueError(f"train: backend={cfg.backend!r} needs expert_parallel=True (--expert-parallel)")
+        for name in ("backend", "ep_size"):
+            if getattr(cfg, name) is not None:
+                raise ValueError(f"train: {flag(name)} {getattr(cfg, name)} needs --expert-parallel "
+                                 f"(expert_parallel=True)")
         launched = max(int(os.environ.get(v, 1)) for v in ("TINYMOE_WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"))
         if launched > 1:
             raise RuntimeError(f"train: this process is one of {launched} started by a launcher, but "
@@ -122,7 +125,7 @@ def _world(cfg: TrainConfig):
     comm = dist.init(cfg.backend)
     if comm.backend == "nccl" and cfg.device != "cuda":
         raise ValueError("train: backend 'nccl' trains on GPUs (one per rank): use device='cuda' (--device cuda)")
-    return comm
+    return Mesh(comm, cfg.ep_size)                      # the world, with its EP and DP groups
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -163,7 +166,8 @@ def train(cfg: TrainConfig) -> dict:
         guard.load_state_dict(info["extra"].get("guard", {"skipped": 0, "streak": 0}))
     if lead:
         sharded = "experts sharded, " if any(isinstance(m, MoELayer) for m in model.modules()) else ""
-        where = f" on {W} rank{'s' * (W > 1)} ({comm.backend}: {sharded}batch split)" if comm is not None else ""
+        layout = f", {comm.layout}" if comm is not None and comm.dp_size > 1 else ""
+        where = f" on {W} rank{'s' * (W > 1)} ({comm.backend}: {sharded}batch split{layout})" if comm is not None else ""
         resumed = f" | resumed at step {step}" if step else ""
         print(f"{cfg.model}: {model.num_parameters():,} parameters{where} | {corpus} | run dir {plan.folder}{resumed}")
         if plan.resume_step is None:
@@ -233,12 +237,11 @@ def train(cfg: TrainConfig) -> dict:
                         val, val_step = evaluate(model, corpus.val, cfg, comm), step
                         record.update(val_loss=val, val_bpb=val / math.log(2))
                     log(record)
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", val=f"{val:.3f}" if val else "-",
+                                    tok_s=f"{tok_s:,.0f}")     # at log steps: read from the device then
                 if step % cfg.checkpoint_interval == 0:
                     save()
                 bar.update(1)
-                if cfg.progress and lead:                                 # reading last_ce waits for a GPU
-                    bar.set_postfix(loss=f"{model.last_ce:.3f}", val=f"{val:.3f}" if val else "-",
-                                    tok_s=f"{tok_s:,.0f}")
                 signum, over = _stop_now(cfg, signals.signum, time.time() - start, comm)
                 if signum:
                     signals.signum = signum                               # on every rank: the same exit
@@ -301,6 +304,7 @@ def _progress(cfg, initial, lead=True):
 
     class _Silent:
         def update(self, n): pass
+        def set_postfix(self, **values): pass
         def close(self): pass
     return _Silent()
 

@@ -2,6 +2,7 @@
 from .gpt import GPT, GPTConfig
 from .hybrid import HybridConfig, HybridLM
 from .mamba import MambaConfig, MambaLM
+from .pretrained import from_pretrained, save_pretrained
 
 # name -> (model class, config class, defaults that make the variant)
 MODELS = {
@@ -27,4 +28,4 @@ def build_model(name: str, **config):
 
 
 __all__ = ["GPT", "GPTConfig", "MambaLM", "MambaConfig", "HybridLM", "HybridConfig", "MODELS",
-           "build_model"]
+           "build_model", "from_pretrained", "save_pretrained"]

@@ -6,6 +6,11 @@
     logits = LayerNorm(h) wte^T                                  tied output embedding
 
 loss = cross-entropy(logits, targets) + the routers' weighted aux losses.
+
+Config options turn it into the Llama / Mixtral family: position="rope" (no wpe: queries and
+keys rotated by position), norm="rmsnorm", tie_embeddings=False (logits = h lm_head^T with a
+head of its own), n_kv_head (GQA), activation="swiglu". Mixtral = all of these + MoE in every
+block with a top-2 router, dropless.
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ import numpy as np
 
 from .. import backend
 from ..autograd.grad_mode import no_grad
-from ..nn import Embedding, LayerNorm, Linear, Module, ModuleList, recompute
+from ..nn import Embedding, LayerNorm, Linear, Module, ModuleList, RMSNorm, recompute
 from ..nn import functional as F
 from ..nn.attention import KVCache, MultiHeadAttention
 from ..nn.moe import MoELayer
@@ -47,6 +52,11 @@ class GPTConfig:
     z_loss_weight: float = 1e-3
     recompute: bool = False             # keep only each block's input; rerun it in backward
     recompute_attention: bool = False   # keep the softmax's lse, not the (L, L) probabilities
+    position: str = "learned"           # "learned" (GPT-2's wpe table) | "rope" (rotary, no table)
+    rope_base: float = 10000.0          # RoPE's theta_i = rope_base^(-2i / d_head)
+    norm: str = "layernorm"             # "layernorm" | "rmsnorm" (no centering, no bias)
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True         # False: an output head lm_head of its own
 
     def is_moe_layer(self, i: int) -> bool:
         return self.num_experts > 0 and (i + 1) % self.moe_every == 0
@@ -72,14 +82,22 @@ class MLP(Module):
         return F.dropout(self.fc2(h), self.dropout, self.training)           # (B, L, d)
 
 
+def make_norm(cfg: GPTConfig):
+    """The config's normalization over d_model (ln1, ln2, ln_f keep their names either way)."""
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.d_model, cfg.norm_eps)
+    return LayerNorm(cfg.d_model, cfg.norm_eps, bias=cfg.bias)
+
+
 class Block(Module):
     def __init__(self, cfg: GPTConfig, i: int):
         super().__init__()
-        self.ln1 = LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.ln1 = make_norm(cfg)
         self.attn = MultiHeadAttention(cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.bias,
                                        cfg.dropout, layer_index=i,
-                                       recompute_scores=cfg.recompute_attention)
-        self.ln2 = LayerNorm(cfg.d_model, bias=cfg.bias)
+                                       recompute_scores=cfg.recompute_attention,
+                                       rope_base=cfg.rope_base if cfg.position == "rope" else None)
+        self.ln2 = make_norm(cfg)
         if cfg.is_moe_layer(i):
             self.moe = MoELayer(cfg.d_model, cfg.d_ff, cfg.num_experts, cfg.top_k, cfg.router,
                                 cfg.capacity_factor, cfg.eval_capacity_factor,
@@ -105,10 +123,17 @@ class GPT(RemembersLastLoss, Module):
             raise ValueError("GPT: recompute=True needs a dense model (num_experts=0): an MoE block's "
                              "aux losses are added to the loss outside the block, so a recomputed "
                              "block would lose their gradients")
+        if cfg.position not in ("learned", "rope"):
+            raise ValueError(f"GPT: position must be 'learned' or 'rope', got {cfg.position!r}")
+        if cfg.norm not in ("layernorm", "rmsnorm"):
+            raise ValueError(f"GPT: norm must be 'layernorm' or 'rmsnorm', got {cfg.norm!r}")
         self.wte = Embedding(cfg.vocab_size, cfg.d_model)
-        self.wpe = Embedding(cfg.block_size, cfg.d_model)
+        if cfg.position == "learned":
+            self.wpe = Embedding(cfg.block_size, cfg.d_model)
         self.blocks = ModuleList([Block(cfg, i) for i in range(cfg.n_layer)])
-        self.ln_f = LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.ln_f = make_norm(cfg)
+        if not cfg.tie_embeddings:
+            self.lm_head = Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self._init_weights()
 
     def _init_weights(self):
@@ -137,15 +162,17 @@ class GPT(RemembersLastLoss, Module):
         if start + L > self.config.block_size:
             raise ValueError(f"GPT: sequence of {start + L} positions exceeds block_size="
                              f"{self.config.block_size}")
-        xp = backend.module_for(device)
-        x = self.wte(ids) + self.wpe(xp.arange(start, start + L))            # (B, L, d)
+        x = self.wte(ids)                                                    # (B, L, d)
+        if self.config.position == "learned":
+            x = x + self.wpe(backend.module_for(device).arange(start, start + L))
         for block in self.blocks:
             if self.config.recompute and cache is None:
                 x = recompute(block, x)                  # keeps x alone; block reruns in backward
             else:
                 x = block(x, cache)
         x = self.ln_f(x)
-        logits = F.linear(x, self.wte.weight)                                 # (B, L, V) tied
+        head = self.wte if self.config.tie_embeddings else self.lm_head
+        logits = F.linear(x, head.weight)                                     # (B, L, V)
         if targets is None:
             return logits, None
         targets = ids_on(targets, device, "GPT", "targets")
@@ -155,6 +182,11 @@ class GPT(RemembersLastLoss, Module):
             if moe.aux_loss is not None:
                 loss = loss + moe.aux_loss
         return logits, loss
+
+    def save_pretrained(self, path, max_shard_bytes: int | None = None) -> list:
+        """Write a Hugging Face MixtralForCausalLM folder (docs/pretrained.md)."""
+        from .pretrained import save_pretrained
+        return save_pretrained(self, path, max_shard_bytes)
 
     def stats(self) -> dict:
         """Router statistics of the last forward, per MoE block: {"layer3": {...}, ...}."""

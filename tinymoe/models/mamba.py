@@ -3,7 +3,8 @@
     h_0 = embedding[ids]                                   (B, L, d_model), no positions:
                                                            the recurrence knows the order
     h   = h + MambaBlock(RMSNorm(h))                       every layer (pre-norm residual)
-    logits = RMSNorm(h) embedding^T                        tied output embedding
+    logits = RMSNorm(h) embedding^T                        tied output embedding (or, with
+                                                           tie_embeddings=False, lm_head^T)
 
 Generation runs the recurrent mode: each layer keeps a conv state (B, d_inner, d_conv)
 and an SSM state (B, d_inner, N), so a new token costs the same time and memory
@@ -18,7 +19,7 @@ import numpy as np
 
 from .. import backend
 from ..autograd.grad_mode import no_grad
-from ..nn import Embedding, Module, ModuleList, RMSNorm, recompute
+from ..nn import Embedding, Linear, Module, ModuleList, RMSNorm, recompute
 from ..nn import functional as F
 from ..nn.ssm import MambaBlock, S4DBlock
 from .lm import RemembersLastLoss, generate_by_recompute, host_ids, ids_on, sample_next
@@ -39,6 +40,7 @@ class MambaConfig:
     block_size: int = 128               # training context length, for the trainer; the
                                         # recurrence itself has no maximum length
     recompute: bool = False             # keep only each layer's input; rerun it in backward
+    tie_embeddings: bool = True         # False: an output head lm_head of its own
 
 
 class ResidualBlock(Module):
@@ -68,6 +70,8 @@ class MambaLM(RemembersLastLoss, Module):
         self.layers = ModuleList([ResidualBlock(cfg.d_model, self._mixer(cfg), cfg.rms_eps)
                                   for _ in range(cfg.n_layer)])
         self.norm_f = RMSNorm(cfg.d_model, cfg.rms_eps)
+        if not cfg.tie_embeddings:
+            self.lm_head = Linear(cfg.d_model, cfg.vocab_size, bias=False)
         # Mamba's init: out_proj, which writes into the residual stream, scaled by
         # 1/sqrt(n_layer) so the stream's variance does not grow with depth (GPT-2).
         for layer in self.layers:
@@ -81,7 +85,8 @@ class MambaLM(RemembersLastLoss, Module):
                           impl=cfg.scan_impl)
 
     def _logits(self, h):
-        return F.linear(self.norm_f(h), self.embedding.weight)         # (B, L, V), tied
+        head = self.embedding if self.config.tie_embeddings else self.lm_head
+        return F.linear(self.norm_f(h), head.weight)                   # (B, L, V)
 
     def forward(self, ids, targets=None):
         """ids (B, L) int -> logits (B, L, V), mean cross-entropy (or None)."""
@@ -98,6 +103,11 @@ class MambaLM(RemembersLastLoss, Module):
 
     def stats(self) -> dict:
         return {}
+
+    def save_pretrained(self, path, max_shard_bytes: int | None = None) -> list:
+        """Write a Hugging Face MambaForCausalLM folder (docs/pretrained.md)."""
+        from .pretrained import save_pretrained
+        return save_pretrained(self, path, max_shard_bytes)
 
     # ----------------------------------------------------------- recurrent mode
     def allocate_state(self, batch: int):

@@ -6,7 +6,8 @@ M is the causal mask (-inf above the diagonal). n_heads query heads share n_kv_h
 key/value heads (Ainslie et al. 2023): n_kv_heads = n_heads is MHA, 1 is MQA (Shazeer
 2019), anything in between is GQA; a group of G = n_heads / n_kv_heads query heads reads
 the same K, V. The KV cache stores past keys and values so generating a token costs one
-query against the cache instead of recomputing the whole prefix.
+query against the cache instead of recomputing the whole prefix. With `rope_base` set, queries
+and keys are rotated by their positions (RoPE, `rope.py`) before the cache stores the keys.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from ..kernels.matmul import matmul as mm           # 16-bit aware; cuBLAS direc
 from . import functional as F
 from .linear import Linear
 from .module import Module
+from .rope import apply_rope
 
 
 @lru_cache(maxsize=32)
@@ -110,7 +112,11 @@ class KVCache:
 
     @property
     def length(self) -> int:
-        kv = self.layers[0]
+        return self.length_at(0)
+
+    def length_at(self, layer: int) -> int:
+        """Positions cached for one layer (layer 0 runs first: it may be one step ahead)."""
+        kv = self.layers[layer]
         return 0 if kv is None else kv[0].shape[-2]
 
     def update(self, layer: int, k, v):
@@ -124,11 +130,13 @@ class KVCache:
 
 
 class MultiHeadAttention(Module):
-    """Causal self-attention: x (B, L, d_model) -> (B, L, d_model)."""
+    """Causal self-attention: x (B, L, d_model) -> (B, L, d_model).
+    rope_base: None (positions come from elsewhere, e.g. GPT-2's learned table), or the
+    base of RoPE's angles (10000 in RoFormer and Llama, 1e6 in Mixtral)."""
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None,
                  bias: bool = False, dropout: float = 0.0, layer_index: int = 0,
-                 recompute_scores: bool = False):
+                 recompute_scores: bool = False, rope_base: float | None = None):
         super().__init__()
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
         if d_model % n_heads:
@@ -140,6 +148,7 @@ class MultiHeadAttention(Module):
         self.n_heads, self.n_kv_heads, self.d_head = n_heads, n_kv_heads, d_model // n_heads
         self.dropout, self.layer_index = dropout, layer_index
         self.recompute_scores = recompute_scores      # keep lse, not the (L, L) probabilities
+        self.rope_base = rope_base
         # One projection for q, k, v: (H + 2 Hkv) heads of d_head.
         self.qkv = Linear(d_model, (n_heads + 2 * n_kv_heads) * self.d_head, bias=bias)
         self.proj = Linear(n_heads * self.d_head, d_model, bias=bias)
@@ -151,6 +160,9 @@ class MultiHeadAttention(Module):
         qkv = self.qkv(x).reshape(B, L, Hkv, G + 2, dh)                      # per kv group: G q heads, k, v
         qkv = qkv.transpose(0, 2, 3, 1, 4)                                    # (B, Hkv, G+2, L, dh)
         q, k, v = qkv.split([G, 1, 1], axis=2)                             # (B, Hkv, G|1|1, L, dh)
+        if self.rope_base is not None:                                        # rotate by position
+            start = cache.length_at(self.layer_index) if cache is not None else 0
+            q, k = apply_rope(q, start, self.rope_base), apply_rope(k, start, self.rope_base)
         if cache is not None:
             k_all, v_all = cache.update(self.layer_index, k.data, v.data)     # (B, Hkv, 1, S, dh)
             y = CausalAttention.apply(q, k_all, v_all)
@@ -161,4 +173,5 @@ class MultiHeadAttention(Module):
         return F.dropout(y, self.dropout, self.training)
 
     def extra_repr(self):
-        return f"n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, d_head={self.d_head}"
+        rope = f", rope_base={self.rope_base:g}" if self.rope_base is not None else ""
+        return f"n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, d_head={self.d_head}{rope}"
