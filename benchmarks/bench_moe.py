@@ -9,7 +9,10 @@ All in one run, float32, dropless top-k routing, forward + backward of the whole
 - PyTorch eager, the common recipe: a loop over experts, x[idx] -> MLP -> index_add_;
 - dispatch + combine alone (plan, permute, combine and both backward passes) per impl,
   as a share of the layer's time, and permute's bandwidth as a fraction of the
-  device-to-device copy bandwidth measured here.
+  device-to-device copy bandwidth measured here;
+- precision rows: tinymoe (dispatch "cupy") with TF32 float32 matmuls and in bfloat16
+  (weights, activations, gradients; router in float32), and PyTorch's loop with TF32 and
+  under bfloat16 autocast (docs/precision.md).
 Timing: CUDA events around back-to-back calls after a warm-up; median of rounds.
 """
 import argparse
@@ -25,6 +28,8 @@ import tinymoe  # noqa: E402
 from tinymoe.kernels import dispatch  # noqa: E402
 from tinymoe.nn.moe import experts  # noqa: E402
 from tinymoe.nn.moe.layer import MoELayer  # noqa: E402
+from tinymoe.dtypes import bfloat16  # noqa: E402
+from tinymoe.precision import set_tf32  # noqa: E402
 
 cp = tinymoe.backend.cupy()
 
@@ -51,13 +56,13 @@ def copy_bandwidth():
     return 2 * x.nbytes / (gpu_ms(lambda: cp.copyto(y, x)) * 1e-3)
 
 
-def tinymoe_layer(a, impl):
+def tinymoe_layer(a, impl, dtype=None):
     tinymoe.manual_seed(0)
     layer = MoELayer(a.d, a.f, a.experts, a.top_k, capacity_factor=None, dispatch_impl=impl,
                      aux_loss_weight=0.0, z_loss_weight=0.0)
-    layer.to("cuda")
-    x = tinymoe.randn(a.tokens, a.d, device="cuda", requires_grad=True)
-    g = cp.random.default_rng(1).standard_normal((a.tokens, a.d), dtype=cp.float32)
+    layer.to("cuda", dtype=dtype)
+    x = tinymoe.randn(a.tokens, a.d, device="cuda").astype(dtype or "float32").requires_grad_()
+    g = cp.random.default_rng(1).standard_normal((a.tokens, a.d), dtype=cp.float32).astype(x.dtype)
 
     def step():
         layer.zero_grad()
@@ -67,8 +72,12 @@ def tinymoe_layer(a, impl):
     return step
 
 
-def torch_layer(a):
+def torch_layer(a, mode="fp32"):
+    import contextlib
     import torch
+    torch.backends.cuda.matmul.allow_tf32 = mode == "tf32"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if mode == "bf16" else \
+        contextlib.nullcontext()
     torch.manual_seed(0)
     gate = torch.nn.Linear(a.d, a.experts, bias=False, device="cuda")
     w1 = torch.nn.Parameter(torch.randn(a.experts, a.f, a.d, device="cuda") / a.d ** 0.5)
@@ -77,24 +86,25 @@ def torch_layer(a):
     g = torch.randn(a.tokens, a.d, device="cuda")
 
     def step():
-        probs = torch.softmax(gate(x), dim=-1)                       # (T, E)
-        weights, experts = probs.topk(a.top_k, dim=-1)                # (T, k)
-        weights = weights / weights.sum(-1, keepdim=True)
-        out = torch.zeros_like(x)
-        for e in range(a.experts):
-            tok, j = torch.where(experts == e)
-            h = torch.nn.functional.gelu(x[tok] @ w1[e].T) @ w2[e].T
-            out.index_add_(0, tok, h * weights[tok, j, None])
+        with autocast:
+            probs = torch.softmax(gate(x), dim=-1)                   # (T, E)
+            weights, experts = probs.topk(a.top_k, dim=-1)            # (T, k)
+            weights = weights / weights.sum(-1, keepdim=True)
+            out = torch.zeros_like(x)
+            for e in range(a.experts):
+                tok, j = torch.where(experts == e)
+                h = torch.nn.functional.gelu(x[tok] @ w1[e].T) @ w2[e].T
+                out.index_add_(0, tok, (h * weights[tok, j, None]).to(out.dtype))
         out.backward(g)
     return step
 
 
-def dispatch_only(a, impl, bw):
+def dispatch_only(a, impl, bw, dtype="float32"):
     """plan + permute + combine + their backward passes, on the layer's shapes."""
     rng = cp.random.default_rng(2)
     logits = rng.standard_normal((a.tokens, a.experts), dtype=cp.float32)
     ei = cp.argsort(-logits, axis=1)[:, :a.top_k]
-    x = rng.standard_normal((a.tokens, a.d), dtype=cp.float32)
+    x = rng.standard_normal((a.tokens, a.d), dtype=cp.float32).astype(dtype)
     w = rng.random((a.tokens, a.top_k), dtype=cp.float32)
 
     def run():
@@ -107,7 +117,7 @@ def dispatch_only(a, impl, bw):
     plan = dispatch.make_dispatch_plan(ei, a.experts, impl=impl)
     perm_ms = gpu_ms(lambda: dispatch.permute(x, plan, impl=impl), reps=20)
     plan_ms = gpu_ms(lambda: dispatch.make_dispatch_plan(ei, a.experts, impl=impl))
-    perm_bw = 2 * plan.num_rows * a.d * 4 / (perm_ms * 1e-3)
+    perm_bw = 2 * plan.num_rows * a.d * x.itemsize / (perm_ms * 1e-3)
     return gpu_ms(run), plan_ms, perm_ms, perm_bw / bw
 
 
@@ -134,12 +144,20 @@ def main():
     rows.insert(1, ("tinymoe MoELayer, cupy, batched experts", gpu_ms(tinymoe_layer(a, "cupy"), reps=3),
                     *[float("nan")] * 4))
     experts.BATCHED_MAX_PADDING, experts.BATCHED_MAX_MACS = limits
-    try:
-        rows.append(("PyTorch eager per-expert loop", gpu_ms(torch_layer(a), reps=3),
-                     float("nan"), float("nan"), float("nan"), float("nan")))
-    except Exception as e:
-        print(f"PyTorch: skipped ({type(e).__name__}: {e})")
-    base = rows[-1][1]
+    set_tf32(True)
+    rows.append(("tinymoe MoELayer, cupy, TF32", gpu_ms(tinymoe_layer(a, "cupy"), reps=3),
+                 *[float("nan")] * 4))
+    set_tf32(False)
+    bf16_ms = gpu_ms(tinymoe_layer(a, "cupy", bfloat16), reps=3)
+    rows.append(("tinymoe MoELayer, cupy, bf16", bf16_ms, *dispatch_only(a, "cupy", bw, bfloat16)))
+    base = float("nan")
+    for mode, name in (("fp32", "PyTorch eager per-expert loop"), ("tf32", "  PyTorch loop, TF32"),
+                       ("bf16", "  PyTorch loop, bf16 autocast")):
+        try:
+            rows.append((name, gpu_ms(torch_layer(a, mode), reps=3), *[float("nan")] * 4))
+            base = rows[-1][1] if mode == "fp32" else base
+        except Exception as e:
+            print(f"PyTorch {mode}: skipped ({type(e).__name__}: {e})")
     print(f"\n{'implementation':40s} {'fwd+bwd ms':>10s} {'TFLOP/s':>8s} {'vs torch':>8s} "
           f"{'disp+comb ms':>12s} {'share':>6s} {'plan ms':>8s} {'permute ms':>10s} {'perm BW':>8s}")
     for name, ms, dc, plan, perm, frac in rows:

@@ -3,11 +3,13 @@
     python benchmarks/bench_scan.py [--batch 8 --d-inner 1536 --L 2048 --N 16] [--sweep]
     python benchmarks/bench_scan.py --sweep --out docs/img    # refreshes docs/img/scan_bench_h200.png
 
-All in one run, float32, Mamba's options (D, delta_bias, delta_softplus; no z):
+All in one run, float32 (and bfloat16 inputs), Mamba's options (D, delta_bias, delta_softplus; no z):
 - tinymoe `cupy` (CUDA C RawKernel) and `numba_cuda`, forward and forward+backward, as
   training runs them: the forward keeps each tile's starting state, the backward starts
   from them (the backward alone, recomputing them, is timed too), and the same with z
   (Mamba's gate, out = y silu(z): the block's real call; the backward recomputes y);
+- both kernels with bfloat16 u, delta, B, C, dout (float32 A, D, delta_bias and state), with
+  the error of their output against the float32 reference on the float32 inputs;
 - tinymoe `reference` on CuPy (a Python loop over L, one set of CuPy ops per step);
 - PyTorch: the same sequential loop in eager mode (autograd for the backward);
 - JAX: `lax.associative_scan` over (a_t, b_t) pairs, jitted (jax.vjp for the backward).
@@ -178,6 +180,18 @@ def main():
         fz_ms = gpu_ms(lambda: mod.selective_scan_fwd(u, delta, A, B, C, **kz, return_states=True))
         bz_ms = gpu_ms(lambda: mod.selective_scan_bwd(dout, u, delta, A, B, C, **kz, states=states_z))
         rows.append((f"  {name} with z", fz_ms, fz_ms + bz_ms, bz_ms, nan))
+    # bfloat16 inputs (mamba_ssm's recipe: u, delta, B, C, z in 16 bits, A, D, delta_bias and
+    # the state in float32): half the bytes in and out; error of the bf16 output vs the float32
+    # reference on the float32 inputs (the rounding of the inputs included)
+    from tinymoe.dtypes import bfloat16
+    h = [x.astype(bfloat16) for x in (dout, u, delta, B, C)]
+    for name, mod in (("cupy", cupy_raw), ("numba_cuda", numba_cuda)):
+        hd, hu, hdelta, hB, hC = h
+        out, states = mod.selective_scan_fwd(hu, hdelta, A, hB, hC, **kw, return_states=True)
+        err = float(cp.linalg.norm(out.astype(cp.float32) - ref_out) / cp.linalg.norm(ref_out))
+        f_ms = gpu_ms(lambda: mod.selective_scan_fwd(hu, hdelta, A, hB, hC, **kw, return_states=True))
+        b_ms = gpu_ms(lambda: mod.selective_scan_bwd(hd, hu, hdelta, A, hB, hC, **kw, states=states))
+        rows.append((f"tinymoe {name} bf16 inputs", f_ms, f_ms + b_ms, b_ms, err))
     if a.sweep:  # other launch shapes of the CUDA C kernels (nchunk shrinks to fit 48 KB)
         for items, warps, nchunk, mb in FWD_SWEEP:
             cfg = dict(items=items, warps=warps, nchunk=nchunk, min_blocks=mb)

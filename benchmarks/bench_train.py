@@ -3,6 +3,7 @@ PyTorch eager and torch.compile, for the default MoE GPT, the Mamba LM and a lar
 
     python benchmarks/bench_train.py [--batch 32 --seq 128 --steps 20 --models moe-gpt,mamba,moe-gpt-large
                                       --compile moe-gpt]
+    python benchmarks/bench_train.py --precisions [--steps 3]
 
 All in one run, float32, AdamW (clip 1.0), random token batches (throughput does not depend
 on the data). The PyTorch twins below have the same architecture and sizes as the tinymoe
@@ -13,6 +14,12 @@ the GPU catches up: what bounds a launch-bound step), launches per step (tinymoe
 the step records in its CUDA graph = the eager step's launches; captured, the host launches
 the graph plus a few copies), and peak GPU memory (tinymoe: CuPy's pools; PyTorch: max
 reserved by its caching allocator, the same notion).
+
+--precisions: the larger MoE GPT (d_model 512, 8 layers, d_ff 2048, 8 experts, top-2, 16 x
+512) in every tinymoe precision (fp32, tf32, bf16, fp16: tinymoe/precision, the trainer's step
+object; 16-bit steps run eagerly) against PyTorch eager float32, TF32 and bfloat16 autocast,
+with tinymoe's peak memory next to the estimator's figure
+(tinymoe.accounting.memory.rough_training_step_bytes).
 """
 import argparse
 import math
@@ -227,6 +234,87 @@ MODELS = {   # name -> (build the tinymoe model, batch, seq): None keeps --batch
 }
 
 
+BIG_MOE = dict(d_model=512, n_layer=8, n_head=8, d_ff=2048, num_experts=8, top_k=2)
+
+
+def tinymoe_precision_run(a, precision):
+    """The big MoE GPT in one tinymoe precision, stepped as the trainer steps it."""
+    from tinymoe.accounting.memory import rough_training_step_bytes
+    from tinymoe.precision import get_precision, set_tf32
+    from tinymoe.step import make_step
+
+    pool = cp.get_default_memory_pool()
+    pool.free_all_blocks()
+    tinymoe.manual_seed(0)
+    model = build_model("moe-gpt", block_size=a.seq, **BIG_MOE).to("cuda")
+    opt = tinymoe.optim.AdamW(model.parameters(), lr=1e-4)
+    opt, prec = get_precision(precision).apply(model, opt)
+    step_fn = make_step(model, opt, grad_clip=1.0, cuda_graph="off", precision=prec)  # all eager
+    ids = cp.random.default_rng(0).integers(0, 256, (a.batch, a.seq + 1))
+    x, y = ids[:, :-1], ids[:, 1:]
+    tps, _ = tokens_per_second(lambda: step_fn(x, y), a.batch * a.seq, a.steps,
+                               cp.cuda.Device().synchronize)
+    value_bytes = 2 if precision in ("bf16", "fp16") else 4
+    estimate = rough_training_step_bytes(model, a.batch, a.seq, value_bytes)
+    set_tf32(False)
+    return tps, pool.total_bytes(), model.num_parameters(), estimate
+
+
+def torch_precision_run(MoEGPT, config, a, mode):
+    import contextlib
+    import torch
+    torch.backends.cuda.matmul.allow_tf32 = mode == "tf32"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if mode == "bf16" else \
+        contextlib.nullcontext()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    torch.manual_seed(0)
+    model = MoEGPT(config).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(0, 256, (a.batch, a.seq + 1), device="cuda")
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with autocast:
+            loss = model(ids[:, :-1], ids[:, 1:])
+        loss.backward()
+        opt.step()
+    tps, _ = tokens_per_second(step, a.batch * a.seq, a.steps, torch.cuda.synchronize)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    del model, opt
+    return tps, torch.cuda.max_memory_reserved()
+
+
+def precisions(a):
+    dev = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
+    print(f"device {dev}; MoE GPT {BIG_MOE}; batch={a.batch} seq={a.seq} AdamW")
+    print(f"\n{'run':30s} {'params':>10s} {'tokens/s':>10s} {'peak MiB':>9s} "
+          f"{'estimate MiB':>12s} {'est/peak':>8s}", flush=True)
+    rows = []
+
+    def show(name, tps, peak, params, est):                  # each row as soon as it is measured
+        rows.append((name, tps))
+        print(f"{name:30s} {params:10d} {tps:10.0f} {peak / 2**20:9.1f} {est / 2**20:12.1f} "
+              f"{est / peak:8.2f}", flush=True)
+    for p in ("fp32", "tf32", "bf16", "fp16"):
+        try:
+            show(f"tinymoe {p}", *tinymoe_precision_run(a, p))
+        except Exception as e:                                # one failing precision, not all
+            print(f"tinymoe {p}: failed ({type(e).__name__}: {e})", flush=True)
+    try:
+        MoEGPT, _ = torch_models()
+        model = build_model("moe-gpt", block_size=a.seq, **BIG_MOE)
+        for mode, name in (("fp32", "PyTorch eager fp32"), ("tf32", "PyTorch eager TF32"),
+                           ("bf16", "PyTorch eager bf16 autocast")):
+            show(name, *torch_precision_run(MoEGPT, model.config, a, mode), model.num_parameters(),
+                 float("nan"))
+    except ImportError as e:
+        print(f"PyTorch: skipped ({e})")
+    best = max([t for n, t in rows if n.startswith("PyTorch")] or [float("nan")])
+    print("\ntokens/s vs the best PyTorch row: " +
+          ", ".join(f"{n} {t / best:.2f}x" for n, t in rows if n.startswith("tinymoe")))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--batch", type=int, default=32)
@@ -235,7 +323,12 @@ def main():
     p.add_argument("--models", default="moe-gpt,mamba,moe-gpt-large")
     p.add_argument("--compile", default="moe-gpt", help="models with torch.compile rows ('' for none)")
     p.add_argument("--no-torch", action="store_true")
+    p.add_argument("--precisions", action="store_true",
+                   help="the larger MoE GPT (16 x 512) in every precision, tinymoe and PyTorch")
     args = p.parse_args()
+    if args.precisions:
+        return precisions(argparse.Namespace(**{**vars(args), "batch": 16, "seq": 512,
+                                                 "steps": min(args.steps, 5)}))
     dev = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
     print(f"device {dev}; float32 AdamW, clip 1.0")
     rows = []

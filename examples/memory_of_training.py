@@ -9,7 +9,9 @@
 4. tinymoe's own GPT: the estimate beside the peak that tracemalloc measures;
 5. recomputation: the same step keeping the softmax's log-normalizer instead of the
    attention probabilities (selective), and with every block recomputed in the backward
-   (full, tinymoe.nn.recompute): the memory each saves and the time it costs, side by side.
+   (full, tinymoe.nn.recompute): the memory each saves and the time it costs, side by side;
+6. mixed precision: the bytes per parameter of a real --precision fp32 and bf16 run,
+   counted from the arrays' dtypes, next to the lecture's 4 + 4 + 8 and 2 + 2 + 12.
 Change the knobs below and run again.
 """
 import argparse
@@ -21,10 +23,14 @@ from tinymoe.accounting import (
     FP32_ADAM, MIXED_PRECISION_ADAM, kv_cache_bytes, mamba_state_bytes, model_state_bytes,
     transformer_activation_bytes,
 )
-from tinymoe.accounting.memory import tinymoe_gpt_activation_bytes, training_step_bytes
+from tinymoe.accounting.memory import (
+    layout_for, measured_state_bytes, tinymoe_gpt_activation_bytes, training_step_bytes,
+)
 from tinymoe.backend import synchronize
 from tinymoe.models import build_model
 from tinymoe.optim import AdamW
+from tinymoe.precision import get_precision
+from tinymoe.step import make_step
 from tinymoe.profile.memory import track_memory
 
 PSI, GPUS = 7.5e9, 64                               # ZeRO's example
@@ -96,3 +102,18 @@ for name, flags in (("stored", {}), ("selective", {"recompute_attention": True})
         seconds = time.perf_counter() - start
     print(f"   {name:<9}  kept after forward {kept / 1e6:6.2f} MB   "
           f"step peak {mem.peak / 1e6:6.2f} MB   step {seconds * 1e3:6.0f} ms")
+
+
+print("\n6. mixed precision: model states per parameter, from the arrays' dtypes (after a backward)")
+for name in ("fp32", "bf16"):
+    model = build_model("gpt", block_size=SEQ, **SMALL_GPT).to(DEVICE)
+    opt, precision = get_precision(name).apply(model, AdamW(model.parameters(), lr=1e-3))
+    make_step(model, opt, grad_clip=1.0, precision=precision)(ids, ids)   # the moments exist now
+    model.zero_grad()
+    precision.scale(model(ids, ids)[1]).backward()     # the 16-bit gradients, before the update
+    n = model.num_parameters()
+    got = {k: v / n for k, v in measured_state_bytes(model, opt).items()}
+    want = layout_for(name)
+    print(f"   {name}: params {got['params']:.2f} + grads {got['grads']:.2f} + optimizer "
+          f"{got['optimizer']:.2f} = {sum(got.values()):.2f} bytes/parameter   (lecture: "
+          f"{want.params:g} + {want.grads:g} + {want.optimizer:g} = {want.total:g})")

@@ -67,7 +67,7 @@ MODEL_RUNS = {
              "--lr", "0.01", "--warmup-steps", "1", "--weight-decay", "0.05", "--grad-clip", "0.5",
              "--eval-interval", "1", "--eval-batches", "1", "--log-interval", "1",
              "--checkpoint-interval", "1", "--seed", "3", "--time-limit", "100", "--threads", "2",
-             "--max-bad-steps", "2", "--dtype", "float64"],
+             "--max-bad-steps", "2", "--dtype", "float64", "--cuda-graph", "off"],
             {("train", "model"): "gpt", ("train", "name"): "dense", ("train", "data"): "{corpus}",
              ("train", "device"): "cpu", ("model", "n_layer"): 1, ("model", "d_model"): 16,
              ("model", "n_head"): 2, ("model", "n_kv_head"): 1, ("model", "d_ff"): 24,
@@ -76,18 +76,18 @@ MODEL_RUNS = {
              ("train", "weight_decay"): 0.05, ("train", "grad_clip"): 0.5, ("train", "eval_interval"): 1,
              ("train", "eval_batches"): 1, ("train", "log_interval"): 1, ("train", "checkpoint_interval"): 1,
              ("train", "seed"): 3, ("train", "time_limit"): 100.0, ("train", "threads"): 2,
-             ("train", "max_bad_steps"): 2, ("train", "dtype"): "float64"}),
+             ("train", "max_bad_steps"): 2, ("train", "dtype"): "float64", ("train", "cuda_graph"): "off"}),
     "moe-gpt": (["--router", "gshard", "--experts", "4", "--top-k", "2", "--capacity-factor", "1.5",
                  "--eval-capacity-factor", "none", "--shared-experts", "1", "--moe-every", "2",
-                 "--aux-loss-weight", "0.02", "--z-loss-weight", "0.0005", "--expert-parallel"],
+                 "--aux-loss-weight", "0.02", "--z-loss-weight", "0.0005", "--expert-parallel", "--ep-size", "1"],
                 {("train", "model"): "moe-gpt", ("model", "router"): "gshard", ("model", "num_experts"): 4,
                  ("model", "top_k"): 2, ("model", "capacity_factor"): 1.5,
                  ("model", "eval_capacity_factor"): None, ("model", "num_shared_experts"): 1,
                  ("model", "moe_every"): 2, ("model", "aux_loss_weight"): 0.02,
-                 ("model", "z_loss_weight"): 0.0005, ("train", "expert_parallel"): True}),
-    "mamba": (["--model", "mamba", "--d-model", "16", "--time-limit", "none"],
+                 ("model", "z_loss_weight"): 0.0005, ("train", "expert_parallel"): True, ("train", "ep_size"): 1}),
+    "mamba": (["--model", "mamba", "--d-model", "16", "--time-limit", "none", "--precision", "bf16"],
               {("train", "model"): "mamba", ("model", "d_model"): 16, ("model", "n_layer"): 2,
-               ("train", "time_limit"): None}),
+               ("train", "time_limit"): None, ("train", "precision"): "bf16"}),
     "hybrid": (["--model", "hybrid", "--experts", "2", "--top-k", "1"],
                {("train", "model"): "hybrid", ("model", "num_experts"): 2, ("model", "top_k"): 1,
                 ("model", "d_model"): 32}),
@@ -204,13 +204,14 @@ OUT_OF_RANGE = {
     "--weight-decay": ["-0.1", "inf"], "--grad-clip": ["-1", "nan"], "--eval-interval": ["0"],
     "--eval-batches": ["0"], "--log-interval": ["0"], "--checkpoint-interval": ["0"], "--seed": ["-1"],
     "--time-limit": ["-1", "nan"], "--threads": ["0"], "--max-bad-steps": ["0"], "--sample-tokens": ["-1"],
+    "--ep-size": ["0"],
 }
 # wrong words: (flag, value, text of the error); the error names the flag or the value given
 BAD_WORDS = [
     ("--data", "{tmp}/nowhere.txt", "does not exist"), ("--data", "{tmp}/empty.txt", "is empty"),
     ("--name", "a/b", "folder name"), ("--out-dir", "{tmp}/a_file/runs", "is a file"),
     ("--resume", None, "no checkpoint"), ("--device", "cuda", "CuPy"),
-    ("--backend", "toy", "--expert-parallel"),
+    ("--backend", "toy", "--expert-parallel"), ("--cuda-graph", "on", "--device cuda"),
 ]
 
 
@@ -237,7 +238,7 @@ def test_wrong_words_are_refused_before_any_file(tmp_path, capsys, flag, value, 
 
 
 BAD_CHOICE = {"--model": "bert", "--router": "soft", "--activation": "tanh", "--dtype": "float16",
-              "--device": "tpu", "--backend": "gloo"}
+              "--device": "tpu", "--backend": "gloo", "--precision": "fp8", "--cuda-graph": "always"}
 
 
 @pytest.mark.parametrize("flag,value", list(BAD_CHOICE.items()) + [("--steps", "ten"), ("--lr", "fast")])

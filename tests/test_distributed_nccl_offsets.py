@@ -130,3 +130,43 @@ def test_contiguous_input_is_used_as_is_and_others_are_converted(world):
     fake.deliver()
     assert np.array_equal(np.asarray(y0), np.concatenate([host[:2], host[:1]]))   # rank 1's first row is host[0]
     assert np.array_equal(np.asarray(y1), np.concatenate([host[2:6], host[1:3]]))
+
+
+class FakeBootstrap:
+    """A host communicator of one rank's view: group() gives the group's view, broadcast gives
+    what the group's rank 0 sent (recorded in `sent`, shared by every view)."""
+
+    def __init__(self, rank, world_size, sent):
+        self.rank, self.world_size, self.sent, self.groups = rank, world_size, sent, []
+
+    def group(self, ranks):
+        self.groups.append(list(ranks))
+        return FakeBootstrap(ranks.index(self.rank), len(ranks), self.sent)
+
+    def broadcast(self, array, root=0):
+        if self.rank == root:
+            self.sent.append(array.copy())
+        return self.sent[-1].copy()
+
+
+def test_group_is_a_new_nccl_communicator_through_the_bootstrap_group(world, monkeypatch):
+    # the mesh's NCCL groups: one NcclCommunicator per group, its id sent by the group's first rank
+    # through the same group of the host bootstrap, on the GPU of the world communicator
+    make, fake = world
+    comms = make(4)
+    made = []
+    monkeypatch.setattr(fake, "get_unique_id", lambda: bytes(range(128)), raising=False)
+    monkeypatch.setattr(fake, "NcclCommunicator", lambda n, uid, rank: made.append((n, uid, rank)) or "comm",
+                        raising=False)
+    device = types.SimpleNamespace(id=3, use=lambda: None)
+    sent = []
+    groups = []
+    for c in comms[2:]:                                  # ranks 2 and 3 form group [2, 3], rank 2 first
+        c.bootstrap, c.device = FakeBootstrap(c.rank, 4, sent), device
+        monkeypatch.setitem(type(c).__init__.__globals__, "cupy", lambda: c._cp)
+        groups.append(c.group([2, 3]))
+    assert [(g.rank, g.world_size, g.device, g.comm) for g in groups] == [(0, 2, device, "comm"), (1, 2, device, "comm")]
+    assert made == [(2, bytes(range(128)), 0), (2, bytes(range(128)), 1)]   # the same id on both ranks
+    assert [c.bootstrap.groups for c in comms[2:]] == [[[2, 3]], [[2, 3]]] and len(sent) == 1
+    with pytest.raises(ValueError, match=r"nccl group: rank 2 asks for group \[0, 1\], which it is not in"):
+        comms[2].group([0, 1])

@@ -114,7 +114,7 @@ def test_experts_not_divisible_by_ranks(pool, corpus, tmp_path):
 
 
 def test_backend_without_expert_parallel_is_an_error(tmp_path):
-    with pytest.raises(ValueError, match=r"backend='mpi' needs expert_parallel=True"):
+    with pytest.raises(ValueError, match=r"train: --backend mpi needs --expert-parallel"):
         train(TrainConfig(**RUN, backend="mpi", out_dir=str(tmp_path)))
 
 

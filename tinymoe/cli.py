@@ -12,6 +12,7 @@ diverged (its last good checkpoint kept); 130 / 143 stopped by SIGINT / SIGTERM 
 saving a checkpoint (continue with --resume).
     python -m tinymoe.distributed.launch --nproc 2 -m tinymoe train --expert-parallel
     mpiexec -n 2 python -m tinymoe train --expert-parallel --backend mpi
+    python -m tinymoe.distributed.launch --nproc 8 -m tinymoe train --expert-parallel --ep-size 4
 
 Commands live in COMMANDS: name -> (help, add_arguments(parser), run(args)). To add one,
 write those two functions and add a line (or call `register`).
@@ -92,6 +93,9 @@ def add_train_arguments(p):
                    help="tiny model, few steps (smoke test)")
     t.add_argument("--no-progress", action="store_true", default=False)
     t.add_argument("--dtype", choices=["float32", "float64"], help="default: the model's (float32)")
+    t.add_argument("--precision", choices=["fp32", "tf32", "bf16", "fp16"], default=argparse.SUPPRESS,
+                   help="fp32 (default); tf32: float32 matmuls on tensor cores; bf16, fp16: a 16-bit "
+                        "model with float32 master weights (fp16 with loss scaling); docs/precision.md")
     t.add_argument("--cuda-graph", choices=["auto", "on", "off"],
                    help="replay the training step as one CUDA graph (auto: where the model allows; "
                         "docs/cuda_graphs.md); default auto")
@@ -100,6 +104,9 @@ def add_train_arguments(p):
                    help="train on every rank: experts sharded, the batch split between the ranks")
     e.add_argument("--backend", choices=["toy", "mpi", "nccl"], default=argparse.SUPPRESS,
                    help="default: from the launcher (toy) or mpiexec (mpi); nccl needs --device cuda")
+    e.add_argument("--ep-size", type=int, default=argparse.SUPPRESS,
+                   help="ranks per expert-parallel group (the world = ep-size x data-parallel replicas; "
+                        "default: all ranks)")
 
 
 def model_config_for(model: str, options: dict, quick: bool) -> dict:

@@ -34,15 +34,18 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .data import BatchSampler, check_length, decode, eval_batches, load_corpus, prompt_ids
 from .distributed import training as ep
 from .distributed.communicator import SingleProcess
+from .distributed.mesh import Mesh
 from .models import build_model
 from .nn import functional as F
 from .nn.moe import MoELayer
 from .optim import AdamW, WarmupCosine
+from .optim.master import float32_weights
+from .precision import get_precision
 from .run_folder import plan_run, start_run
 from .run_log import append_record, plot_run, read_log
 from .signals import StopSignals
 from .step import DivergenceGuard, make_step
-from .train_config import TrainConfig, validate_config
+from .train_config import TrainConfig, flag, validate_config
 
 __all__ = ["TrainConfig", "train", "load_model", "read_log", "plot_run", "evaluate", "make_optimizer"]
 
@@ -109,8 +112,10 @@ def _world(cfg: TrainConfig):
     import tinymoe.distributed as dist
 
     if not cfg.expert_parallel:
-        if cfg.backend is not None:
-            raise ValueError(f"train: backend={cfg.backend!r} needs expert_parallel=True (--expert-parallel)")
+        for name in ("backend", "ep_size"):
+            if getattr(cfg, name) is not None:
+                raise ValueError(f"train: {flag(name)} {getattr(cfg, name)} needs --expert-parallel "
+                                 f"(expert_parallel=True)")
         launched = max(int(os.environ.get(v, 1)) for v in ("TINYMOE_WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"))
         if launched > 1:
             raise RuntimeError(f"train: this process is one of {launched} started by a launcher, but "
@@ -120,7 +125,7 @@ def _world(cfg: TrainConfig):
     comm = dist.init(cfg.backend)
     if comm.backend == "nccl" and cfg.device != "cuda":
         raise ValueError("train: backend 'nccl' trains on GPUs (one per rank): use device='cuda' (--device cuda)")
-    return comm
+    return Mesh(comm, cfg.ep_size)                      # the world, with its EP and DP groups
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -161,16 +166,21 @@ def train(cfg: TrainConfig) -> dict:
         guard.load_state_dict(info["extra"].get("guard", {"skipped": 0, "streak": 0}))
     if lead:
         sharded = "experts sharded, " if any(isinstance(m, MoELayer) for m in model.modules()) else ""
-        where = f" on {W} rank{'s' * (W > 1)} ({comm.backend}: {sharded}batch split)" if comm is not None else ""
+        layout = f", {comm.layout}" if comm is not None and comm.dp_size > 1 else ""
+        where = f" on {W} rank{'s' * (W > 1)} ({comm.backend}: {sharded}batch split{layout})" if comm is not None else ""
         resumed = f" | resumed at step {step}" if step else ""
         print(f"{cfg.model}: {model.num_parameters():,} parameters{where} | {corpus} | run dir {plan.folder}{resumed}")
         if plan.resume_step is None:
             with open(os.path.join(plan.folder, "config.json"), "w") as f:
                 json.dump({"train": dataclasses.asdict(cfg),
                            "model": dataclasses.asdict(model.config)}, f, indent=1)
+    # the precision: a 16-bit model gets float32 master weights (from the float32 weights just
+    # built or loaded) and, in fp16, a loss scale; TF32 for float32 matmuls (tinymoe/precision)
+    optimizer, precision = get_precision(cfg.precision).apply(model, optimizer)
     if comm is not None:
         ep.setup(model, optimizer, comm)                # shard the experts, broadcast the rest
-    run_step = make_step(model, optimizer, grad_clip=cfg.grad_clip, comm=comm, cuda_graph=cfg.cuda_graph)
+    run_step = make_step(model, optimizer, grad_clip=cfg.grad_clip, comm=comm, cuda_graph=cfg.cuda_graph,
+                         precision=precision)
     if plan.resume_step is not None:
         run_step.load_state_dict(info["extra"].get("step_state", {}))
     if lead and run_step.reason:
@@ -184,7 +194,8 @@ def train(cfg: TrainConfig) -> dict:
         extra = {"model_name": cfg.model, "sampler": sampler.state_dict(), "guard": guard.state_dict(),
                  "step_state": run_step.state_dict(), "train_config": dataclasses.asdict(cfg)}
         if comm is None:
-            save_checkpoint(plan.checkpoint, model, optimizer, step, extra=extra)
+            with float32_weights(optimizer):            # the masters: resumable in any precision
+                save_checkpoint(plan.checkpoint, model, optimizer, step, extra=extra)
             return
         ep.check_in_sync(model, comm)
         with ep.full_experts(model, optimizer, comm):
@@ -220,6 +231,8 @@ def train(cfg: TrainConfig) -> dict:
                               "lr": scheduler.get_last_lr()[0], "grad_norm": float(result.grad_norm),
                               "skipped_steps": guard.skipped, "tokens_per_s": tok_s,
                               "elapsed_s": time.time() - start}
+                    if precision.loss_scale is not None:                  # fp16's loss scale S
+                        record["loss_scale"] = float(precision.loss_scale)
                     if step % cfg.eval_interval == 0 or step == cfg.steps:
                         val, val_step = evaluate(model, corpus.val, cfg, comm), step
                         record.update(val_loss=val, val_bpb=val / math.log(2))

@@ -43,8 +43,10 @@ class TrainConfig:
     resume: bool = False              # continue the run in the run folder
     overwrite: bool = False           # start over, deleting the run folder's run
     expert_parallel: bool = False     # train on all ranks: experts sharded, batch split (data parallel)
+    ep_size: int | None = None        # ranks per expert-parallel group (W = ep_size x dp_size); None: all
     backend: str | None = None        # toy | mpi | nccl; None: from the launcher (one process if none)
     dtype: str | None = None          # None: the model's own (float32); "float64" for exact checks
+    precision: str = "fp32"           # fp32 | tf32 | bf16 | fp16 (tinymoe/precision, docs/precision.md)
     cuda_graph: str = "auto"          # auto | on | off: replay the step as a CUDA graph (tinymoe/step)
     max_corpus_bytes: int = 16_000_000
     progress: bool = True             # tqdm bar
@@ -81,6 +83,17 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
     _need(cfg.threads is None or cfg.threads >= 1, "threads", ">= 1", cfg.threads)
     _need(cfg.time_limit is None or cfg.time_limit >= 0, "time_limit", ">= 0 seconds (or none)", cfg.time_limit)
     _need(cfg.sample_top_k is None or cfg.sample_top_k >= 1, "sample_top_k", ">= 1", cfg.sample_top_k)
+    _need(cfg.precision in ("fp32", "tf32", "bf16", "fp16"), "precision",
+          "one of fp32, tf32, bf16, fp16", cfg.precision)
+    if cfg.precision in ("bf16", "fp16") and cfg.dtype not in (None, "float32"):
+        raise ValueError(f"train: --precision {cfg.precision} trains a 16-bit model with float32 "
+                         f"master weights; --dtype {cfg.dtype} asks for another: give one of them")
+    if cfg.precision in ("bf16", "fp16") and cfg.expert_parallel:
+        raise ValueError(f"train: --precision {cfg.precision} with --expert-parallel is not "
+                         f"supported yet (the experts' master weights are not sharded); use fp32 "
+                         f"or tf32 there")
+    _need(cfg.ep_size is None or (isinstance(cfg.ep_size, int) and cfg.ep_size >= 1), "ep_size",
+          "an integer >= 1 (or none: every rank)", cfg.ep_size)
     _need(cfg.cuda_graph in ("auto", "on", "off"), "cuda_graph", "one of auto, on, off", cfg.cuda_graph)
     if cfg.cuda_graph == "on" and (cfg.device != "cuda" or cfg.expert_parallel):
         raise ValueError("train: --cuda-graph on records the step of one process on a GPU: it needs "
@@ -93,11 +106,12 @@ def validate_config(cfg: TrainConfig, world_size: int = 1) -> None:
         raise ValueError(f"train: --batch-size {cfg.batch_size} cannot be split evenly over {world_size} "
                          f"ranks; use a multiple of {world_size}")
     validate_model_config(cfg.model, {**cfg.model_config, "block_size": cfg.block_size},
-                          world_size if cfg.expert_parallel else 1)
+                          (cfg.ep_size or world_size) if cfg.expert_parallel else 1)   # the experts' ranks
 
 
 def validate_model_config(model: str, options: dict, world_size: int = 1) -> None:
-    """The model options a user can give: sizes >= 1, fractions in range, experts split evenly."""
+    """The model options a user can give: sizes >= 1, fractions in range, experts split evenly
+    (world_size: the ranks the experts spread over, an expert-parallel group of the mesh)."""
     from .models import MODELS
 
     if model not in MODELS:
@@ -132,4 +146,5 @@ def validate_model_config(model: str, options: dict, world_size: int = 1) -> Non
         _need(c["top_k"] <= experts, "top_k", f"<= --experts ({experts})", c["top_k"])
     if experts and world_size > 1:
         _need(experts % world_size == 0, "num_experts",
-              f"a multiple of the {world_size} ranks (each rank holds experts/ranks experts)", experts)
+              f"a multiple of the {world_size} ranks of an expert-parallel group (each rank holds experts/ranks "
+              "experts)", experts)

@@ -15,5 +15,6 @@ from .chinchilla import (
 )
 from .memory import (
     FP32_ADAM, FP32_SGD, FP32_SGD_MOMENTUM, MIXED_PRECISION_ADAM, StateLayout, kv_cache_bytes,
-    mamba_state_bytes, model_state_bytes, transformer_activation_bytes,
+    layout_for, mamba_state_bytes, measured_state_bytes, model_state_bytes,
+    transformer_activation_bytes,
 )

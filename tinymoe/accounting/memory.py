@@ -10,7 +10,10 @@ Generation holds the parameters and the KV cache.
 Per-parameter layouts:
 - mixed-precision Adam (ZeRO's analysis): fp16 parameters (2) + fp16 gradients (2)
   + fp32 master parameters, momentum and variance (4 + 4 + 4 = K = 12): 16 bytes;
-- tinymoe: everything float32: parameters (4) + gradients (4) + AdamW m, v (8).
+  tinymoe's --precision bf16 / fp16 (tinymoe/precision, optim/master.py) is this layout;
+- tinymoe --precision fp32 / tf32: parameters (4) + gradients (4) + AdamW m, v (8).
+`layout_for(precision)` picks one; `measured_state_bytes(model, optimizer)` counts what the
+arrays of a real run occupy, by their real dtypes.
 """
 from __future__ import annotations
 
@@ -34,6 +37,31 @@ MIXED_PRECISION_ADAM = StateLayout(params=2, grads=2, optimizer=12)
 FP32_ADAM = StateLayout(params=4, grads=4, optimizer=8)     # tinymoe AdamW
 FP32_SGD_MOMENTUM = StateLayout(params=4, grads=4, optimizer=4)
 FP32_SGD = StateLayout(params=4, grads=4, optimizer=0)
+
+
+def layout_for(precision: str) -> StateLayout:
+    """AdamW's bytes per parameter in a tinymoe precision (fp32, tf32, bf16, fp16)."""
+    layouts = {"fp32": FP32_ADAM, "tf32": FP32_ADAM, "bf16": MIXED_PRECISION_ADAM,
+               "fp16": MIXED_PRECISION_ADAM}
+    if precision not in layouts:
+        raise ValueError(f"layout_for: precision must be one of {', '.join(layouts)}, got {precision!r}")
+    return layouts[precision]
+
+
+def measured_state_bytes(model, optimizer) -> dict:
+    """Bytes the model states occupy now, from the arrays: the model's parameters and
+    gradients, and the optimizer's own arrays (its state: moments; with MasterWeights also
+    the float32 masters). Each counted by its dtype's itemsize (bfloat16: 2)."""
+    params = list(model.parameters())
+    inner = getattr(optimizer, "optimizer", optimizer)          # MasterWeights wraps one
+    own = {id(p) for p in params}
+    masters = [p for g in inner.param_groups for p in g["params"] if id(p) not in own]
+    state = [v for st in inner.state.values() for v in st.values() if hasattr(v, "nbytes")]
+    return {
+        "params": sum(int(p.data.nbytes) for p in params),
+        "grads": sum(int(p.grad.nbytes) for p in params if p.grad is not None),
+        "optimizer": sum(int(m.data.nbytes) for m in masters) + sum(int(v.nbytes) for v in state),
+    }
 
 
 def model_state_bytes(n_params: float, layout: StateLayout = MIXED_PRECISION_ADAM,

@@ -91,6 +91,8 @@ def backward(root: Tensor, grad, retain_graph: bool = False):
         for x, g in zip(inputs, in_grads):
             if g is None or not isinstance(x, Tensor) or not x.requires_grad:
                 continue
+            if g.dtype != x.data.dtype:  # a gradient has its tensor's dtype (mixed precision:
+                g = g.astype(x.data.dtype)  # a float32 softmax's gradient into bfloat16 logits)
             if x._ctx is None:
                 _accumulate_leaf(x, g)
             else:

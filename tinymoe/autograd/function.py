@@ -22,6 +22,7 @@ from __future__ import annotations
 import time
 
 from .. import backend
+from ..dtypes import is_floating
 from .grad_mode import _GradMode
 from .tensor import Tensor
 
@@ -135,7 +136,7 @@ class Function:
         positions = range(len(inputs)) if cls.float_inputs is None else cls.float_inputs
         for i in positions:
             x = inputs[i]
-            if isinstance(x, Tensor) and x.data.dtype.kind not in "fc":
+            if isinstance(x, Tensor) and not is_floating(x.data.dtype):
                 raise op_error(
                     cls.__name__,
                     f"expected a floating-point tensor as input {i}, got "
@@ -173,9 +174,9 @@ class Function:
                 ctx.output_dtypes = [o.dtype for o in out]
                 ctx.xp = backend.array_module(out[0])
             return tuple(
-                Tensor._make(o, ctx is not None and o.dtype.kind in "fc", ctx, i)
+                Tensor._make(o, ctx is not None and is_floating(o.dtype), ctx, i)
                 for i, o in enumerate(out)
             )
         if ctx is not None:
             ctx.n_outputs = 1
-        return Tensor._make(out, record and out.dtype.kind in "fc", ctx, 0)
+        return Tensor._make(out, record and is_floating(out.dtype), ctx, 0)

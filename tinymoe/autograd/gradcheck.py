@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import backend
+from ..dtypes import is_floating
 from .grad_mode import no_grad
 from .tensor import Tensor
 
@@ -21,7 +22,7 @@ class GradcheckError(AssertionError):
 
 def _outputs(result):
     outs = result if isinstance(result, (tuple, list)) else (result,)
-    return [o for o in outs if isinstance(o, Tensor) and o.dtype.kind in "fc"]
+    return [o for o in outs if isinstance(o, Tensor) and is_floating(o.dtype)]
 
 
 def _op_name(result) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import backend
+from ..dtypes import as_dtype, is_floating
 
 
 class Tensor:
@@ -22,7 +23,7 @@ class Tensor:
 
     def __init__(self, data, requires_grad: bool = False, device=None, dtype=None):
         self.data = _as_array(data, device, dtype)
-        if requires_grad and self.data.dtype.kind not in "fc":
+        if requires_grad and not is_floating(self.data.dtype):
             raise TypeError(
                 f"tensor: only floating-point tensors can require gradients, "
                 f"got {self.data.dtype}{tuple(self.data.shape)}"
@@ -107,7 +108,7 @@ class Tensor:
         return self.to("cuda")
 
     def astype(self, dtype) -> "Tensor":
-        return _ops.Cast.apply(self, dtype=np.dtype(dtype))
+        return _ops.Cast.apply(self, dtype=as_dtype(dtype))
 
     def float(self):
         return self.astype(np.float32)
@@ -116,7 +117,7 @@ class Tensor:
         return self.astype(np.float64)
 
     def requires_grad_(self, flag: bool = True) -> "Tensor":
-        if flag and self.data.dtype.kind not in "fc":
+        if flag and not is_floating(self.data.dtype):
             raise TypeError(f"requires_grad_: {self.dtype} tensors cannot require gradients")
         self.requires_grad = flag
         return self

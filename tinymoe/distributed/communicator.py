@@ -89,6 +89,12 @@ class Communicator:
         """Returns once every rank has called it."""
         raise NotImplementedError
 
+    def group(self, ranks: Sequence[int]) -> "Communicator":
+        """The communicator of the processes `ranks` (ranks of this world, this one among them),
+        numbered 0 .. len(ranks)-1 in that order. Collective: every rank of the world calls it,
+        each with its own group's ranks; the groups partition the world (mesh.py makes them)."""
+        raise NotImplementedError
+
     def close(self) -> None:
         """Release pipes / communicators. Safe to call twice."""
 
@@ -149,6 +155,16 @@ class Communicator:
                                  f"recv_rows says {recv_rows[self.rank]}")
         return send_rows, recv_rows
 
+    def _check_group(self, ranks) -> list:
+        """group()'s ranks are valid: distinct ranks of this world, this rank among them."""
+        ranks = [int(r) for r in ranks]
+        if len(set(ranks)) != len(ranks) or not all(0 <= r < self.world_size for r in ranks):
+            raise ValueError(f"{self.backend} group: ranks {ranks} must be distinct ranks of a world of "
+                             f"{self.world_size}")
+        if self.rank not in ranks:
+            raise ValueError(f"{self.backend} group: rank {self.rank} asks for group {ranks}, which it is not in")
+        return ranks
+
     def _count_sent(self, chunks) -> None:
         self.bytes_sent += sum(int(c.nbytes) for j, c in enumerate(chunks) if j != self.rank)
 
@@ -198,3 +214,7 @@ class SingleProcess(Communicator):
 
     def barrier(self):
         pass
+
+    def group(self, ranks):
+        self._check_group(ranks)
+        return self

@@ -53,13 +53,16 @@ def source_to_expert_order(recv_counts: np.ndarray) -> np.ndarray:
 class ExpertParallelMoE(Module):
     """An MoELayer whose experts live on several ranks. Build it from a full MoELayer made
     with the same seed on every rank: it keeps the gate and shared experts, and only this
-    rank's slice of the experts (the layer's modules are taken over, not copied)."""
+    rank's slice of the experts (the layer's modules are taken over, not copied).
+    comm: the ranks the experts spread over; on a Mesh, its expert-parallel group."""
 
     def __init__(self, layer, comm=None):
         super().__init__()
         import tinymoe.distributed as dist
+        from tinymoe.distributed.mesh import Mesh
 
-        self.comm = comm if comm is not None else dist.get_world()
+        comm = comm if comm is not None else dist.get_world()
+        self.comm = comm.ep if isinstance(comm, Mesh) else comm
         W, r = self.comm.world_size, self.comm.rank
         self.num_experts = layer.num_experts
         self.first, self.last = local_expert_range(layer.num_experts, W, r)

@@ -26,6 +26,19 @@ from tinymoe.distributed.toy import DEFAULT_TIMEOUT
 STOPPED = (130, 143)   # a rank's exit code after SIGINT / SIGTERM: it saved and stopped, not failed
 
 
+# "my index among the processes of this host", as each launcher says it: this one, MPICH's Hydra,
+# Open MPI, Slurm's srun. NCCL ranks pick their GPU with it (several hosts: ranks 8-15 are GPUs 0-7).
+LOCAL_RANK_ENV = ("TINYMOE_LOCAL_RANK", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID")
+
+
+def local_rank(default: int) -> int:
+    """This process's rank among those of its host (from the launcher's environment), else default."""
+    for name in LOCAL_RANK_ENV:
+        if name in os.environ:
+            return int(os.environ[name])
+    return default
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m tinymoe.distributed.launch",
                                 description="Start N processes joined by the toy communicator.")

@@ -89,3 +89,14 @@ class MPICommunicator(Communicator):
 
     def barrier(self):
         self.comm.Barrier()
+
+    def group(self, ranks):
+        """MPI_Comm_split: the ranks that pass the same colour (here the group's first rank) form
+        one communicator, ordered by key (the position in `ranks`)."""
+        ranks = self._check_group(ranks)
+        return MPICommunicator(self.comm.Split(color=ranks[0], key=ranks.index(self.rank)))
+
+    def close(self):
+        if self.comm not in (None, MPI.COMM_WORLD):
+            self.comm.Free()
+            self.comm = None

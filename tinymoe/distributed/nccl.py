@@ -20,12 +20,12 @@ Keep NVLink multicast off on shared machines: export NCCL_NVLS_ENABLE=0.
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 
 from tinymoe.backend import cupy, to_device, to_numpy
 from tinymoe.distributed.communicator import Communicator
+from tinymoe.distributed.launch import local_rank
 
 try:
     from cupy.cuda import nccl
@@ -42,12 +42,15 @@ _NCCL_OPS = {"sum": nccl.NCCL_SUM, "mean": nccl.NCCL_SUM, "max": nccl.NCCL_MAX, 
 class NCCLCommunicator(Communicator):
     backend = "nccl"
 
-    def __init__(self, bootstrap: Communicator):
+    def __init__(self, bootstrap: Communicator, device=None):
+        """bootstrap: the host communicator of the same processes (toy or MPI). device: this
+        rank's GPU (a cupy.cuda.Device); None: GPU (rank on this host) mod (GPUs of this host)."""
         super().__init__(bootstrap.rank, bootstrap.world_size)
         cp = cupy()
         self.bootstrap = bootstrap
-        local_rank = int(os.environ.get("TINYMOE_LOCAL_RANK", os.environ.get("MPI_LOCALRANKID", self.rank)))
-        self.device = cp.cuda.Device(local_rank % cp.cuda.runtime.getDeviceCount())
+        if device is None:
+            device = cp.cuda.Device(local_rank(self.rank) % cp.cuda.runtime.getDeviceCount())
+        self.device = device
         self.device.use()
         self.comm = nccl.NcclCommunicator(self.world_size, self._shared_unique_id(), self.rank)
         self._cp, self._device_id = cp, self.device.id   # looked up once, not per call
@@ -163,6 +166,11 @@ class NCCLCommunicator(Communicator):
     def barrier(self):
         self.all_reduce(cupy().zeros(1, cupy().float32))
         cupy().cuda.get_current_stream().synchronize()
+
+    def group(self, ranks):
+        """A new NCCL communicator of `ranks` on this rank's GPU: a group of the host bootstrap
+        carries the group's own unique id (one ncclCommInitRank per group, as ncclCommSplit)."""
+        return NCCLCommunicator(self.bootstrap.group(self._check_group(ranks)), device=self.device)
 
     def close(self):
         if getattr(self, "comm", None) is not None:

@@ -244,8 +244,163 @@ def check_zero(comm, steps=3, device="cpu"):
     return {n: to_numpy(p.data).copy() for n, p in model.named_parameters()}, opt.state_bytes, opt.total
 
 
+def _divisors(n):
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def check_mesh_groups(comm, device="cpu"):
+    """For every mesh shape of this world: each rank's EP group is its row of consecutive ranks,
+    its DP group its column (all-reduce of the world ranks, a broadcast and an all-to-all inside
+    each group, all groups at once)."""
+    from tinymoe.distributed.mesh import Mesh
+
+    W, r = comm.world_size, comm.rank
+    for ep_size in _divisors(W):
+        mesh = Mesh(comm, ep_size)
+        d, e = divmod(r, ep_size)
+        for name, group, members in (("ep", mesh.ep, [d * ep_size + i for i in range(ep_size)]),
+                                     ("dp", mesh.dp, [i * ep_size + e for i in range(W // ep_size)])):
+            where = f"rank {r}, {mesh.layout}, {name} group"
+            assert group.world_size == len(members) and group.rank == members.index(r), \
+                f"{where}: rank {group.rank} of {group.world_size}, expected {members.index(r)} of {len(members)}"
+            got = to_numpy(group.all_reduce(to_device(np.array([float(r)]), device)))[0]
+            assert got == sum(members), f"{where}: all-reduce of the world ranks gave {got}, expected {sum(members)}"
+            root = to_numpy(group.broadcast(to_device(np.array([r], np.int64), device), root=group.world_size - 1))
+            assert root[0] == members[-1], f"{where}: broadcast from its last rank gave {root[0]}"
+            rows = [j + 1 for j in range(group.world_size)]                          # j + 1 rows to member j
+            x = to_device(np.full((sum(rows), 2), float(r)), device)
+            y = to_numpy(group.all_to_all_rows(x, rows, [group.rank + 1] * group.world_size))
+            want = np.repeat(np.array(members, float), group.rank + 1)[:, None] * np.ones(2)
+            assert np.array_equal(y, want), f"{where}: all-to-all gave {y[:, 0]}, expected {want[:, 0]}"
+        mesh.close()
+
+
+MESH_MODEL = dict(vocab_size=16, block_size=4, n_layer=1, n_head=2, d_model=8, d_ff=6, top_k=2,
+                  capacity_factor=None, aux_loss_weight=0.0, z_loss_weight=1e-3)   # dropless, no group-wise loss
+
+
+def _mesh_model(device, W):
+    """The tiny MoE GPT of the mesh checks, 2 W experts (any EP group size of W divides them), float64."""
+    from tinymoe.models import build_model
+
+    return build_model("moe-gpt", **MESH_MODEL, num_experts=2 * W).to(device, dtype=np.float64)
+
+
+def check_mesh_training(comm, ep_sizes=None, device="cpu", tol=1e-12):
+    """On every mesh shape of this world (or those in ep_sizes), one training step of a tiny
+    MoE GPT in float64 equals one process on the global batch: the gradients after the mesh's
+    all-reduces (dense ones, and each rank's experts against the same rows of the full model's),
+    the clipped global norm, the parameters after AdamW, and the experts gathered for a
+    checkpoint. Returns {ep_size: the largest difference}."""
+    import tinymoe
+    from tinymoe.distributed import training
+    from tinymoe.distributed.data_parallel import all_reduce_gradients, clip_grad_norm_
+    from tinymoe.distributed.mesh import Mesh
+    from tinymoe.optim import AdamW, clip_grad_norm_ as one_process_clip
+
+    W, r = comm.world_size, comm.rank
+    B = 2 * W                                                                 # the global batch: 2 rows per rank
+    ids = np.random.default_rng(3).integers(0, MESH_MODEL["vocab_size"], (B, MESH_MODEL["block_size"] + 1))
+
+    def step(model, x, y, reduce_and_clip):
+        opt = AdamW(model.parameters(), lr=0.05, weight_decay=0.1)           # built on the full model
+        return opt, lambda: (model(x, y)[1].backward(), reduce_and_clip())
+
+    tinymoe.manual_seed(1)
+    ref = _mesh_model(device, W)
+    ref_opt, run = step(ref, to_device(ids[:, :-1], device), to_device(ids[:, 1:], device),
+                        lambda: one_process_clip(ref.parameters(), 0.5))
+    ref_norm = run()[1]
+    ref_grads = {n: to_numpy(p.grad) for n, p in ref.named_parameters()}
+    ref_opt.step()
+    ref_after = {n: to_numpy(p.data) for n, p in ref.named_parameters()}
+
+    worst = {}
+    for ep_size in ep_sizes or _divisors(W):
+        mesh = Mesh(comm, ep_size)
+        tinymoe.manual_seed(1)
+        model = _mesh_model(device, W)
+        mine = ids[r * 2:(r + 1) * 2]                                         # this rank's rows
+        opt, run = step(model, to_device(mine[:, :-1], device), to_device(mine[:, 1:], device),
+                        lambda: (all_reduce_gradients(model.parameters(), mesh),
+                                 clip_grad_norm_(model.parameters(), 0.5, mesh))[1])
+        training.setup(model, opt, mesh)
+        errors = [abs(run()[1] - ref_norm)]                                   # the global norm before clipping
+        layers = {id(p): lay for lay in training.expert_layers(model) for p in lay.experts.parameters()}
+        for n, p in model.named_parameters():
+            want = ref_grads[n]
+            if id(p) in layers:                                               # my experts' rows of the full gradient
+                want = want[layers[id(p)].first:layers[id(p)].last]
+            assert p.grad.shape == want.shape, f"rank {r}, {mesh.layout}: {n} grad {p.grad.shape} vs {want.shape}"
+            errors.append(float(np.abs(to_numpy(p.grad) - want).max()))
+        opt.step()
+        training.check_in_sync(model, mesh)                                   # dense on all ranks, experts per DP group
+        with training.full_experts(model, opt, mesh):                         # as a checkpoint sees them
+            errors += [float(np.abs(to_numpy(p.data) - ref_after[n]).max()) for n, p in model.named_parameters()]
+        worst[ep_size] = max(errors)
+        assert worst[ep_size] < tol, f"rank {r}, {mesh.layout}: differs from one process by {worst[ep_size]:.2e}"
+        mesh.close()
+    return worst
+
+
+def check_mesh_zero(comm, ep_sizes=None, steps=2, device="cpu", tol=1e-12):
+    """ZeRO-1 on the mesh (MeshZeroAdamW: dense states split over the world, each rank's experts'
+    over its DP group) trains like one process with AdamW (weight decay on matrices only, as the
+    trainer), to 1e-12 in float64, and the ranks' states add up to one copy of AdamW's.
+    Returns {ep_size: (this rank's state bytes, one process's)}."""
+    import tinymoe
+    from tinymoe.distributed import training
+    from tinymoe.distributed.data_parallel import all_reduce_gradients, clip_grad_norm_
+    from tinymoe.distributed.mesh import Mesh
+    from tinymoe.distributed.zero import MeshZeroAdamW
+    from tinymoe.optim import AdamW, clip_grad_norm_ as one_process_clip
+
+    W, r = comm.world_size, comm.rank
+    ids = np.random.default_rng(4).integers(0, MESH_MODEL["vocab_size"], (steps, 2 * W, MESH_MODEL["block_size"] + 1))
+
+    def groups(model):                                                        # tinymoe.train.make_optimizer's
+        params = list(model.parameters())
+        return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.1},
+                {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+
+    tinymoe.manual_seed(2)
+    ref = _mesh_model(device, W)
+    ref_opt = AdamW(groups(ref), lr=0.05, betas=(0.9, 0.95))
+    for t in range(steps):
+        ref_opt.zero_grad()
+        ref(to_device(ids[t, :, :-1], device), to_device(ids[t, :, 1:], device))[1].backward()
+        one_process_clip(ref.parameters(), 0.5)
+        ref_opt.step()
+    ref_bytes = sum(v.nbytes for s in ref_opt.state.values() for v in s.values() if hasattr(v, "nbytes"))
+
+    out = {}
+    for ep_size in ep_sizes or _divisors(W):
+        mesh = Mesh(comm, ep_size)
+        tinymoe.manual_seed(2)
+        model = training.setup(_mesh_model(device, W), None, mesh)
+        opt = MeshZeroAdamW(groups(model), mesh, lr=0.05, betas=(0.9, 0.95))
+        for t in range(steps):
+            mine = ids[t, r * 2:(r + 1) * 2]                                  # this rank's rows
+            opt.zero_grad()
+            model(to_device(mine[:, :-1], device), to_device(mine[:, 1:], device))[1].backward()
+            all_reduce_gradients(model.parameters(), mesh)
+            clip_grad_norm_(model.parameters(), 0.5, mesh)
+            opt.step()
+        training.check_in_sync(model, mesh)
+        with training.full_experts(model, None, mesh):
+            err = max(float(np.abs(to_numpy(p.data) - to_numpy(q.data)).max())
+                      for p, q in zip(model.parameters(), ref.parameters()))
+        assert err < tol, f"rank {r}, {mesh.layout}: ZeRO-1 on the mesh differs from one process by {err:.2e}"
+        total = float(to_numpy(comm.all_reduce(np.array([float(opt.state_bytes)])))[0])
+        assert total == ref_bytes, f"rank {r}, {mesh.layout}: the ranks hold {total:.0f} bytes of state, AdamW {ref_bytes}"
+        out[ep_size] = (opt.state_bytes, ref_bytes)
+        mesh.close()
+    return out
+
+
 CHECKS = [check_all_to_all, check_all_to_all_rows, check_large_messages, check_all_reduce, check_broadcast,
-          check_all_to_all_grad, check_expert_parallel, check_data_parallel, check_zero]
+          check_all_to_all_grad, check_expert_parallel, check_data_parallel, check_zero, check_mesh_groups,
+          check_mesh_training, check_mesh_zero]
 
 
 def main(argv=None):

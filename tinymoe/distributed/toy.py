@@ -176,6 +176,9 @@ class ToyCommunicator(Communicator):
     def barrier(self):
         self.all_to_all([np.zeros(0, np.int8)] * self.world_size)
 
+    def group(self, ranks):
+        return ToyGroup(self, self._check_group(ranks))
+
     def close(self):
         for conn in self.peers:
             if conn is not None and not conn.closed:
@@ -189,6 +192,29 @@ class ToyCommunicator(Communicator):
             if box is not None:
                 box.close()
                 self.inbox[j] = None
+
+
+class ToyGroup(ToyCommunicator):
+    """Some ranks of a toy world (an expert- or data-parallel group of a mesh), talking through
+    the world's pipes and mailboxes: peer j of the group is rank ranks[j] of the world.
+
+    Every collective of ToyCommunicator is written with send / recv to group-local peers, so
+    translating those two is all a group needs. Messages of the world and of its groups share
+    one pipe per pair of ranks; they stay matched because every rank calls the collectives in
+    the same order (as MPI requires of communicators too)."""
+
+    def __init__(self, world: ToyCommunicator, ranks: list):
+        Communicator.__init__(self, ranks.index(world.rank), len(ranks))   # not the world's pipes
+        self.world, self.ranks, self.timeout = world, list(ranks), world.timeout
+
+    def send(self, peer, array, op="send"):
+        self.world.send(self.ranks[peer], array, op)
+
+    def recv(self, peer, op="recv"):
+        return self.world.recv(self.ranks[peer], op)
+
+    def close(self):
+        """Nothing to release: the world owns the pipes and mailboxes."""
 
 
 def _attach(name: str) -> SharedMemory:

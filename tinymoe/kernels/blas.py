@@ -96,6 +96,7 @@ class _Cublas:
         self.lib = ctypes.CDLL(path)
         self.handle = ctypes.c_void_p()
         self._check(self.lib.cublasCreate_v2(ctypes.byref(self.handle)), "cublasCreate")
+        self.set_math_mode(_tf32)
         self.workspace = cp.empty(WORKSPACE_BYTES, cp.uint8)  # kept: the graph records its address
         self.stream = None
         c_ll, c_int, c_void = ctypes.c_longlong, ctypes.c_int, ctypes.c_void_p
@@ -107,6 +108,11 @@ class _Cublas:
                            c_void, c_int, c_ll, c_int]
         self.gemm = {np.dtype(np.float32): (self.lib.cublasSgemmStridedBatched, ctypes.c_float),
                      np.dtype(np.float64): (self.lib.cublasDgemmStridedBatched, ctypes.c_double)}
+
+    def set_math_mode(self, tf32: bool):
+        """float32 GEMMs on TF32 tensor cores (CUBLAS_TF32_TENSOR_OP_MATH) or exact (DEFAULT)."""
+        self._check(self.lib.cublasSetMathMode(self.handle, ctypes.c_int(3 if tf32 else 0)),
+                    "cublasSetMathMode")
 
     @staticmethod
     def _check(status, what):
@@ -125,6 +131,15 @@ class _Cublas:
 
 
 _cublas = None
+_tf32 = False
+
+
+def set_tf32(enabled: bool) -> None:
+    """TF32 for this module's float32 GEMMs too (tinymoe/precision/tf32.py sets both)."""
+    global _tf32
+    _tf32 = bool(enabled)
+    if _cublas is not None:
+        _cublas.set_math_mode(_tf32)
 
 
 def prepare():

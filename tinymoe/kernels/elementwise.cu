@@ -1,7 +1,8 @@
 // Device functions of the fused elementwise kernels (elementwise.py wraps each one in a
 // cupy.ElementwiseKernel: one pass over memory, one launch, no temporaries).
 // The NumPy spec of every function is in tinymoe/autograd/ops/unary.py (activations) and
-// tinymoe/optim/adamw.py (the AdamW update). T is float or double.
+// tinymoe/optim/adamw.py (the AdamW update). T is float or double (the activations are
+// called with acc_t: float for float16 and bfloat16 arrays, see elementwise.py).
 
 #define TINYMOE_SQRT1_2 0.70710678118654752440     // 1 / sqrt(2)
 #define TINYMOE_INV_SQRT_2PI 0.39894228040143267794  // 1 / sqrt(2 pi)

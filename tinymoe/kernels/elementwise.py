@@ -20,20 +20,25 @@ import math
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
+
 from ..backend import cupy
 
 SOURCE = Path(__file__).with_name("elementwise.cu")
 
-# name -> (input params, output params, body), cupy.ElementwiseKernel's three strings.
+# name -> (input params, output params, body), cupy.ElementwiseKernel's three strings. The
+# activations compute in acc_t (typedef'd per kernel: float for float16 and bfloat16 arrays,
+# else T itself): 16-bit elements are widened as they are read and rounded once when written.
 KERNELS = {
-    "gelu": ("T x", "T y", "y = tinymoe_gelu(x)"),
-    "gelu_backward": ("T g, T x", "T dx", "dx = g * tinymoe_gelu_grad(x)"),
-    "gelu_tanh": ("T x", "T y", "y = tinymoe_gelu_tanh(x)"),
-    "gelu_tanh_backward": ("T g, T x", "T dx", "dx = g * tinymoe_gelu_tanh_grad(x)"),
-    "silu": ("T x", "T y", "y = tinymoe_silu(x)"),
-    "silu_backward": ("T g, T x", "T dx", "dx = g * tinymoe_silu_grad(x)"),
-    "softplus": ("T x", "T y", "y = tinymoe_softplus(x)"),
-    "softplus_backward": ("T g, T x", "T dx", "dx = g * tinymoe_sigmoid(x)"),
+    "gelu": ("T x", "T y", "y = T(tinymoe_gelu(acc_t(x)))"),
+    "gelu_backward": ("T g, T x", "T dx", "dx = T(acc_t(g) * tinymoe_gelu_grad(acc_t(x)))"),
+    "gelu_tanh": ("T x", "T y", "y = T(tinymoe_gelu_tanh(acc_t(x)))"),
+    "gelu_tanh_backward": ("T g, T x", "T dx",
+                           "dx = T(acc_t(g) * tinymoe_gelu_tanh_grad(acc_t(x)))"),
+    "silu": ("T x", "T y", "y = T(tinymoe_silu(acc_t(x)))"),
+    "silu_backward": ("T g, T x", "T dx", "dx = T(acc_t(g) * tinymoe_silu_grad(acc_t(x)))"),
+    "softplus": ("T x", "T y", "y = T(tinymoe_softplus(acc_t(x)))"),
+    "softplus_backward": ("T g, T x", "T dx", "dx = T(acc_t(g) * tinymoe_sigmoid(acc_t(x)))"),
     "adamw": ("T g, T decay, T beta1, T one_minus_beta1, T beta2, T one_minus_beta2, "
               "T step_size, T sqrt_c2, T eps",
               "T p, T m, T v",
@@ -43,11 +48,16 @@ KERNELS = {
 
 
 @lru_cache(maxsize=None)
-def kernel(name):
-    """The ElementwiseKernel `name` (compiled per dtype by CuPy on first call)."""
+def _kernel(name, acc):
     in_params, out_params, body = KERNELS[name]
     return cupy().ElementwiseKernel(in_params, out_params, body, f"tinymoe_{name}",
-                                    preamble=SOURCE.read_text())
+                                    preamble=f"typedef {acc} acc_t;\n" + SOURCE.read_text())
+
+
+def kernel(name, dtype=np.float32):
+    """The ElementwiseKernel `name` for arrays of `dtype` (compiled per dtype by CuPy on
+    first call; float16 and bfloat16 compute in float)."""
+    return _kernel(name, "double" if np.dtype(dtype) == np.float64 else "float")
 
 
 def _gelu_name(approximate):
@@ -58,32 +68,32 @@ def _gelu_name(approximate):
 
 def gelu(x, approximate="none"):
     """y = x Phi(x) (exact) or x/2 (1 + tanh(sqrt(2/pi)(x + 0.044715 x^3)))."""
-    return kernel(_gelu_name(approximate))(x)
+    return kernel(_gelu_name(approximate), x.dtype)(x)
 
 
 def gelu_backward(grad, x, approximate="none"):
     """dL/dx = grad * GELU'(x)."""
-    return kernel(_gelu_name(approximate) + "_backward")(grad, x)
+    return kernel(_gelu_name(approximate) + "_backward", x.dtype)(grad.astype(x.dtype, copy=False), x)
 
 
 def silu(x):
     """y = x sigmoid(x)."""
-    return kernel("silu")(x)
+    return kernel("silu", x.dtype)(x)
 
 
 def silu_backward(grad, x):
     """dL/dx = grad * s (1 + x (1 - s)),  s = sigmoid(x)."""
-    return kernel("silu_backward")(grad, x)
+    return kernel("silu_backward", x.dtype)(grad.astype(x.dtype, copy=False), x)
 
 
 def softplus(x):
     """y = log(1 + e^x), overflow-free."""
-    return kernel("softplus")(x)
+    return kernel("softplus", x.dtype)(x)
 
 
 def softplus_backward(grad, x):
     """dL/dx = grad * sigmoid(x)."""
-    return kernel("softplus_backward")(grad, x)
+    return kernel("softplus_backward", x.dtype)(grad.astype(x.dtype, copy=False), x)
 
 
 def adamw_update(p, g, m, v, *, lr, beta1, beta2, eps, weight_decay, step):

@@ -22,12 +22,20 @@
 // row, and the last block of a column tile to finish (an integer ticket) adds the chunks'
 // partials in chunk order. The result does not depend on which block finishes last.
 //
-// Compile-time constants (given with -D by norm.py): scalar_t (float or double; sums are
-// taken in scalar_t), WARPS (rows per block of the row kernels), COLS x ROWS_Y (the block of
+// Compile-time constants (given with -D by norm.py): data_t (the arrays' type: float, double,
+// __half or __nv_bfloat16), scalar_t (the type sums are taken in and mean, rstd, dw, db are
+// stored in: float for the three 32-bit-or-less types, double for double), WARPS (rows per block of the row kernels), COLS x ROWS_Y (the block of
 // the dw/db kernel: COLS columns, ROWS_Y threads down the rows of each).
 
 #ifndef scalar_t
 #define scalar_t float
+#endif
+#ifndef data_t
+#define data_t scalar_t
+#endif
+#ifdef HALF_TYPES
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
 #endif
 #ifndef WARPS
 #define WARPS 4
@@ -43,6 +51,10 @@
 #define FULL 0xffffffffu
 typedef long long i64;
 
+// One element of an array, widened to the type sums are taken in; and narrowed back.
+__device__ __forceinline__ scalar_t load(data_t v) { return static_cast<scalar_t>(v); }
+__device__ __forceinline__ data_t store(scalar_t v) { return data_t(v); }
+
 // The sum of v over the 32 lanes, in every lane (butterfly: lane l adds lane l ^ k).
 __device__ __forceinline__ scalar_t warp_sum(scalar_t v) {
 #pragma unroll
@@ -52,30 +64,30 @@ __device__ __forceinline__ scalar_t warp_sum(scalar_t v) {
 
 // y = (x - mean) rstd w (+ b), one warp per row; mean[r], rstd[r] saved for the backward.
 extern "C" __global__ void __launch_bounds__(WARPS * WARP)
-layer_norm_fwd(const scalar_t* __restrict__ x, const scalar_t* __restrict__ w,
-               const scalar_t* __restrict__ b, bool has_bias, int rows, int d, scalar_t eps,
-               scalar_t* __restrict__ y, scalar_t* __restrict__ mean_out,
+layer_norm_fwd(const data_t* __restrict__ x, const data_t* __restrict__ w,
+               const data_t* __restrict__ b, bool has_bias, int rows, int d, scalar_t eps,
+               data_t* __restrict__ y, scalar_t* __restrict__ mean_out,
                scalar_t* __restrict__ rstd_out) {
     const int row = blockIdx.x * WARPS + threadIdx.x / WARP, lane = threadIdx.x % WARP;
     if (row >= rows) return;                      // the whole warp leaves together
-    const scalar_t* xr = x + (i64)row * d;
-    scalar_t* yr = y + (i64)row * d;
+    const data_t* xr = x + (i64)row * d;
+    data_t* yr = y + (i64)row * d;
 
     scalar_t s = 0;                               // pass 1: mean = sum x / d
-    for (int c = lane; c < d; c += WARP) s += xr[c];
+    for (int c = lane; c < d; c += WARP) s += load(xr[c]);
     const scalar_t mean = warp_sum(s) / scalar_t(d);
 
     scalar_t ss = 0;                              // pass 2: var = sum (x - mean)^2 / d
     for (int c = lane; c < d; c += WARP) {
-        const scalar_t t = xr[c] - mean;
+        const scalar_t t = load(xr[c]) - mean;
         ss += t * t;
     }
     const scalar_t rstd = scalar_t(1) / sqrt(warp_sum(ss) / scalar_t(d) + eps);
 
     for (int c = lane; c < d; c += WARP) {        // pass 3: y = xhat w + b
-        scalar_t v = (xr[c] - mean) * rstd * w[c];
-        if (has_bias) v += b[c];
-        yr[c] = v;
+        scalar_t v = (load(xr[c]) - mean) * rstd * load(w[c]);
+        if (has_bias) v += load(b[c]);
+        yr[c] = store(v);
     }
     if (lane == 0) {
         mean_out[row] = mean;
@@ -85,28 +97,28 @@ layer_norm_fwd(const scalar_t* __restrict__ x, const scalar_t* __restrict__ w,
 
 // y = x rstd w,  rstd = 1 / sqrt(mean(x^2) + eps); one warp per row; rstd[r] saved.
 extern "C" __global__ void __launch_bounds__(WARPS * WARP)
-rms_norm_fwd(const scalar_t* __restrict__ x, const scalar_t* __restrict__ w, int rows, int d,
-             scalar_t eps, scalar_t* __restrict__ y, scalar_t* __restrict__ rstd_out) {
+rms_norm_fwd(const data_t* __restrict__ x, const data_t* __restrict__ w, int rows, int d,
+             scalar_t eps, data_t* __restrict__ y, scalar_t* __restrict__ rstd_out) {
     const int row = blockIdx.x * WARPS + threadIdx.x / WARP, lane = threadIdx.x % WARP;
     if (row >= rows) return;
-    const scalar_t* xr = x + (i64)row * d;
-    scalar_t* yr = y + (i64)row * d;
+    const data_t* xr = x + (i64)row * d;
+    data_t* yr = y + (i64)row * d;
 
     scalar_t ss = 0;
-    for (int c = lane; c < d; c += WARP) ss += xr[c] * xr[c];
+    for (int c = lane; c < d; c += WARP) ss += load(xr[c]) * load(xr[c]);
     const scalar_t rstd = scalar_t(1) / sqrt(warp_sum(ss) / scalar_t(d) + eps);
 
-    for (int c = lane; c < d; c += WARP) yr[c] = xr[c] * rstd * w[c];
+    for (int c = lane; c < d; c += WARP) yr[c] = store(load(xr[c]) * rstd * load(w[c]));
     if (lane == 0) rstd_out[row] = rstd;
 }
 
 // dx = rstd (g - mean(g) - xhat mean(g xhat)),  g = dy w,  xhat = (x - mean) rstd.
 // Pass 1 sums g and g xhat over the row; pass 2 writes dx (x, dy re-read: L1/L2 hits).
 extern "C" __global__ void __launch_bounds__(WARPS * WARP)
-layer_norm_bwd_dx(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
-                  const scalar_t* __restrict__ w, const scalar_t* __restrict__ mean,
+layer_norm_bwd_dx(const data_t* __restrict__ dy, const data_t* __restrict__ x,
+                  const data_t* __restrict__ w, const scalar_t* __restrict__ mean,
                   const scalar_t* __restrict__ rstd, int rows, int d,
-                  scalar_t* __restrict__ dx) {
+                  data_t* __restrict__ dx) {
     const int row = blockIdx.x * WARPS + threadIdx.x / WARP, lane = threadIdx.x % WARP;
     if (row >= rows) return;
     const i64 base = (i64)row * d;
@@ -114,8 +126,8 @@ layer_norm_bwd_dx(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ 
 
     scalar_t sg = 0, sgx = 0;
     for (int c = lane; c < d; c += WARP) {
-        const scalar_t g = dy[base + c] * w[c];
-        const scalar_t xhat = (x[base + c] - mu) * r;
+        const scalar_t g = load(dy[base + c]) * load(w[c]);
+        const scalar_t xhat = (load(x[base + c]) - mu) * r;
         sg += g;
         sgx += g * xhat;
     }
@@ -123,29 +135,30 @@ layer_norm_bwd_dx(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ 
     const scalar_t mean_gx = warp_sum(sgx) / scalar_t(d);
 
     for (int c = lane; c < d; c += WARP) {
-        const scalar_t g = dy[base + c] * w[c];
-        const scalar_t xhat = (x[base + c] - mu) * r;
-        dx[base + c] = r * (g - mean_g - xhat * mean_gx);
+        const scalar_t g = load(dy[base + c]) * load(w[c]);
+        const scalar_t xhat = (load(x[base + c]) - mu) * r;
+        dx[base + c] = store(r * (g - mean_g - xhat * mean_gx));
     }
 }
 
 // dx = rstd (g - xhat mean(g xhat)),  g = dy w,  xhat = x rstd.
 extern "C" __global__ void __launch_bounds__(WARPS * WARP)
-rms_norm_bwd_dx(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
-                const scalar_t* __restrict__ w, const scalar_t* __restrict__ rstd, int rows,
-                int d, scalar_t* __restrict__ dx) {
+rms_norm_bwd_dx(const data_t* __restrict__ dy, const data_t* __restrict__ x,
+                const data_t* __restrict__ w, const scalar_t* __restrict__ rstd, int rows,
+                int d, data_t* __restrict__ dx) {
     const int row = blockIdx.x * WARPS + threadIdx.x / WARP, lane = threadIdx.x % WARP;
     if (row >= rows) return;
     const i64 base = (i64)row * d;
     const scalar_t r = rstd[row];
 
     scalar_t sgx = 0;
-    for (int c = lane; c < d; c += WARP) sgx += dy[base + c] * w[c] * (x[base + c] * r);
+    for (int c = lane; c < d; c += WARP)
+        sgx += load(dy[base + c]) * load(w[c]) * (load(x[base + c]) * r);
     const scalar_t mean_gx = warp_sum(sgx) / scalar_t(d);
 
     for (int c = lane; c < d; c += WARP) {
-        const scalar_t g = dy[base + c] * w[c];
-        dx[base + c] = r * (g - (x[base + c] * r) * mean_gx);
+        const scalar_t g = load(dy[base + c]) * load(w[c]);
+        dx[base + c] = store(r * (g - (load(x[base + c]) * r) * mean_gx));
     }
 }
 
@@ -171,7 +184,7 @@ __device__ __forceinline__ scalar_t column_total(const scalar_t (*smem)[COLS], i
 // chunks ty, ty + ROWS_Y, ... in order, then the ROWS_Y sums in ty order. Fixed order
 // throughout: the same bits on every run.
 extern "C" __global__ void __launch_bounds__(COLS * ROWS_Y)
-norm_bwd_dwdb(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
+norm_bwd_dwdb(const data_t* __restrict__ dy, const data_t* __restrict__ x,
               const scalar_t* __restrict__ mean, const scalar_t* __restrict__ rstd,
               bool has_mean, bool has_bias, int rows, int d, int rows_per_chunk,
               scalar_t* __restrict__ part, int* __restrict__ counter,
@@ -187,9 +200,9 @@ norm_bwd_dwdb(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
     if (col < d) {
         for (int r = r0 + ty; r < r1; r += ROWS_Y) {
             const i64 i = (i64)r * d + col;
-            const scalar_t xhat = (has_mean ? x[i] - mean[r] : x[i]) * rstd[r];
-            aw += dy[i] * xhat;
-            if (has_bias) ab += dy[i];
+            const scalar_t xhat = (has_mean ? load(x[i]) - mean[r] : load(x[i])) * rstd[r];
+            aw += load(dy[i]) * xhat;
+            if (has_bias) ab += load(dy[i]);
         }
     }
     s_dw[ty][tx] = aw;

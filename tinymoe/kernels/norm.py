@@ -12,8 +12,9 @@ on a small model the step waits on the host. Here (CUDA C in norm.cu, compiled p
     rms_norm_backward(dy, x, w, rstd, needs=(True, True))
                                            -> (dx, dw)             dx: 1, dw: 1 (+ a memset)
 
-Shapes: x, dy, y, dx (rows, d) C-contiguous; w, b, dw, db (d,); mean, rstd (rows,). CuPy
-arrays of one dtype, float32 or float64 (sums taken in that dtype). b may be None; an
+Shapes: x, dy, y, dx (rows, d) C-contiguous; w, b, dw, db (d,); mean, rstd (rows,). x, w, b,
+dy of one dtype: float32, float64, float16 or bfloat16; sums are taken in float32 for the
+last three (float64 for float64), and mean, rstd, dw, db are returned in that type. b may be None; an
 output the caller does not need (needs[i] False) is None and costs nothing. The backward
 recomputes xhat = (x - mean) rstd from what the forward saved (two (rows,) vectors, not a
 (rows, d) xhat). dw and db are deterministic: no float atomics (see norm.cu).
@@ -26,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ..backend import cupy
+from ..dtypes import accumulation_dtype, as_dtype, bfloat16, float16, is_half
 
 SOURCE = Path(__file__).with_name("norm.cu")
 WARP = 32
@@ -35,10 +37,19 @@ MIN_CHUNK_ROWS = 64   # a dw/db block sums at least this many rows (8 per thread
 TARGET_BLOCKS = 512   # ... and the grid is split into row chunks up to about this many blocks
 
 
+CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double", float16: "__half"}
+if bfloat16 is not None:
+    CTYPES[bfloat16] = "__nv_bfloat16"
+DTYPES = tuple(CTYPES)
+
+
 def nvcc_options(dtype):
-    """The -D defines that specialise norm.cu (also used by the compile test)."""
-    ctype = "float" if np.dtype(dtype) == np.float32 else "double"
-    return (f"-Dscalar_t={ctype}", f"-DWARPS={WARPS}", f"-DCOLS={COLS}", f"-DROWS_Y={ROWS_Y}")
+    """The -D defines that specialise norm.cu (also used by the compile test): the storage
+    type data_t, the sum type scalar_t (float for the 16-bit formats)."""
+    dtype = as_dtype(dtype)
+    half = ("-DHALF_TYPES",) if is_half(dtype) else ()
+    return (f"-Ddata_t={CTYPES[dtype]}", f"-Dscalar_t={CTYPES[accumulation_dtype(dtype)]}",
+            *half, f"-DWARPS={WARPS}", f"-DCOLS={COLS}", f"-DROWS_Y={ROWS_Y}")
 
 
 @lru_cache(maxsize=None)
@@ -54,15 +65,15 @@ def _function(name, dtype_str):
 def _kernel(name, dtype):
     """The kernel, looked up once per dtype (get_function asks the driver on every call:
     on this host-bound path, three times per LayerNorm per step)."""
-    return _function(name, np.dtype(dtype).str)
+    return _function(name, np.dtype(dtype).name)        # "bfloat16": its .str is a void "<V2"
 
 
 def _check(name, x, *vectors):
     """x (rows, d) and each vector (d,) (or None) of one float dtype; returns (rows, d, dtype)."""
     if x.ndim != 2:
         raise ValueError(f"{name}: x must be (rows, d), got shape {tuple(x.shape)}")
-    if x.dtype not in (np.float32, np.float64):
-        raise TypeError(f"{name}: float32 or float64 arrays only, got {x.dtype}")
+    if x.dtype not in DTYPES:
+        raise TypeError(f"{name}: float32, float64, float16 or bfloat16 arrays only, got {x.dtype}")
     rows, d = x.shape
     for v in vectors:
         if v is not None and (tuple(v.shape) != (d,) or v.dtype != x.dtype):
@@ -86,11 +97,12 @@ def layer_norm_forward(x, w, b, eps):
     has_bias = b is not None
     x, w = cp.ascontiguousarray(x), cp.ascontiguousarray(w)
     b = cp.ascontiguousarray(b) if has_bias else w             # not read without a bias
+    acc = accumulation_dtype(dtype)
     y = cp.empty((rows, d), dtype)
-    mean, rstd = cp.empty(rows, dtype), cp.empty(rows, dtype)
+    mean, rstd = cp.empty(rows, acc), cp.empty(rows, acc)
     if x.size:
         _kernel("layer_norm_fwd", dtype)(*_row_grid(rows), (
-            x, w, b, np.bool_(has_bias), np.int32(rows), np.int32(d), dtype.type(eps),
+            x, w, b, np.bool_(has_bias), np.int32(rows), np.int32(d), acc.type(eps),
             y, mean, rstd))
     return y, mean, rstd
 
@@ -101,10 +113,11 @@ def rms_norm_forward(x, w, eps):
     cp = cupy()
     rows, d, dtype = _check("rms_norm_forward", x, w)
     x, w = cp.ascontiguousarray(x), cp.ascontiguousarray(w)
-    y, rstd = cp.empty((rows, d), dtype), cp.empty(rows, dtype)
+    acc = accumulation_dtype(dtype)
+    y, rstd = cp.empty((rows, d), dtype), cp.empty(rows, acc)
     if x.size:
         _kernel("rms_norm_fwd", dtype)(*_row_grid(rows), (
-            x, w, np.int32(rows), np.int32(d), dtype.type(eps), y, rstd))
+            x, w, np.int32(rows), np.int32(d), acc.type(eps), y, rstd))
     return y, rstd
 
 
@@ -121,7 +134,7 @@ def _dw_db(dy, x, mean, rstd, need_db):
     """dw = sum_r dy xhat, db = sum_r dy (None unless need_db); mean None for RMSNorm."""
     cp = cupy()
     rows, d = x.shape
-    dtype = x.dtype
+    dtype = accumulation_dtype(x.dtype)                        # dw, db: float32 for halves
     if x.size == 0:                                            # a sum over no rows
         return cp.zeros(d, dtype), cp.zeros(d, dtype) if need_db else None
     dw = cp.empty(d, dtype)
@@ -133,7 +146,7 @@ def _dw_db(dy, x, mean, rstd, need_db):
         counter = cp.zeros(tiles, np.int32)                    # tickets per column tile
     else:
         part, counter = dw, cp.empty(0, np.int32)              # neither is touched
-    _kernel("norm_bwd_dwdb", dtype)((tiles, chunks), (COLS, ROWS_Y), (
+    _kernel("norm_bwd_dwdb", x.dtype)((tiles, chunks), (COLS, ROWS_Y), (
         dy, x, rstd if mean is None else mean, rstd, np.bool_(mean is not None),
         np.bool_(need_db), np.int32(rows), np.int32(d), np.int32(per_chunk), part, counter,
         dw, dw if db is None else db))

@@ -17,7 +17,8 @@ from functools import lru_cache
 from .. import backend
 from ..autograd.function import Function
 from ..autograd.ops import sum_to_shape
-from ..kernels.blas import matmul as _mm           # a @ b; cuBLAS directly while capturing
+from ..dtypes import accumulation_dtype, upcast
+from ..kernels.matmul import matmul as mm           # 16-bit aware; cuBLAS directly while capturing
 from . import functional as F
 from .linear import Linear
 from .module import Module
@@ -59,7 +60,8 @@ class CausalAttention(Function):
         p = xp.exp(s, out=s)
         total = p.sum(axis=-1, keepdims=True)                                 # (B, Hkv, G, Lq, 1)
         p /= total                                                            # softmax
-        out = _mm(p, v)                                                           # (B, Hkv, G, Lq, d)
+        p = p.astype(q.dtype, copy=False)                                     # 16-bit P for P V
+        out = mm(p, v)                                                        # (B, Hkv, G, Lq, d)
         ctx.keep_probs = keep_probs
         if keep_probs:
             ctx.save(q, k, v, p, out)
@@ -69,9 +71,10 @@ class CausalAttention(Function):
 
     @staticmethod
     def _scores(q, k, scale):
-        """S = Q K^T * scale + M, M = -inf where a query would see the future: (..., Lq, Lk)."""
+        """S = Q K^T * scale + M, M = -inf where a query would see the future: (..., Lq, Lk).
+        In float32 for 16-bit q, k (the softmax's max, exp and sums are taken on it)."""
         xp = backend.array_module(q)
-        s = _mm(q, xp.swapaxes(k, -1, -2))
+        s = mm(q, xp.swapaxes(k, -1, -2)).astype(accumulation_dtype(q.dtype), copy=False)
         s *= scale
         s += causal_mask(q.shape[-2], k.shape[-2], s.dtype.str, backend.device_of(s))
         return s
@@ -80,18 +83,22 @@ class CausalAttention(Function):
     def backward(ctx, grad):
         q, k, v, p, out = ctx.saved
         xp = backend.array_module(grad)
+        grad = grad.astype(q.dtype, copy=False)
         if not ctx.keep_probs:                                                # lse was kept:
             s = CausalAttention._scores(q, k, ctx.scale)                      # recompute P
             s -= p
-            p = xp.exp(s, out=s)                                              # P = exp(S - lse)
-        dv = sum_to_shape(_mm(xp.swapaxes(p, -1, -2), grad), v.shape)
-        rowsum = (grad * out).sum(axis=-1, keepdims=True)                     # (B, Hkv, G, Lq, 1)
-        ds = _mm(grad, xp.swapaxes(v, -1, -2))                                    # dP (B, Hkv, G, Lq, Lk)
+            p = xp.exp(s, out=s).astype(q.dtype, copy=False)                  # P = exp(S - lse)
+        dv = sum_to_shape(mm(xp.swapaxes(p, -1, -2), grad), v.shape)
+        g32, out32 = upcast(grad, out)                                        # float32 for 16 bits
+        rowsum = (g32 * out32).sum(axis=-1, keepdims=True)                    # (B, Hkv, G, Lq, 1)
+        ds = mm(grad, xp.swapaxes(v, -1, -2))                                 # dP (B, Hkv, G, Lq, Lk)
+        ds = ds.astype(rowsum.dtype, copy=False)
         ds -= rowsum                                                          # softmax backward,
         ds *= p                                                               # in place
         ds *= ctx.scale
-        dq = _mm(ds, k)
-        dk = sum_to_shape(_mm(xp.swapaxes(ds, -1, -2), q), k.shape)
+        ds = ds.astype(q.dtype, copy=False)
+        dq = mm(ds, k)
+        dk = sum_to_shape(mm(xp.swapaxes(ds, -1, -2), q), k.shape)
         return dq, dk, dv
 
 

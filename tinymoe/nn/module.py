@@ -17,6 +17,7 @@ checkpoints of the papers (`blocks.0.mixer.in_proj.weight`).
 from __future__ import annotations
 
 from .. import backend
+from ..dtypes import is_floating
 from .parameter import Parameter
 
 
@@ -235,7 +236,7 @@ class Module:
         def convert(array):
             if device is not None:
                 array = backend.to_device(array, device)
-            if dtype is not None and array.dtype.kind in "fc":
+            if dtype is not None and is_floating(array.dtype):
                 array = array.astype(dtype, copy=False)
             return array
 

@@ -6,14 +6,14 @@ is what makes `Module.__setattr__` register it (and `parameters()` find it).
 from __future__ import annotations
 
 from ..autograd.tensor import Tensor
+from ..dtypes import is_floating
 
 
 class Parameter(Tensor):
     def __init__(self, data, dtype=None):
         if isinstance(data, Tensor):
             data = data.data
-        kind = getattr(getattr(data, "dtype", None), "kind", "f")
-        if kind not in "fc":
+        if hasattr(data, "dtype") and not is_floating(data.dtype):
             raise TypeError(
                 f"Parameter: needs floating-point data, got {data.dtype}{tuple(data.shape)}"
             )

@@ -1,6 +1,6 @@
 """How one training step runs: one owner, so that the trainer reads like a recipe.
 
-    step = make_step(model, optimizer, grad_clip=1.0, comm=None)
+    step = make_step(model, optimizer, grad_clip=1.0, comm=None, precision=None)
     result = step(x, y)        # forward, backward, (all-reduce), clip, guarded update
     result.loss, result.grad_norm, result.finite      # 0-d arrays, still on the device
 
@@ -18,23 +18,27 @@ from .guard import DivergenceError, DivergenceGuard
 CUDA_GRAPH = ("auto", "on", "off")
 
 
-def make_step(model, optimizer, grad_clip: float | None = 1.0, comm=None, cuda_graph: str = "auto"):
+def make_step(model, optimizer, grad_clip: float | None = 1.0, comm=None, cuda_graph: str = "auto",
+              precision=None):
     """The step object for this model and run. cuda_graph: "auto" captures the step as a CUDA
     graph when the model allows it (a GPU, one process, static shapes: see
     cuda_graph.capture_blocker) and runs eagerly otherwise, saying why in `reason` when the
-    model is on a GPU; "on" raises instead of running eagerly; "off" always runs eagerly."""
+    model is on a GPU; "on" raises instead of running eagerly; "off" always runs eagerly.
+    precision: the StepPrecision of tinymoe.precision's Precision.apply (None: float32); a
+    16-bit model (master weights, loss scale) runs eagerly for now."""
     from .cuda_graph import CapturedStep, capture_blocker
 
     if cuda_graph not in CUDA_GRAPH:
         raise ValueError(f"make_step: cuda_graph must be one of {CUDA_GRAPH}, got {cuda_graph!r}")
     if cuda_graph == "off":
-        return EagerStep(model, optimizer, grad_clip=grad_clip, comm=comm)
-    blocker = capture_blocker(model, optimizer, comm)
+        return EagerStep(model, optimizer, grad_clip=grad_clip, comm=comm, precision=precision)
+    blocker = precision.capture_blocker if precision is not None else None
+    blocker = blocker or capture_blocker(model, optimizer, comm)
     if blocker is None:
         return CapturedStep(model, optimizer, grad_clip=grad_clip, comm=comm)
     if cuda_graph == "on":
         raise ValueError(f"cuda_graph='on' (--cuda-graph on): this step cannot be captured: {blocker}")
-    step = EagerStep(model, optimizer, grad_clip=grad_clip, comm=comm)
+    step = EagerStep(model, optimizer, grad_clip=grad_clip, comm=comm, precision=precision)
     on_gpu = any(backend.is_cupy_array(p.data) for p in model.parameters())
     step.reason = f"no CUDA graph: {blocker}" if on_gpu else None
     return step

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ... import backend
+from ...dtypes import accumulation_dtype
 
 
 def sum_to_shape(grad, shape):
@@ -12,13 +13,15 @@ def sum_to_shape(grad, shape):
     """
     if grad.shape == tuple(shape):
         return grad
+    dtype = grad.dtype
+    acc = accumulation_dtype(dtype)                      # 16-bit gradients sum in float32
     extra = grad.ndim - len(shape)
     if extra > 0:
-        grad = grad.sum(axis=tuple(range(extra)))
+        grad = grad.sum(axis=tuple(range(extra)), dtype=acc)
     axes = tuple(i for i, n in enumerate(shape) if n == 1 and grad.shape[i] != 1)
     if axes:
-        grad = grad.sum(axis=axes, keepdims=True)
-    return grad
+        grad = grad.sum(axis=axes, keepdims=True, dtype=acc)
+    return grad.astype(dtype, copy=False)
 
 
 def shape_of(x):

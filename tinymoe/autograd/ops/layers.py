@@ -1,5 +1,6 @@
 """Ops of neural-network layers: embedding lookup, dropout, causal depthwise conv1d."""
 from ... import backend
+from ...dtypes import accumulation_dtype
 from ..function import Function, op_error
 from ._util import scatter_add
 
@@ -24,8 +25,10 @@ class Embedding(Function):
     def backward(ctx, grad):
         (ids,) = ctx.saved
         xp = backend.array_module(grad)
-        dw = xp.zeros(ctx.shape, dtype=grad.dtype)
-        return scatter_add(dw, ids.reshape(-1), grad.reshape(-1, ctx.shape[1])), None
+        acc = accumulation_dtype(grad.dtype)              # 16-bit rows are summed in float32
+        dw = xp.zeros(ctx.shape, dtype=acc)
+        dw = scatter_add(dw, ids.reshape(-1), grad.reshape(-1, ctx.shape[1]).astype(acc, copy=False))
+        return dw.astype(grad.dtype, copy=False), None
 
 
 class Dropout(Function):
@@ -37,10 +40,11 @@ class Dropout(Function):
     def forward(ctx, x, p):
         if backend.is_cupy_array(x):       # the counter-based generator: one launch, capturable
             from ...kernels import random
-            scale = random.dropout_scale(x.shape, x.dtype, p)
+            acc = accumulation_dtype(x.dtype)  # drawn in float32 for 16-bit x
+            scale = random.dropout_scale(x.shape, acc, p).astype(x.dtype, copy=False)
         else:
-            keep = backend.rng("cpu").random(x.shape, dtype=x.dtype) >= p
-            scale = keep * x.dtype.type(1 / (1 - p))
+            keep = backend.rng("cpu").random(x.shape, dtype=accumulation_dtype(x.dtype)) >= p
+            scale = (keep * (1 / (1 - p))).astype(x.dtype)
         ctx.save(scale)
         return x * scale
 
@@ -89,7 +93,9 @@ class Conv1dCausal(Function):
                 dxpad[:, :, k : k + L] += w[None, :, k, None] * grad
             dx = dxpad[:, :, K - 1 :]
         if gw:
-            dw = xp.stack([(grad * xpad[:, :, k : k + L]).sum(axis=(0, 2)) for k in range(K)], axis=1)[:, None, :]
+            acc = accumulation_dtype(grad.dtype)          # float32 sums for 16-bit data
+            dw = xp.stack([(grad * xpad[:, :, k : k + L]).sum(axis=(0, 2), dtype=acc)
+                           for k in range(K)], axis=1)[:, None, :]
         if gb:
-            db = grad.sum(axis=(0, 2))
+            db = grad.sum(axis=(0, 2), dtype=accumulation_dtype(grad.dtype))
         return dx, dw, db

@@ -1,6 +1,11 @@
-"""Matrix products: batched, broadcasting matmul and the fused linear layer."""
+"""Matrix products: batched, broadcasting matmul and the fused linear layer.
+
+A product with a 16-bit operand (float16, bfloat16) runs in that format with float32
+accumulation (tinymoe/kernels/matmul.py): mixed precision's rule for matmuls."""
 from ... import backend
-from ...kernels.blas import matmul as _mm          # a @ b; cuBLAS directly while capturing
+from ...kernels.matmul import matmul as mm
+from ...kernels.matmul import same_format
+from ...dtypes import is_half
 from ..function import Function, op_error
 from ._util import sum_to_shape
 
@@ -17,16 +22,18 @@ class MatMul(Function):
                 f"inner dimensions differ: {tuple(x.shape)} @ {tuple(y.shape)} "
                 f"({x.shape[-1]} != {y.shape[-2]})",
             )
+        x, y = same_format(x, y)
         ctx.save(x, y)
-        return _mm(x, y)
+        return mm(x, y)
 
     @staticmethod
     def backward(ctx, grad):
         x, y = ctx.saved
         gx, gy = ctx.needs_input_grad
         xp = backend.array_module(grad)
-        dx = sum_to_shape(_mm(grad, xp.swapaxes(y, -1, -2)), x.shape) if gx else None
-        dy = sum_to_shape(_mm(xp.swapaxes(x, -1, -2), grad), y.shape) if gy else None
+        grad = grad.astype(x.dtype, copy=False)
+        dx = sum_to_shape(mm(grad, xp.swapaxes(y, -1, -2)), x.shape) if gx else None
+        dy = sum_to_shape(mm(xp.swapaxes(x, -1, -2), grad), y.shape) if gy else None
         return dx, dy
 
 
@@ -65,18 +72,27 @@ class LinearFunction(Function):
                 "linear",
                 f"input has {x.shape[-1]} features but weight {tuple(weight.shape)} expects {weight.shape[1]}",
             )
+        x, weight = same_format(x, weight)
         ctx.save(x, weight)
-        y = _mm(x, weight.T)
+        y = mm(x, weight.T)
         if bias is not None:
-            y += bias
+            y += bias.astype(y.dtype, copy=False)
         return y
 
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved
         gx, gw, gb = ctx.needs_input_grad
-        dx = _mm(grad, weight) if gx else None
+        grad = grad.astype(x.dtype, copy=False)
+        dx = mm(grad, weight) if gx else None
         grad2d = grad.reshape(-1, grad.shape[-1])  # (M, out)
-        dw = _mm(grad2d.T, x.reshape(-1, x.shape[-1])) if gw else None
-        db = grad2d.sum(axis=0) if gb else None
+        dw = mm(grad2d.T, x.reshape(-1, x.shape[-1])) if gw else None
+        db = _sum_rows(grad2d) if gb else None
         return dx, dw, db
+
+
+def _sum_rows(g):
+    """sum over the rows of g (M, n), in float32 for 16-bit g, rounded to g's dtype."""
+    if is_half(g.dtype):
+        return g.sum(axis=0, dtype="float32").astype(g.dtype)
+    return g.sum(axis=0)

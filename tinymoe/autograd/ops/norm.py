@@ -4,10 +4,13 @@
 The NumPy code below is the math (and runs on the CPU). On CuPy arrays of float32 or
 float64 each forward is one fused kernel and each backward two (dx; dw and db), from
 tinymoe/kernels/norm.py, instead of the dozen CuPy launches the same lines would make.
-The fused forward saves x and the per-row mean and rstd, not xhat."""
-import numpy as np
+The fused forward saves x and the per-row mean and rstd, not xhat.
 
+Half-precision inputs (float16, bfloat16) are normalized in float32 (the fused kernels load
+16 bits and sum in float32; the NumPy code upcasts) and the output rounded to the input's
+dtype: a mean and a variance are reductions."""
 from ... import backend
+from ...dtypes import upcast
 from ...kernels import norm as norm_kernels
 from ..function import Function, op_error
 
@@ -22,7 +25,7 @@ def _check(op, x, weight, bias=None):
 def _fused(x, *params):
     """True when the fused GPU kernels take this call: a non-empty CuPy x of float32 or
     float64, with the weight (and bias) of the same dtype. Anything else runs the code below."""
-    return (backend.is_cupy_array(x) and x.size > 0 and x.dtype in (np.float32, np.float64)
+    return (backend.is_cupy_array(x) and x.size > 0 and x.dtype in norm_kernels.DTYPES
             and all(p is None or p.dtype == x.dtype for p in params))
 
 
@@ -45,7 +48,8 @@ class LayerNorm(Function):
             y, mean, rstd = norm_kernels.layer_norm_forward(x2d, weight, bias, eps)
             ctx.save(x2d, mean, rstd, weight)
             return y.reshape(x.shape)
-        xp = backend.array_module(x)
+        xp, dtype = backend.array_module(x), x.dtype
+        x, weight, bias = upcast(x, weight, bias)
         mean = x.mean(axis=-1, keepdims=True)
         centered = x - mean
         rstd = 1 / xp.sqrt((centered * centered).mean(axis=-1, keepdims=True) + eps)
@@ -54,7 +58,7 @@ class LayerNorm(Function):
         y = xhat * weight
         if bias is not None:
             y += bias
-        return y
+        return y.astype(dtype, copy=False)
 
     @staticmethod
     def backward(ctx, grad):
@@ -65,6 +69,7 @@ class LayerNorm(Function):
                                                           mean, rstd, (gx, gw, gb))
             return (None if dx is None else dx.reshape(grad.shape)), dw, db
         xhat, rstd, weight = ctx.saved
+        (grad,) = upcast(grad)
         d = xhat.shape[-1]
         dx = dw = db = None
         if gx:
@@ -90,11 +95,12 @@ class RMSNorm(Function):
             y, r = norm_kernels.rms_norm_forward(x2d, weight, eps)
             ctx.save(x2d, r, weight)
             return y.reshape(x.shape)
-        xp = backend.array_module(x)
+        xp, dtype = backend.array_module(x), x.dtype
+        x, weight = upcast(x, weight)
         r = 1 / xp.sqrt((x * x).mean(axis=-1, keepdims=True) + eps)
         xhat = x * r
         ctx.save(xhat, r, weight)
-        return xhat * weight
+        return (xhat * weight).astype(dtype, copy=False)
 
     @staticmethod
     def backward(ctx, grad):
@@ -105,6 +111,7 @@ class RMSNorm(Function):
                                                     (gx, gw))
             return (None if dx is None else dx.reshape(grad.shape)), dw
         xhat, r, weight = ctx.saved
+        (grad,) = upcast(grad)
         dx = dw = None
         if gx:
             g = grad * weight

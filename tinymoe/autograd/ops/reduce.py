@@ -1,5 +1,9 @@
-"""Reductions: sum, mean, var, max/min, logsumexp, cumsum."""
+"""Reductions: sum, mean, var, max/min, logsumexp, cumsum.
+
+Sums of half-precision (float16, bfloat16) data accumulate in float32 and round once at the
+end (tinymoe/dtypes.py says why)."""
 from ... import backend
+from ...dtypes import is_half, upcast
 from ..function import Function
 from ._util import along_axis, expand_reduced, normalize_axis
 
@@ -19,6 +23,8 @@ class Sum(Function):
     @staticmethod
     def forward(ctx, x, axis=None, keepdims=False):
         ctx.shape, ctx.axis, ctx.keepdims = x.shape, axis, keepdims
+        if is_half(x.dtype):
+            return x.sum(axis=axis, keepdims=keepdims, dtype="float32").astype(x.dtype)
         return x.sum(axis=axis, keepdims=keepdims)
 
     @staticmethod
@@ -35,6 +41,8 @@ class Mean(Function):
     @staticmethod
     def forward(ctx, x, axis=None, keepdims=False):
         ctx.shape, ctx.axis, ctx.keepdims = x.shape, axis, keepdims
+        if is_half(x.dtype):
+            return x.mean(axis=axis, keepdims=keepdims, dtype="float32").astype(x.dtype)
         return x.mean(axis=axis, keepdims=keepdims)
 
     @staticmethod
@@ -49,11 +57,14 @@ class Var(Function):
 
     @staticmethod
     def forward(ctx, x, axis=None, keepdims=False, ddof=0):
+        dtype = x.dtype
+        if is_half(dtype):
+            x = x.astype("float32")
         centered = x - x.mean(axis=axis, keepdims=True)
         ctx.shape, ctx.axis, ctx.keepdims = x.shape, axis, keepdims
         ctx.denominator = _count(x.shape, axis) - ddof
         ctx.save(centered)
-        return (centered * centered).sum(axis=axis, keepdims=keepdims) / ctx.denominator
+        return ((centered * centered).sum(axis=axis, keepdims=keepdims) / ctx.denominator).astype(dtype, copy=False)
 
     @staticmethod
     def backward(ctx, grad):
@@ -117,13 +128,14 @@ class LogSumExp(Function):
 
     @staticmethod
     def forward(ctx, x, axis=-1, keepdims=False):
-        xp = backend.array_module(x)
+        xp, dtype = backend.array_module(x), x.dtype
+        x, = upcast(x)                                       # half formats: float32 inside
         m = x.max(axis=axis, keepdims=True)
         m = xp.where(xp.isfinite(m), m, 0)
         y = xp.log(xp.exp(x - m).sum(axis=axis, keepdims=True)) + m
         ctx.shape, ctx.axis, ctx.keepdims = x.shape, axis, keepdims
         ctx.save(x, y)
-        return y if keepdims else y.squeeze(axis=axis)
+        return (y if keepdims else y.squeeze(axis=axis)).astype(dtype, copy=False)
 
     @staticmethod
     def backward(ctx, grad):

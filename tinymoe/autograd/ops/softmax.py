@@ -1,5 +1,10 @@
-"""Softmax, log-softmax and the fused, stable cross-entropy."""
+"""Softmax, log-softmax and the fused, stable cross-entropy.
+
+Half-precision inputs (float16, bfloat16) are computed in float32: exp, the row sums and
+the log of a softmax lose digits that 8 mantissa bits cannot spare. Softmax and log-softmax
+return the input's dtype; the cross-entropy returns float32 (a loss is a reduction)."""
 from ... import backend
+from ...dtypes import upcast
 from ..function import Function, op_error
 
 
@@ -14,16 +19,17 @@ class Softmax(Function):
 
     @staticmethod
     def forward(ctx, x, axis=-1):
-        xp = backend.array_module(x)
+        xp, dtype = backend.array_module(x), x.dtype
+        x, = upcast(x)
         e = xp.exp(x - x.max(axis=axis, keepdims=True))
-        p = e / e.sum(axis=axis, keepdims=True)
+        p = (e / e.sum(axis=axis, keepdims=True)).astype(dtype, copy=False)
         ctx.axis = axis
         ctx.save(p)
         return p
 
     @staticmethod
     def backward(ctx, grad):
-        (p,) = ctx.saved
+        p, grad = upcast(*ctx.saved, grad)
         dx = grad - (grad * p).sum(axis=ctx.axis, keepdims=True)   # one full-size temporary
         dx *= p                                                     # in place: none more
         return dx
@@ -34,14 +40,14 @@ class LogSoftmax(Function):
 
     @staticmethod
     def forward(ctx, x, axis=-1):
-        y = _log_softmax(backend.array_module(x), x, axis)
+        y = _log_softmax(backend.array_module(x), *upcast(x), axis).astype(x.dtype, copy=False)
         ctx.axis = axis
         ctx.save(y)
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        (y,) = ctx.saved
+        y, grad = upcast(*ctx.saved, grad)
         xp = backend.array_module(y)
         return grad - xp.exp(y) * grad.sum(axis=ctx.axis, keepdims=True)
 
@@ -70,10 +76,10 @@ class CrossEntropy(Function):
             if lo < 0 or hi >= C:
                 raise op_error("cross_entropy", f"targets must be in [0, {C}) or ignore_index, "
                                f"got min {lo} max {hi}")
-        logp = _log_softmax(xp, z, -1)  # (N, C)
+        logp = _log_softmax(xp, *upcast(z), -1)  # (N, C), float32 for 16-bit logits
         losses = -xp.take_along_axis(logp, t_safe[:, None], axis=1)[:, 0] * valid
         # the number of counted rows stays an array: no host read
-        count = xp.maximum(valid.sum(), 1).astype(logits.dtype) if reduction == "mean" else 1
+        count = xp.maximum(valid.sum(), 1).astype(logp.dtype) if reduction == "mean" else 1
         ctx.save(logp, t_safe, valid)
         ctx.shape, ctx.reduction, ctx.count = logits.shape, reduction, count
         if reduction == "none":

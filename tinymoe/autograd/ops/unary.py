@@ -9,6 +9,7 @@ import math
 import numpy as np
 
 from ... import backend
+from ...dtypes import is_half
 from ...kernels import elementwise
 from ..function import Function
 
@@ -140,6 +141,8 @@ class Gelu(Function):
         ctx.save(x)
         if backend.is_cupy_array(x):
             return elementwise.gelu(x, approximate)
+        if is_half(x.dtype):                              # 16-bit formats: float32 inside
+            return Gelu.forward(ctx, x.astype(np.float32), approximate).astype(x.dtype)
         if approximate == "tanh":
             u = math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)
             return 0.5 * x * (1 + np.tanh(u))
@@ -152,6 +155,8 @@ class Gelu(Function):
         (x,) = ctx.saved
         if backend.is_cupy_array(x):
             return elementwise.gelu_backward(grad, x, ctx.approximate)
+        if is_half(grad.dtype):                           # the float32 path; the engine casts
+            x, grad = x.astype(np.float32), grad.astype(np.float32)
         if ctx.approximate == "tanh":
             c = math.sqrt(2 / math.pi)
             t = np.tanh(c * (x + 0.044715 * x**3))

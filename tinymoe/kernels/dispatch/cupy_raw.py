@@ -1,7 +1,8 @@
 """Expert dispatch and combine as CuPy RawKernels (CUDA C in dispatch.cu).
 
 Same algorithm as numba_cuda.py (its docstring explains it); this file compiles
-dispatch.cu once per dtype and launches. Inputs and outputs are CuPy arrays.
+dispatch.cu once per row format and launches. Inputs and outputs are CuPy arrays; 16-bit
+rows (float16, bfloat16) stay 16-bit, with float32 weights and sums (numba_cuda.formats).
 """
 from __future__ import annotations
 
@@ -11,30 +12,34 @@ from pathlib import Path
 import numpy as np
 
 from ...backend import cupy
-from .numba_cuda import CHUNK, SLOT_WARPS, THREADS, WARP, _rows2d
+from ...dtypes import accumulation_dtype, as_dtype, is_half
+from .numba_cuda import CHUNK, SLOT_WARPS, THREADS, WARP, _rows2d, formats
 from .reference import DispatchPlan, check_expert_index, check_max_expert, check_static
 
 SOURCE = Path(__file__).with_name("dispatch.cu")
 
 
+CTYPES = {"float32": "float", "float64": "double", "float16": "__half",
+          "bfloat16": "__nv_bfloat16"}
+
+
 def nvcc_options(dtype):
-    """The -D defines that specialise dispatch.cu (also used by the compile test)."""
-    ctype = "float" if np.dtype(dtype) == np.float32 else "double"
-    return (f"-Dscalar_t={ctype}", f"-DCHUNK={CHUNK}", f"-DSLOT_WARPS={SLOT_WARPS}")
+    """The -D defines that specialise dispatch.cu (also used by the compile test): `dtype`
+    is the rows' format; weights and sums are float32 for 16-bit rows."""
+    storage = as_dtype(dtype)
+    half = ("-DHALF_TYPES",) if is_half(storage) else ()
+    return (f"-Ddata_t={CTYPES[storage.name]}",
+            f"-Dscalar_t={CTYPES[accumulation_dtype(storage).name]}", *half,
+            f"-DCHUNK={CHUNK}", f"-DSLOT_WARPS={SLOT_WARPS}")
 
 
 @lru_cache(maxsize=None)
-def _module(dtype):
-    return cupy().RawModule(code=SOURCE.read_text(), options=nvcc_options(dtype))
+def _module(name):
+    return cupy().RawModule(code=SOURCE.read_text(), options=nvcc_options(name))
 
 
-def _kernel(name, dtype="<f4"):
-    return _module(dtype).get_function(name)
-
-
-def _float(x):
-    """float32 stays float32; anything else computes in float64."""
-    return x.dtype if x.dtype == np.float32 else np.dtype(np.float64)
+def _kernel(name, dtype="float32"):
+    return _module(as_dtype(dtype).name).get_function(name)
 
 
 def make_dispatch_plan(expert_index, num_experts: int, capacity=None) -> DispatchPlan:
@@ -98,24 +103,25 @@ def make_static_plan(expert_index, num_experts: int, capacity: int) -> DispatchP
 def _permute(x, plan, scale=None):
     cp = cupy()
     x2 = _rows2d(x, "permute")
-    dtype = _float(x2)
-    x2 = x2.astype(dtype, copy=False)
-    out = cp.empty((plan.num_rows, x2.shape[1]), dtype)
+    storage, compute = formats(x2.dtype)
+    x2 = x2.astype(storage, copy=False)
+    out = cp.empty((plan.num_rows, x2.shape[1]), storage)
     if out.size:
-        s = cp.ones(1, dtype) if scale is None else cp.ascontiguousarray(scale.reshape(-1), dtype)
-        _kernel("permute_rows", dtype.str)((plan.num_rows,), (THREADS,),
+        s = cp.ones(1, compute) if scale is None else cp.ascontiguousarray(scale.reshape(-1), compute)
+        _kernel("permute_rows", storage)((plan.num_rows,), (THREADS,),
                                            (x2, plan.row_token, s, plan.row_slot,
                                             np.bool_(scale is not None), np.int32(x2.shape[1]), out))
     return out.reshape((plan.num_rows,) + x.shape[1:])
 
 
-def _combine(ys, plan, weights, num_tokens, dtype):
+def _combine(ys, plan, weights, num_tokens, storage):
     cp = cupy()
-    y2 = cp.ascontiguousarray(_rows2d(ys, "combine"), dtype)
-    out = cp.empty((num_tokens, y2.shape[1]), dtype)
+    compute = accumulation_dtype(storage)
+    y2 = cp.ascontiguousarray(_rows2d(ys, "combine"), storage)
+    out = cp.empty((num_tokens, y2.shape[1]), storage)
     if out.size:
-        w = cp.ones((1, 1), dtype) if weights is None else cp.ascontiguousarray(weights, dtype)
-        _kernel("combine_rows", np.dtype(dtype).str)(
+        w = cp.ones((1, 1), compute) if weights is None else cp.ascontiguousarray(weights, compute)
+        _kernel("combine_rows", storage)(
             (num_tokens,), (THREADS,), (y2, plan.slot_row, np.int32(plan.slot_row.shape[1]), w,
                                         np.bool_(weights is not None), np.int32(y2.shape[1]), out))
     return out.reshape((num_tokens,) + ys.shape[1:])
@@ -133,7 +139,7 @@ def permute_backward(dxs, plan: DispatchPlan, num_tokens: int):
     if plan.slot_row.shape[0] != num_tokens:
         raise ValueError(f"permute_backward: plan has {plan.slot_row.shape[0]} tokens, "
                          f"num_tokens={num_tokens}")
-    return _combine(dxs, plan, None, num_tokens, _float(dxs)).astype(dxs.dtype, copy=False)
+    return _combine(dxs, plan, None, num_tokens, formats(dxs.dtype)[0]).astype(dxs.dtype, copy=False)
 
 
 def combine(ys, weights, plan: DispatchPlan):
@@ -144,8 +150,8 @@ def combine(ys, weights, plan: DispatchPlan):
                          f"{tuple(plan.slot_row.shape)}")
     if ys.shape[0] != plan.num_rows:
         raise ValueError(f"combine: ys has {ys.shape[0]} rows, plan has {plan.num_rows}")
-    dtype = cp.result_type(ys.dtype, weights.dtype)
-    return _combine(ys, plan, weights, weights.shape[0], _float(np.empty(0, dtype))).astype(dtype, copy=False)
+    dtype = ys.dtype if is_half(ys.dtype) else cp.result_type(ys.dtype, weights.dtype)
+    return _combine(ys, plan, weights, weights.shape[0], formats(dtype)[0]).astype(dtype, copy=False)
 
 
 def combine_backward(dout, ys, weights, plan: DispatchPlan):
@@ -154,12 +160,12 @@ def combine_backward(dout, ys, weights, plan: DispatchPlan):
     T, k = plan.slot_row.shape
     dys = _permute(dout, plan, scale=weights).astype(ys.dtype, copy=False)
     d2 = _rows2d(dout, "combine_backward")
-    dtype = _float(d2)
-    d2 = d2.astype(dtype, copy=False)
-    y2 = cp.ascontiguousarray(_rows2d(ys, "combine_backward"), dtype)
-    dweights = cp.empty((T, k), dtype)
+    storage, compute = formats(d2.dtype)
+    d2 = d2.astype(storage, copy=False)
+    y2 = cp.ascontiguousarray(_rows2d(ys, "combine_backward"), storage)
+    dweights = cp.empty((T, k), compute)
     if T * k:
-        _kernel("slot_dot", dtype.str)((-(-T * k // SLOT_WARPS),), (SLOT_WARPS * WARP,),
+        _kernel("slot_dot", storage)((-(-T * k // SLOT_WARPS),), (SLOT_WARPS * WARP,),
                                        (d2, y2, plan.slot_row, np.int32(T), np.int32(k),
                                         np.int32(d2.shape[1]), dweights))
     return dys, dweights.astype(weights.dtype, copy=False)

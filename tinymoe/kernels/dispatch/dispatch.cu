@@ -1,10 +1,19 @@
 // Expert dispatch and combine in CUDA C (twin of numba_cuda.py; spec in reference.py).
 // Slots are taken in priority order s = j T + t (choice-major, then token order); ranks
 // come from counting in that fixed order, so plans and drops are deterministic.
-// Compile-time constants (given with -D by cupy_raw.py): scalar_t, CHUNK, SLOT_WARPS.
+// Compile-time constants (given with -D by cupy_raw.py): data_t (the rows' format: float,
+// double, __half or __nv_bfloat16), scalar_t (weights and sums: float, or double for double
+// rows), CHUNK, SLOT_WARPS. 16-bit rows are read widened to float and written rounded.
 
 #ifndef scalar_t
 #define scalar_t float
+#endif
+#ifndef data_t
+#define data_t scalar_t
+#endif
+#ifdef HALF_TYPES
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
 #endif
 #ifndef CHUNK
 #define CHUNK 64
@@ -14,6 +23,9 @@
 #endif
 #define WARP 32
 typedef long long i64;
+
+__device__ __forceinline__ scalar_t load(data_t v) { return static_cast<scalar_t>(v); }
+__device__ __forceinline__ data_t store(scalar_t v) { return data_t(v); }
 
 // hist[c, e] = slots of chunk c (priority order) that chose expert e. Indices >= E are
 // skipped here (the caller raises on them before assign_rows runs).
@@ -52,41 +64,41 @@ extern "C" __global__ void assign_rows(const i64* __restrict__ expert_index, int
 
 // out[r] = x[row_token[r]] (* scale[row_slot[r]]): one block per row r, coalesced.
 // A padding row of a static plan (row_token -1) is zeros.
-extern "C" __global__ void permute_rows(const scalar_t* __restrict__ x,
+extern "C" __global__ void permute_rows(const data_t* __restrict__ x,
                                         const i64* __restrict__ row_token,
                                         const scalar_t* __restrict__ scale,
                                         const i64* __restrict__ row_slot, bool has_scale,
-                                        int d, scalar_t* __restrict__ out) {
+                                        int d, data_t* __restrict__ out) {
     const i64 r = blockIdx.x;
     const i64 token = row_token[r];
     if (token < 0) {
-        for (int i = threadIdx.x; i < d; i += blockDim.x) out[r * d + i] = scalar_t(0);
+        for (int i = threadIdx.x; i < d; i += blockDim.x) out[r * d + i] = store(scalar_t(0));
         return;
     }
-    const scalar_t* src = x + token * d;
+    const data_t* src = x + token * d;
     const scalar_t w = has_scale ? scale[row_slot[r]] : scalar_t(1);
-    for (int i = threadIdx.x; i < d; i += blockDim.x) out[r * d + i] = src[i] * w;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) out[r * d + i] = store(load(src[i]) * w);
 }
 
 // out[t] = sum_j weights[t, j] ys[slot_row[t, j]] over kept slots, j in order (no atomics).
-extern "C" __global__ void combine_rows(const scalar_t* __restrict__ ys,
+extern "C" __global__ void combine_rows(const data_t* __restrict__ ys,
                                         const i64* __restrict__ slot_row, int k,
                                         const scalar_t* __restrict__ weights, bool has_weights,
-                                        int d, scalar_t* __restrict__ out) {
+                                        int d, data_t* __restrict__ out) {
     const i64 t = blockIdx.x;
     for (int i = threadIdx.x; i < d; i += blockDim.x) {
         scalar_t acc = 0;
         for (int j = 0; j < k; ++j) {
             const i64 r = slot_row[t * k + j];
-            if (r >= 0) acc += (has_weights ? weights[t * k + j] : scalar_t(1)) * ys[r * d + i];
+            if (r >= 0) acc += (has_weights ? weights[t * k + j] : scalar_t(1)) * load(ys[r * d + i]);
         }
-        out[t * d + i] = acc;
+        out[t * d + i] = store(acc);
     }
 }
 
 // dweights[t, j] = dout[t] . ys[slot_row[t, j]]: one warp per slot, fixed-order tree sum.
-extern "C" __global__ void slot_dot(const scalar_t* __restrict__ dout,
-                                    const scalar_t* __restrict__ ys,
+extern "C" __global__ void slot_dot(const data_t* __restrict__ dout,
+                                    const data_t* __restrict__ ys,
                                     const i64* __restrict__ slot_row, int T, int k, int d,
                                     scalar_t* __restrict__ dweights) {
     const i64 slot = (i64)blockIdx.x * SLOT_WARPS + threadIdx.x / WARP;
@@ -95,7 +107,7 @@ extern "C" __global__ void slot_dot(const scalar_t* __restrict__ dout,
     const i64 t = slot / k, r = slot_row[slot];
     scalar_t acc = 0;
     if (r >= 0)
-        for (int i = lane; i < d; i += WARP) acc += dout[t * d + i] * ys[r * d + i];
+        for (int i = lane; i < d; i += WARP) acc += load(dout[t * d + i]) * load(ys[r * d + i]);
 #pragma unroll
     for (int off = WARP / 2; off > 0; off /= 2) acc += __shfl_down_sync(0xffffffffu, acc, off);
     if (lane == 0) dweights[slot] = acc;

@@ -18,10 +18,14 @@ gate plus the slot dot.
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 from numba import cuda
 
 from ...backend import array_module, to_numpy
+from ...dtypes import as_dtype, is_half
+from ..cuda_half import codec, kernel_view
 from ..cuda_utils import WARP, at, shfl_down
 from .reference import DispatchPlan, check_expert_index, check_static
 
@@ -64,54 +68,72 @@ def assign_rows(expert_index, start, counts, offsets, slot_row, row_slot):
                 row_slot[row] = t * k + j
 
 
-@cuda.jit
-def permute_rows(x, row_token, scale, row_slot, has_scale, out):
-    """out[r] = x[row_token[r]] (* scale[row_slot[r]]): one block per row r; a padding row
-    of a static plan (row_token -1) is zeros."""
-    r = cuda.blockIdx.x
-    src = row_token[r]
-    if src < 0:
+@lru_cache(maxsize=None)
+def _row_kernels(storage):
+    """(permute_rows, combine_rows, slot_dot) for rows stored as `storage` (a dtype name).
+    Rows are read through `ld` and written through `st` (cuda_half.codec): float32/64 as
+    they are, 16-bit rows widened to float32, in which weights and sums are taken."""
+    ld, st, compute = codec(as_dtype(storage))
+    ZERO = compute.type(0)
+
+    @cuda.jit
+    def permute_rows(x, row_token, scale, row_slot, has_scale, out):
+        """out[r] = x[row_token[r]] (* scale[row_slot[r]]): one block per row r; a padding
+        row of a static plan (row_token -1) is zeros."""
+        r = cuda.blockIdx.x
+        src = row_token[r]
+        if src < 0:
+            for i in range(cuda.threadIdx.x, x.shape[1], cuda.blockDim.x):
+                out[at(r), at(i)] = st(ZERO)
+            return
+        w = scale[row_slot[r]] if has_scale else scale[0]  # scale is [1] when absent
         for i in range(cuda.threadIdx.x, x.shape[1], cuda.blockDim.x):
-            out[at(r), at(i)] = 0
-        return
-    w = scale[row_slot[r]] if has_scale else scale[0]  # scale is [1] when absent
-    for i in range(cuda.threadIdx.x, x.shape[1], cuda.blockDim.x):
-        out[at(r), at(i)] = x[at(src), at(i)] * w
+            out[at(r), at(i)] = st(ld(x[at(src), at(i)]) * w)
+
+    @cuda.jit
+    def combine_rows(ys, slot_row, weights, has_weights, out):
+        """out[t] = sum_j weights[t, j] ys[slot_row[t, j]] over kept slots, j in order."""
+        t = cuda.blockIdx.x
+        k = slot_row.shape[1]
+        for i in range(cuda.threadIdx.x, out.shape[1], cuda.blockDim.x):
+            acc = ZERO
+            for j in range(k):
+                r = slot_row[t, j]
+                if r >= 0:
+                    acc += (weights[t, j] if has_weights else weights[0, 0]) * ld(ys[at(r), at(i)])
+            out[at(t), at(i)] = st(acc)
+
+    @cuda.jit
+    def slot_dot(dout, ys, slot_row, dweights):
+        """dweights[t, j] = dout[t] . ys[slot_row[t, j]]: one warp per slot, fixed-order sum."""
+        slot = cuda.blockIdx.x * SLOT_WARPS + cuda.threadIdx.x // WARP
+        lane = cuda.threadIdx.x % WARP
+        T, k = slot_row.shape
+        t = min(slot // k, T - 1)  # warps past the end compute a dummy and write nothing
+        j = slot % k
+        r = slot_row[t, j]
+        acc = ZERO
+        if r >= 0:
+            for i in range(lane, dout.shape[1], WARP):
+                acc += ld(dout[at(t), at(i)]) * ld(ys[at(r), at(i)])
+        off = WARP // 2
+        while off > 0:  # every warp reaches the shuffles (the simulator needs all threads)
+            acc += shfl_down(acc, off)
+            off //= 2
+        if lane == 0 and slot < T * k:
+            dweights[t, j] = acc
+
+    return permute_rows, combine_rows, slot_dot
 
 
-@cuda.jit
-def combine_rows(ys, slot_row, weights, has_weights, out):
-    """out[t] = sum_j weights[t, j] ys[slot_row[t, j]] over kept slots, j in order."""
-    t = cuda.blockIdx.x
-    k = slot_row.shape[1]
-    for i in range(cuda.threadIdx.x, out.shape[1], cuda.blockDim.x):
-        acc = out[at(t), at(i)]  # out starts at zero: the accumulator gets its dtype
-        for j in range(k):
-            r = slot_row[t, j]
-            if r >= 0:
-                acc += (weights[t, j] if has_weights else weights[0, 0]) * ys[at(r), at(i)]
-        out[at(t), at(i)] = acc
-
-
-@cuda.jit
-def slot_dot(dout, ys, slot_row, dweights):
-    """dweights[t, j] = dout[t] . ys[slot_row[t, j]]: one warp per slot, fixed-order sum."""
-    slot = cuda.blockIdx.x * SLOT_WARPS + cuda.threadIdx.x // WARP
-    lane = cuda.threadIdx.x % WARP
-    T, k = slot_row.shape
-    t = min(slot // k, T - 1)  # warps past the end compute a dummy and write nothing
-    j = slot % k
-    r = slot_row[t, j]
-    acc = dweights[t, j]  # starts at zero
-    if r >= 0:
-        for i in range(lane, dout.shape[1], WARP):
-            acc += dout[at(t), at(i)] * ys[at(r), at(i)]
-    off = WARP // 2
-    while off > 0:  # every warp reaches the shuffles (the simulator needs all threads)
-        acc += shfl_down(acc, off)
-        off //= 2
-    if lane == 0 and slot < T * k:
-        dweights[t, j] = acc
+def formats(dtype):
+    """(storage, compute) of rows of `dtype`: 16-bit rows stay 16-bit and are summed (and
+    weighted) in float32; float32 stays float32; anything else runs in float64."""
+    dtype = np.dtype(dtype)
+    if is_half(dtype):
+        return dtype, np.dtype(np.float32)
+    dtype = dtype if dtype == np.float32 else np.dtype(np.float64)
+    return dtype, dtype
 
 
 # ---------------------------------------------------------------- array-level API
@@ -173,20 +195,25 @@ def _rows2d(x, op):
 def _permute(x, plan, scale=None):
     xp = array_module(x)
     x2 = _rows2d(x, "permute")
-    out = xp.empty((plan.num_rows, x2.shape[1]), x2.dtype)
+    storage, compute = formats(x2.dtype)
+    x2 = x2.astype(storage, copy=False)
+    out = xp.empty((plan.num_rows, x2.shape[1]), storage)
     if out.size:
-        s = xp.ones(1, x2.dtype) if scale is None else xp.ascontiguousarray(scale.reshape(-1), x2.dtype)
-        permute_rows[plan.num_rows, THREADS](x2, plan.row_token, s, plan.row_slot, scale is not None, out)
+        s = xp.ones(1, compute) if scale is None else xp.ascontiguousarray(scale.reshape(-1), compute)
+        _row_kernels(storage.name)[0][plan.num_rows, THREADS](
+            kernel_view(x2), plan.row_token, s, plan.row_slot, scale is not None, kernel_view(out))
     return out.reshape((plan.num_rows,) + x.shape[1:])
 
 
-def _combine(ys, plan, weights, num_tokens, dtype):
+def _combine(ys, plan, weights, num_tokens, storage):
     xp = array_module(ys)
-    y2 = xp.ascontiguousarray(_rows2d(ys, "combine"), dtype)
-    out = xp.zeros((num_tokens, y2.shape[1]), dtype)
+    compute = formats(storage)[1]
+    y2 = xp.ascontiguousarray(_rows2d(ys, "combine"), storage)
+    out = xp.empty((num_tokens, y2.shape[1]), storage)
     if out.size:
-        w = xp.ones((1, 1), dtype) if weights is None else xp.ascontiguousarray(weights, dtype)
-        combine_rows[num_tokens, THREADS](y2, plan.slot_row, w, weights is not None, out)
+        w = xp.ones((1, 1), compute) if weights is None else xp.ascontiguousarray(weights, compute)
+        _row_kernels(np.dtype(storage).name)[1][num_tokens, THREADS](
+            kernel_view(y2), plan.slot_row, w, weights is not None, kernel_view(out))
     return out.reshape((num_tokens,) + ys.shape[1:])
 
 
@@ -202,7 +229,7 @@ def permute_backward(dxs, plan: DispatchPlan, num_tokens: int):
     if plan.slot_row.shape[0] != num_tokens:
         raise ValueError(f"permute_backward: plan has {plan.slot_row.shape[0]} tokens, "
                          f"num_tokens={num_tokens}")
-    return _combine(dxs, plan, None, num_tokens, dxs.dtype)
+    return _combine(dxs, plan, None, num_tokens, formats(dxs.dtype)[0]).astype(dxs.dtype, copy=False)
 
 
 def combine(ys, weights, plan: DispatchPlan):
@@ -213,7 +240,8 @@ def combine(ys, weights, plan: DispatchPlan):
                          f"{tuple(plan.slot_row.shape)}")
     if ys.shape[0] != plan.num_rows:
         raise ValueError(f"combine: ys has {ys.shape[0]} rows, plan has {plan.num_rows}")
-    return _combine(ys, plan, weights, weights.shape[0], xp.result_type(ys.dtype, weights.dtype))
+    dtype = ys.dtype if is_half(ys.dtype) else xp.result_type(ys.dtype, weights.dtype)
+    return _combine(ys, plan, weights, weights.shape[0], formats(dtype)[0]).astype(dtype, copy=False)
 
 
 def combine_backward(dout, ys, weights, plan: DispatchPlan):
@@ -221,10 +249,12 @@ def combine_backward(dout, ys, weights, plan: DispatchPlan):
     xp = array_module(dout)
     T, k = plan.slot_row.shape
     dys = _permute(dout, plan, scale=weights).astype(ys.dtype, copy=False)
-    d2 = _rows2d(dout, "combine_backward")
-    y2 = xp.ascontiguousarray(_rows2d(ys, "combine_backward"), d2.dtype)
-    dweights = xp.zeros((T, k), d2.dtype)
+    storage, compute = formats(dout.dtype)
+    d2 = _rows2d(dout, "combine_backward").astype(storage, copy=False)
+    y2 = xp.ascontiguousarray(_rows2d(ys, "combine_backward"), storage)
+    dweights = xp.zeros((T, k), compute)
     if T * k:
-        slot_dot[-(-T * k // SLOT_WARPS), SLOT_WARPS * WARP](d2, y2, plan.slot_row, dweights)
+        _row_kernels(storage.name)[2][-(-T * k // SLOT_WARPS), SLOT_WARPS * WARP](
+            kernel_view(d2), kernel_view(y2), plan.slot_row, dweights)
     return dys, dweights.astype(weights.dtype, copy=False)
 

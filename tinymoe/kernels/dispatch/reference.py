@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...backend import array_module, to_numpy
+from ...dtypes import accumulation_dtype, is_half
 
 
 @dataclass
@@ -164,7 +165,8 @@ def permute_backward(dxs, plan: DispatchPlan, num_tokens: int):
     if plan.slot_row.shape[0] != num_tokens:
         raise ValueError(f"permute_backward: plan has {plan.slot_row.shape[0]} tokens, "
                          f"num_tokens={num_tokens}")
-    return _gather_slots(dxs, plan).sum(axis=1)
+    acc = accumulation_dtype(dxs.dtype)                      # float32 sums for 16-bit rows
+    return _gather_slots(dxs, plan).sum(axis=1, dtype=acc).astype(dxs.dtype, copy=False)
 
 
 def combine(ys, weights, plan: DispatchPlan):
@@ -175,6 +177,10 @@ def combine(ys, weights, plan: DispatchPlan):
                          f"{tuple(plan.slot_row.shape)}")
     if ys.shape[0] != plan.num_rows:
         raise ValueError(f"combine: ys has {ys.shape[0]} rows, plan has {plan.num_rows}")
+    if is_half(ys.dtype):                  # 16-bit rows: summed in float32, out in 16 bits
+        out = xp.einsum("tk,tkd->td", weights.astype("float32"),
+                        _gather_slots(ys, plan).astype("float32"))
+        return out.astype(ys.dtype)
     dtype = xp.result_type(ys.dtype, weights.dtype)
     return xp.einsum("tk,tkd->td", weights.astype(dtype), _gather_slots(ys, plan).astype(dtype))
 
@@ -189,5 +195,7 @@ def combine_backward(dout, ys, weights, plan: DispatchPlan):
     real = plan.row_slot >= 0                                                 # (R,) not padding
     w_row = weights.reshape(-1)[xp.where(real, plan.row_slot, 0)] * real      # (R,) 0 on padding
     dys = dout[xp.where(real, plan.row_token, 0)] * w_row[:, None]
-    dweights = xp.einsum("td,tkd->tk", dout, _gather_slots(ys, plan).astype(dout.dtype))
+    acc = xp.result_type(accumulation_dtype(dout.dtype), accumulation_dtype(ys.dtype))
+    dweights = xp.einsum("td,tkd->tk", dout.astype(acc, copy=False),
+                         _gather_slots(ys, plan).astype(acc, copy=False))
     return dys.astype(ys.dtype), dweights.astype(weights.dtype)

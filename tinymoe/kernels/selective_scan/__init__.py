@@ -8,7 +8,15 @@
     out = selective_state_update(state, x, dt, A, B, C, ...)   # one step, in place
 
 u, delta, z, out: (batch, d_inner, L); A: (d_inner, N); B, C: (batch, N, L);
-D, delta_bias: (d_inner,). `reference` (a loop over L) is the spec; `assoc` is the
+D, delta_bias: (d_inner,).
+
+Formats: u, delta, B, C, z may be 16-bit (float16, bfloat16: mamba_ssm's mixed-precision
+recipe), read as float32, with states and sums in float32 and out rounded to u's format;
+A, D, delta_bias are used as float32 (or float64). Each gradient has its input's dtype. The
+GPU kernels load 16 bits and widen; the CPU impls are run on float32 copies (exact: every
+16-bit number is a float32) and their results rounded: slow, but the same numbers.
+
+`reference` (a loop over L) is the spec; `assoc` is the
 parallel associative-scan form; `numba` the fast CPU kernel; GPU kernels add a line
 to IMPLS below.
 """
@@ -17,6 +25,7 @@ from __future__ import annotations
 import importlib
 
 from ...backend import array_module, device_of
+from ...dtypes import is_half, upcast
 
 # impl name -> module with selective_scan_fwd / selective_scan_bwd; imported on use.
 IMPLS = {
@@ -92,6 +101,10 @@ def selective_scan_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     from instead of recomputing (the GPU kernels: each tile's starting state), or None."""
     check_inputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     module = _impl(impl, u)
+    if _widened(module, u):                               # a CPU impl on 16-bit inputs
+        out = module.selective_scan_fwd(*upcast(u, delta, A, B, C, D, z, delta_bias),
+                                        delta_softplus).astype(u.dtype)
+        return (out, None) if return_states else out
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     if not return_states:
         return module.selective_scan_fwd(*args)
@@ -109,10 +122,21 @@ def selective_scan_bwd(dout, u, delta, A, B, C, D=None, z=None, delta_bias=None,
         raise ValueError(f"selective_scan: dout {_shape(dout)} must have the shape of u "
                          f"{_shape(u)}")
     module = _impl(impl, u)
-    args = (dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    if module.__name__ in STATEFUL:
-        return module.selective_scan_bwd(*args, states=states)
-    return module.selective_scan_bwd(*args)
+    inputs = (u, delta, A, B, C, D, z, delta_bias)
+    if _widened(module, u):                               # a CPU impl on 16-bit inputs
+        grads = module.selective_scan_bwd(*upcast(dout, *inputs), delta_softplus)
+    elif module.__name__ in STATEFUL:
+        grads = module.selective_scan_bwd(dout, *inputs, delta_softplus, states=states)
+    else:
+        grads = module.selective_scan_bwd(dout, *inputs, delta_softplus)
+    return tuple(None if g is None else g.astype(x.dtype, copy=False)   # each its input's dtype
+                 for g, x in zip(grads, inputs))
+
+
+def _widened(module, u):
+    """True where 16-bit inputs run as float32 copies: the CPU impls (the GPU kernels load
+    16 bits themselves)."""
+    return is_half(u.dtype) and module.__name__ not in STATEFUL
 
 
 def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None,
@@ -133,6 +157,9 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None,
             raise ValueError(f"selective_state_update: {name} must be {want} for state "
                              f"{_shape(state)}, got {_shape(arr)}")
     from .reference import selective_state_update as step
+    if is_half(x.dtype):                                  # 16-bit inputs: float32 math, and
+        out = step(state, *upcast(x, dt, A, B, C, D, z, dt_bias), dt_softplus)   # state
+        return out.astype(x.dtype)
     return step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
 
 

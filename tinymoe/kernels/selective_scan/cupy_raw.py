@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from ...backend import cupy
+from ...dtypes import accumulation_dtype, as_dtype, is_half
+from ..cuda_half import kernel_view
 from .common import TileStates, sum_partials, tile_count
 from .numba_cuda import SMEM_LIMIT, _prepare, fit_config
 
@@ -43,12 +45,20 @@ def smem_bytes(cfg, N, itemsize, bwd):
     return (2 * cfg["nchunk"] * row + cfg["warps"] * row + 2 * cfg["warps"] * N) * itemsize
 
 
+CTYPES = {"float32": "float", "float64": "double", "float16": "__half",
+          "bfloat16": "__nv_bfloat16"}
+
+
 def nvcc_options(dtype, items, warps, nchunk, min_blocks=1, da_lanes=WARP):
-    """The -D defines that specialise selective_scan.cu (also used by the compile test)."""
+    """The -D defines that specialise selective_scan.cu (also used by the compile test):
+    `dtype` is the storage format of u, delta, B, C, z; the compute type scalar_t is float32
+    for the 16-bit formats."""
     if items < 1 or WARP % items:  # a lane's items must not straddle a pad word (PAD in the .cu)
         raise ValueError(f"selective_scan (CUDA C): items={items} must divide {WARP}")
-    ctype = "float" if np.dtype(dtype) == np.float32 else "double"
-    return (f"-Dscalar_t={ctype}", f"-DITEMS={items}", f"-DWARPS={warps}", f"-DNCHUNK={nchunk}",
+    storage = as_dtype(dtype)
+    half = ("-DHALF_STORAGE",) if is_half(storage) else ()
+    return (f"-Ddata_t={CTYPES[storage.name]}",
+            f"-Dscalar_t={CTYPES[accumulation_dtype(storage).name]}", *half, f"-DITEMS={items}", f"-DWARPS={warps}", f"-DNCHUNK={nchunk}",
             f"-DMIN_BLOCKS={min_blocks}", f"-DDA_LANES={da_lanes}")
 
 
@@ -69,7 +79,7 @@ _OPTED_IN = {}  # kernel key -> the most dynamic shared memory it has been allow
 
 
 def _launch(name, cfg, dtype, grid, smem, args):
-    key = (name, np.dtype(dtype).str, cfg["items"], cfg["warps"], cfg["nchunk"],
+    key = (name, as_dtype(dtype).name, cfg["items"], cfg["warps"], cfg["nchunk"],
            cfg.get("min_blocks", 1), cfg.get("da_lanes", WARP))
     kernel = _function(*key)
     if smem > _OPTED_IN.get(key, SMEM_LIMIT):  # opt in above 48 KB once per size, not per launch
@@ -97,18 +107,19 @@ def selective_scan_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                        delta_softplus=False, config=None, return_states=False):
     """out (batch, d_inner, L); with return_states, (out, TileStates) for the backward.
     CuPy arrays in and out."""
-    xp, dtype, arrs = _prepare(u, delta, A, B, C, D, z, delta_bias)
+    xp, storage, dtype, arrs = _prepare(u, delta, A, B, C, D, z, delta_bias)
     cfg = fit_config(config, FWD_CONFIG, A.shape[1], np.dtype(dtype).itemsize, False, SMEM_OPT_IN,
                      smem_bytes)
     batch, d_inner, L = u.shape
     N = A.shape[1]
-    out = xp.empty((batch, d_inner, L), dtype)
-    hs = xp.empty((batch, d_inner, tile_count(L, cfg["items"]), N), dtype) if return_states else out
+    out = xp.empty((batch, d_inner, L), storage)
+    hs = xp.empty((batch, d_inner, tile_count(L, cfg["items"]), N), dtype) if return_states \
+        else xp.empty((1, 1, 1, 1), dtype)                # a placeholder the kernel never writes
     if out.size:
         grid = ((d_inner + cfg["warps"] - 1) // cfg["warps"], batch)
         smem = smem_bytes(cfg, N, np.dtype(dtype).itemsize, False)
-        _launch("selective_scan_fwd", cfg, dtype, grid, smem,
-                (*arrs, out, hs, np.int32(d_inner), np.int32(L), np.int32(N),
+        _launch("selective_scan_fwd", cfg, storage, grid, smem,
+                (*arrs, kernel_view(out), hs, np.int32(d_inner), np.int32(L), np.int32(N),
                  *_flags(D, z, delta_bias, delta_softplus), np.bool_(return_states)))
     return (out, TileStates(cfg["items"], hs)) if return_states else out
 
@@ -117,7 +128,7 @@ def selective_scan_bwd(dout, u, delta, A, B, C, D=None, z=None, delta_bias=None,
                        delta_softplus=False, config=None, states=None):
     """(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias); None for absent inputs. `states`:
     the forward's TileStates; without them (or for another tiling) a forward makes them."""
-    xp, dtype, arrs = _prepare(u, delta, A, B, C, D, z, delta_bias)
+    xp, storage, dtype, arrs = _prepare(u, delta, A, B, C, D, z, delta_bias)
     if dout.shape != u.shape:
         raise ValueError(f"selective_scan_bwd: dout {dout.shape} must match u {u.shape}")
     cfg = bwd_config(config, A.shape[1], np.dtype(dtype).itemsize)
@@ -127,8 +138,8 @@ def selective_scan_bwd(dout, u, delta, A, B, C, D=None, z=None, delta_bias=None,
     batch, d_inner, L = u.shape
     N = A.shape[1]
     blocks = (d_inner + cfg["warps"] - 1) // cfg["warps"]
-    du, ddelta = xp.empty_like(arrs[0]), xp.empty_like(arrs[0])
-    dz = xp.empty_like(arrs[0]) if z is not None else arrs[6]
+    du, ddelta = xp.empty(u.shape, storage), xp.empty(u.shape, storage)
+    dz = xp.empty(u.shape, storage) if z is not None else None
     dBC_part = xp.empty((2, batch, blocks, N, L), dtype)  # every entry written when L > 0
     per_row = xp.empty if u.size else xp.zeros  # the kernel writes every row's partials
     dA_part = per_row((batch, d_inner, N), dtype)
@@ -136,8 +147,9 @@ def selective_scan_bwd(dout, u, delta, A, B, C, D=None, z=None, delta_bias=None,
     dbias_part = per_row((batch, d_inner), dtype)
     if u.size:
         smem = smem_bytes(cfg, N, np.dtype(dtype).itemsize, True)
-        _launch("selective_scan_bwd", cfg, dtype, (blocks, batch), smem,
-                (xp.ascontiguousarray(dout, dtype=dtype), *arrs, states.hs, du, ddelta, dz,
+        _launch("selective_scan_bwd", cfg, storage, (blocks, batch), smem,
+                (kernel_view(xp.ascontiguousarray(dout, dtype=storage)), *arrs, states.hs,
+                 kernel_view(du), kernel_view(ddelta), arrs[6] if dz is None else kernel_view(dz),
                  dBC_part[0], dBC_part[1], dA_part, dD_part, dbias_part,
                  np.int32(d_inner), np.int32(L), np.int32(N),
                  *_flags(D, z, delta_bias, delta_softplus)))

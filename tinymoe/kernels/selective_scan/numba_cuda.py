@@ -59,8 +59,10 @@ from functools import lru_cache
 import numpy as np
 from numba import cuda, from_dtype, types
 
+from ..cuda_half import codec, kernel_view
 from ..cuda_utils import WARP, at, shfl_down, shfl_up, syncwarp
 from ...backend import array_module
+from ...dtypes import accumulation_dtype, as_dtype, is_half
 from .common import TileStates, sum_partials, tile_count
 
 # Launch shapes, chosen by benchmarks/bench_scan.py --sweep (see cupy_raw.py). Numba
@@ -74,13 +76,17 @@ _BOUNDS = "launch_bounds" in inspect.signature(cuda.jit).parameters
 
 
 @lru_cache(maxsize=None)
-def _kernels(np_dtype, items, warps, nchunk, min_blocks=1, has_z=False):
-    """Compile-time constants (items per lane, warps per block, states per B/C chunk,
-    whether z is given) make the per-lane arrays registers; one kernel pair each."""
+def _kernels(storage, items, warps, nchunk, min_blocks=1, has_z=False):
+    """Compile-time constants (the storage format of u, delta, B, C, z and the outputs,
+    items per lane, warps per block, states per B/C chunk, whether z is given) make the
+    per-lane arrays registers; one kernel pair each. Every global read of a stored array
+    goes through `ld` and every write through `st` (cuda_half.codec): float32/64 as they
+    are, a 16-bit format widened to float32, in which everything is computed."""
     if items < 1 or WARP % items:  # a lane's items must not straddle a pad word (see pad)
         raise ValueError(f"selective_scan (Numba CUDA): items={items} must divide {WARP}")
-    T = from_dtype(np.dtype(np_dtype))
-    ZERO, ONE = np.dtype(np_dtype).type(0), np.dtype(np_dtype).type(1)
+    ld, st, compute = codec(as_dtype(storage))
+    T = from_dtype(compute)
+    ZERO, ONE = compute.type(0), compute.type(1)
     TILE = WARP * items  # steps per tile
     ROW = TILE + TILE // WARP  # a staged tile: 32 * items steps and a pad word per 32 steps
     BLOCK = warps * WARP  # threads per block
@@ -103,11 +109,11 @@ def _kernels(np_dtype, items, warps, nchunk, min_blocks=1, has_z=False):
         zero past L)."""
         if valid and t0 + TILE <= L:  # a whole tile: no bounds tests
             for j in range(items):
-                r[j] = src[at(b), at(d), at(t0 + j * WARP + lane)]
+                r[j] = ld(src[at(b), at(d), at(t0 + j * WARP + lane)])
         else:
             for j in range(items):
                 t = t0 + j * WARP + lane
-                r[j] = src[at(b), at(d), at(t)] if (valid and t < L) else ZERO
+                r[j] = ld(src[at(b), at(d), at(t)]) if (valid and t < L) else ZERO
 
     @cuda.jit(device=True, inline=True)
     def tile_transpose(r, sm, base, lane):
@@ -136,7 +142,7 @@ def _kernels(np_dtype, items, warps, nchunk, min_blocks=1, has_z=False):
             p = j * WARP + lane
             t = t0 + p
             if valid and t < L:
-                dst[at(b), at(d), at(t)] = sm[at(base + pad(p))]
+                dst[at(b), at(d), at(t)] = st(sm[at(base + pad(p))])
         syncwarp()
 
     @cuda.jit(device=True, inline=True)
@@ -149,8 +155,8 @@ def _kernels(np_dtype, items, warps, nchunk, min_blocks=1, has_z=False):
             tl = p % TILE
             t = t0 + tl
             s = pad(tl)
-            sm[at(k * ROW + s)] = B[at(b), at(n0 + k), at(t)] if t < L else ZERO
-            sm[at((nchunk + k) * ROW + s)] = C[at(b), at(n0 + k), at(t)] if t < L else ZERO
+            sm[at(k * ROW + s)] = ld(B[at(b), at(n0 + k), at(t)]) if t < L else ZERO
+            sm[at((nchunk + k) * ROW + s)] = ld(C[at(b), at(n0 + k), at(t)]) if t < L else ZERO
         cuda.syncthreads()
 
     @cuda.jit(device=True, inline=True)
@@ -462,21 +468,27 @@ def _kernels(np_dtype, items, warps, nchunk, min_blocks=1, has_z=False):
 
 # ---------------------------------------------------------------- array-level API
 def _prepare(u, delta, A, B, C, D, z, delta_bias):
-    """Contiguous arrays of one float dtype, placeholders for absent inputs."""
+    """(xp, storage, compute, arrays): u, delta, B, C, z contiguous in one storage format
+    (float32, float64, float16 or bfloat16), A, D, delta_bias in the compute dtype (float32
+    for the 16-bit formats); placeholders for absent inputs; bfloat16 as its uint16 bits."""
     xp = array_module(u)
     if u.ndim != 3 or delta.shape != u.shape or A.ndim != 2 or A.shape[0] != u.shape[1] \
             or B.shape != (u.shape[0], A.shape[1], u.shape[2]) or C.shape != B.shape:
         raise ValueError(
             f"selective_scan: expected u, delta (batch, d_inner, L), A (d_inner, N), B, C "
             f"(batch, N, L); got u {u.shape}, delta {delta.shape}, A {A.shape}, B {B.shape}, C {C.shape}")
-    dtype = np.result_type(u.dtype, np.float32)
-    if dtype not in (np.float32, np.float64):
-        raise TypeError(f"selective_scan: float32 or float64 inputs expected, got {u.dtype}")
+    storage = u.dtype if is_half(u.dtype) else np.result_type(u.dtype, np.float32)
+    if storage not in (np.float32, np.float64) and not is_half(storage):
+        raise TypeError(f"selective_scan: float16, bfloat16, float32 or float64 inputs "
+                        f"expected, got {u.dtype}")
+    compute = accumulation_dtype(storage)
     # absent inputs become placeholders of the right rank (the kernel is typed for them)
-    c = lambda x, ndim: xp.zeros((1,) * ndim, dtype) if x is None \
-        else xp.ascontiguousarray(x, dtype=dtype)  # noqa: E731
-    return xp, dtype, [c(x, ndim) for x, ndim in
-                       ((u, 3), (delta, 3), (A, 2), (B, 3), (C, 3), (D, 1), (z, 3), (delta_bias, 1))]
+    c = lambda x, ndim, dtype: kernel_view(xp.zeros((1,) * ndim, dtype) if x is None  # noqa: E731
+                                           else xp.ascontiguousarray(x, dtype=dtype))
+    return xp, storage, compute, [
+        c(x, ndim, dtype) for x, ndim, dtype in
+        ((u, 3, storage), (delta, 3, storage), (A, 2, compute), (B, 3, storage),
+         (C, 3, storage), (D, 1, compute), (z, 3, storage), (delta_bias, 1, compute))]
 
 
 SMEM_LIMIT = 48 * 1024  # dynamic shared memory a kernel gets without opting in
@@ -511,20 +523,21 @@ def smem_bytes(cfg, N, itemsize, bwd):
 
 def selective_scan_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                        delta_softplus=False, config=None, return_states=False):
-    """out (batch, d_inner, L); with return_states, (out, TileStates) for the backward."""
-    xp, dtype, arrs = _prepare(u, delta, A, B, C, D, z, delta_bias)
+    """out (batch, d_inner, L), in u's format; with return_states, (out, TileStates) for
+    the backward (the states in the compute dtype)."""
+    xp, storage, dtype, arrs = _prepare(u, delta, A, B, C, D, z, delta_bias)
     cfg = fit_config(config, FWD_CONFIG, A.shape[1], np.dtype(dtype).itemsize, False)
-    fwd, _ = _kernels(np.dtype(dtype).str, cfg["items"], cfg["warps"], cfg["nchunk"],
+    fwd, _ = _kernels(storage.name, cfg["items"], cfg["warps"], cfg["nchunk"],
                       cfg.get("min_blocks", 1))
     batch, d_inner, L = u.shape
     N = A.shape[1]
-    out = xp.empty((batch, d_inner, L), dtype)
+    out = xp.empty((batch, d_inner, L), storage)
     hs = xp.empty((batch, d_inner, tile_count(L, cfg["items"]), N), dtype) if return_states \
         else xp.empty((1, 1, 1, 1), dtype)  # a placeholder the kernel never writes
     if out.size:
         grid = ((d_inner + cfg["warps"] - 1) // cfg["warps"], batch)
         fwd[grid, cfg["warps"] * WARP, 0, smem_bytes(cfg, N, np.dtype(dtype).itemsize, False)](
-            *arrs, out, hs, D is not None, z is not None, delta_bias is not None,
+            *arrs, kernel_view(out), hs, D is not None, z is not None, delta_bias is not None,
             bool(delta_softplus), bool(return_states))
     return (out, TileStates(cfg["items"], hs)) if return_states else out
 
@@ -533,27 +546,28 @@ def selective_scan_bwd(dout, u, delta, A, B, C, D=None, z=None, delta_bias=None,
                        delta_softplus=False, config=None, states=None):
     """(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias); None for absent inputs. `states`:
     the forward's TileStates; without them (or for another tiling) a forward makes them."""
-    xp, dtype, arrs = _prepare(u, delta, A, B, C, D, z, delta_bias)
+    xp, storage, dtype, arrs = _prepare(u, delta, A, B, C, D, z, delta_bias)
     if dout.shape != u.shape:
         raise ValueError(f"selective_scan_bwd: dout {dout.shape} must match u {u.shape}")
     cfg = fit_config(config, BWD_CONFIG, A.shape[1], np.dtype(dtype).itemsize, True)
     if states is None or states.items != cfg["items"]:
         _, states = selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                        dict(FWD_CONFIG, items=cfg["items"]), return_states=True)
-    _, bwd = _kernels(np.dtype(dtype).str, cfg["items"], cfg["warps"], cfg["nchunk"],
+    _, bwd = _kernels(storage.name, cfg["items"], cfg["warps"], cfg["nchunk"],
                       cfg.get("min_blocks", 1), z is not None)
     batch, d_inner, L = u.shape
     N = A.shape[1]
     blocks = (d_inner + cfg["warps"] - 1) // cfg["warps"]
-    du, ddelta = xp.empty_like(arrs[0]), xp.empty_like(arrs[0])
-    dz = xp.empty_like(arrs[0]) if z is not None else arrs[6]
+    du, ddelta = xp.empty(u.shape, storage), xp.empty(u.shape, storage)
+    dz = xp.empty(u.shape, storage) if z is not None else None
     dBC_part = xp.empty((2, batch, blocks, N, L), dtype)  # every entry written when L > 0
     dA_part = xp.zeros((batch, d_inner, N), dtype)
     dD_part = xp.zeros((batch, d_inner), dtype)
     dbias_part = xp.zeros((batch, d_inner), dtype)
     if u.size:
         bwd[(blocks, batch), cfg["warps"] * WARP, 0, smem_bytes(cfg, N, np.dtype(dtype).itemsize, True)](
-            xp.ascontiguousarray(dout, dtype=dtype), *arrs, states.hs, du, ddelta, dz,
+            kernel_view(xp.ascontiguousarray(dout, dtype=storage)), *arrs, states.hs,
+            kernel_view(du), kernel_view(ddelta), arrs[6] if dz is None else kernel_view(dz),
             dBC_part[0], dBC_part[1], dA_part, dD_part, dbias_part,
             D is not None, delta_bias is not None, bool(delta_softplus))
     return sum_partials(du, ddelta, dA_part, dBC_part, dD_part, dz, dbias_part, D, z, delta_bias)

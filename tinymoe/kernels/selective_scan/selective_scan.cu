@@ -10,12 +10,26 @@
 // steps in registers, folds them into one affine map h -> P h + Q, and a warp scan of the
 // maps gives each lane its incoming state. No float atomics: results are deterministic.
 //
-// Compile-time constants (given with -D by cupy_raw.py): scalar_t, ITEMS, WARPS, NCHUNK,
+// 16-bit inputs (float16, bfloat16; mamba_ssm's recipe): u, delta, B, C, z, out and their
+// gradients are stored as data_t and widened to scalar_t = float as they are read (tile_load,
+// load_bc, prefetch_bc), so states, sums and every product are float32; outputs are rounded
+// to data_t as they are written (stage_out). A, D, delta_bias, the tile states and the dA,
+// dB, dC, dD partials are scalar_t. cp.async copies 4 bytes or more: with 16-bit B and C the
+// backward's chunk prefetch becomes plain loads (HALF_STORAGE).
+//
+// Compile-time constants (given with -D by cupy_raw.py): scalar_t, data_t, ITEMS, WARPS, NCHUNK,
 // MIN_BLOCKS (blocks per SM the register allocation must allow: caps registers per thread),
 // DA_LANES (the backward's dA partial sums per state and warp: 32, or 1 for large N).
 
 #ifndef scalar_t
 #define scalar_t float
+#endif
+#ifndef data_t
+#define data_t scalar_t
+#endif
+#ifdef HALF_STORAGE
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
 #endif
 #ifndef ITEMS
 #define ITEMS 8
@@ -62,19 +76,23 @@ __device__ __forceinline__ double flog1p(double x) { return log1p(x); }
 __device__ __forceinline__ float fast_div(float x, float y) { return __fdividef(x, y); }  // y in [1, 2^126]
 __device__ __forceinline__ double fast_div(double x, double y) { return x / y; }
 
+// One stored element widened to scalar_t; a scalar_t rounded to the stored format.
+__device__ __forceinline__ scalar_t load(data_t v) { return static_cast<scalar_t>(v); }
+__device__ __forceinline__ data_t store(scalar_t v) { return data_t(v); }
+
 // Staging a tile row into registers, in two steps so that several rows' global loads can
 // be in flight at once. tile_load: r[j] = src[t0 + j*32 + lane] (coalesced, zero past L).
-__device__ __forceinline__ void tile_load(const scalar_t* __restrict__ src, bool valid, int t0,
+__device__ __forceinline__ void tile_load(const data_t* __restrict__ src, bool valid, int t0,
                                           int L, int lane, scalar_t* r) {
     if (valid && t0 + TILE <= L) {  // a whole tile: no bounds tests
 #pragma unroll
-        for (int j = 0; j < ITEMS; ++j) r[j] = src[t0 + j * WARP + lane];
+        for (int j = 0; j < ITEMS; ++j) r[j] = load(src[t0 + j * WARP + lane]);
         return;
     }
 #pragma unroll
     for (int j = 0; j < ITEMS; ++j) {
         const int t = t0 + j * WARP + lane;
-        r[j] = (valid && t < L) ? src[t] : scalar_t(0);
+        r[j] = (valid && t < L) ? load(src[t]) : scalar_t(0);
     }
 }
 
@@ -90,7 +108,7 @@ __device__ __forceinline__ void tile_transpose(scalar_t* r, scalar_t* sm, int la
 
 // dst[i] = src[row, t0 + lane*ITEMS + i]: coalesced global reads, then each lane takes its
 // consecutive steps out of shared memory (zero past L).
-__device__ __forceinline__ void stage_in(const scalar_t* __restrict__ src, bool valid, int t0,
+__device__ __forceinline__ void stage_in(const data_t* __restrict__ src, bool valid, int t0,
                                          int L, scalar_t* sm, int lane, scalar_t* dst) {
     tile_load(src, valid, t0, L, lane, dst);
     tile_transpose(dst, sm, lane);
@@ -108,19 +126,25 @@ __device__ __forceinline__ void cp_async_wait() {
 }
 
 // The block starts copying B[b, n0:n0+nc, tile] and C into a chunk buffer (2 * NCHUNK rows).
-__device__ __forceinline__ void prefetch_bc(const scalar_t* __restrict__ Bb,
-                                            const scalar_t* __restrict__ Cb, int n0, int nc,
+// (16-bit B, C: plain loads, widened, written before the barrier that publishes the chunk.)
+__device__ __forceinline__ void prefetch_bc(const data_t* __restrict__ Bb,
+                                            const data_t* __restrict__ Cb, int n0, int nc,
                                             int t0, int L, scalar_t* buf) {
     for (int p = threadIdx.x; p < nc * TILE; p += BLOCK) {
         const int k = p / TILE, tl = p % TILE, t = t0 + tl;
         const long off = (long)(n0 + k) * L + (t < L ? t : 0);
+#ifdef HALF_STORAGE
+        buf[k * ROW + PAD(tl)] = t < L ? load(Bb[off]) : scalar_t(0);
+        buf[(NCHUNK + k) * ROW + PAD(tl)] = t < L ? load(Cb[off]) : scalar_t(0);
+#else
         cp_async(buf + k * ROW + PAD(tl), Bb + off, t < L);
         cp_async(buf + (NCHUNK + k) * ROW + PAD(tl), Cb + off, t < L);
+#endif
     }
 }
 
 // dst[row, t0 + lane*ITEMS + i] = src[i], written coalesced.
-__device__ __forceinline__ void stage_out(scalar_t* __restrict__ dst, bool valid, int t0, int L,
+__device__ __forceinline__ void stage_out(data_t* __restrict__ dst, bool valid, int t0, int L,
                                           scalar_t* sm, int lane, const scalar_t* src) {
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) sm[PAD(lane * ITEMS) + i] = src[i];
@@ -128,22 +152,22 @@ __device__ __forceinline__ void stage_out(scalar_t* __restrict__ dst, bool valid
 #pragma unroll
     for (int j = 0; j < ITEMS; ++j) {
         int p = j * WARP + lane, t = t0 + p;
-        if (valid && t < L) dst[t] = sm[PAD(p)];
+        if (valid && t < L) dst[t] = store(sm[PAD(p)]);
     }
     __syncwarp();
 }
 
 // The block stages B[b, n0:n0+nc, tile] and C into shared memory (the forward's chunks).
-__device__ __forceinline__ void load_bc(const scalar_t* __restrict__ Bb,
-                                        const scalar_t* __restrict__ Cb, int n0, int nc, int t0,
+__device__ __forceinline__ void load_bc(const data_t* __restrict__ Bb,
+                                        const data_t* __restrict__ Cb, int n0, int nc, int t0,
                                         int L, scalar_t* sm) {
     __syncthreads();
 #pragma unroll 4
     for (int p = threadIdx.x; p < nc * TILE; p += BLOCK) {
         int k = p / TILE, tl = p % TILE, t = t0 + tl, s = PAD(tl);
         long off = (long)(n0 + k) * L + t;
-        sm[k * ROW + s] = t < L ? Bb[off] : scalar_t(0);
-        sm[(NCHUNK + k) * ROW + s] = t < L ? Cb[off] : scalar_t(0);
+        sm[k * ROW + s] = t < L ? load(Bb[off]) : scalar_t(0);
+        sm[(NCHUNK + k) * ROW + s] = t < L ? load(Cb[off]) : scalar_t(0);
     }
     __syncthreads();
 }
@@ -203,11 +227,11 @@ __device__ __forceinline__ void prepare_delta(scalar_t* dt, bool valid, int t0, 
 }
 
 extern "C" __global__ void __launch_bounds__(BLOCK, MIN_BLOCKS)
-selective_scan_fwd(const scalar_t* __restrict__ u, const scalar_t* __restrict__ delta,
-                   const scalar_t* __restrict__ A, const scalar_t* __restrict__ B,
-                   const scalar_t* __restrict__ C, const scalar_t* __restrict__ D,
-                   const scalar_t* __restrict__ z, const scalar_t* __restrict__ delta_bias,
-                   scalar_t* __restrict__ out, scalar_t* __restrict__ hs, int d_inner, int L,
+selective_scan_fwd(const data_t* __restrict__ u, const data_t* __restrict__ delta,
+                   const scalar_t* __restrict__ A, const data_t* __restrict__ B,
+                   const data_t* __restrict__ C, const scalar_t* __restrict__ D,
+                   const data_t* __restrict__ z, const scalar_t* __restrict__ delta_bias,
+                   data_t* __restrict__ out, scalar_t* __restrict__ hs, int d_inner, int L,
                    int N, bool has_D, bool has_z, bool has_bias, bool softplus, bool save_states) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     scalar_t* sm = reinterpret_cast<scalar_t*>(smem_raw);
@@ -216,8 +240,8 @@ selective_scan_fwd(const scalar_t* __restrict__ u, const scalar_t* __restrict__ 
     const bool valid = d < d_inner;
     if (!valid) d = 0;  // an idle warp still joins every barrier, on zeros
     const long row = ((long)b * d_inner + d) * L;
-    const scalar_t* Bb = B + (long)b * N * L;
-    const scalar_t* Cb = C + (long)b * N * L;
+    const data_t* Bb = B + (long)b * N * L;
+    const data_t* Cb = C + (long)b * N * L;
     scalar_t* hs_row = hs + ((long)b * d_inner + d) * ((L + TILE - 1) / TILE) * N;
     scalar_t* stg = sm + 2 * NCHUNK * ROW + w * ROW;            // this warp's staging row
     scalar_t* car = sm + 2 * NCHUNK * ROW + WARPS * ROW + w * N;  // carried h[n]
@@ -285,12 +309,12 @@ selective_scan_fwd(const scalar_t* __restrict__ u, const scalar_t* __restrict__ 
 // du_t = delta_t S_t + D dy_t, d delta_t = (u_t S_t + E_t) softplus'), and per state a_t, h_t.
 template <bool HAS_Z>
 __device__ __forceinline__ void scan_bwd(
-    scalar_t* sm, const scalar_t* __restrict__ dout, const scalar_t* __restrict__ u,
-    const scalar_t* __restrict__ delta, const scalar_t* __restrict__ A,
-    const scalar_t* __restrict__ B, const scalar_t* __restrict__ C,
-    const scalar_t* __restrict__ D, const scalar_t* __restrict__ z,
+    scalar_t* sm, const data_t* __restrict__ dout, const data_t* __restrict__ u,
+    const data_t* __restrict__ delta, const scalar_t* __restrict__ A,
+    const data_t* __restrict__ B, const data_t* __restrict__ C,
+    const scalar_t* __restrict__ D, const data_t* __restrict__ z,
     const scalar_t* __restrict__ delta_bias, const scalar_t* __restrict__ hs,
-    scalar_t* __restrict__ du, scalar_t* __restrict__ ddelta, scalar_t* __restrict__ dz,
+    data_t* __restrict__ du, data_t* __restrict__ ddelta, data_t* __restrict__ dz,
     scalar_t* __restrict__ dB_part, scalar_t* __restrict__ dC_part,
     scalar_t* __restrict__ dA_part, scalar_t* __restrict__ dD_part,
     scalar_t* __restrict__ dbias_part, int d_inner, int L, int N, bool has_D, bool has_bias,
@@ -301,8 +325,8 @@ __device__ __forceinline__ void scan_bwd(
     if (!valid) d = 0;
     const int ntiles = (L + TILE - 1) / TILE;
     const long row = ((long)b * d_inner + d) * L;
-    const scalar_t* Bb = B + (long)b * N * L;
-    const scalar_t* Cb = C + (long)b * N * L;
+    const data_t* Bb = B + (long)b * N * L;
+    const data_t* Cb = C + (long)b * N * L;
     // shared memory: two B/C chunk buffers (2 x 2 NCHUNK rows: one is read while the next
     // chunk is copied into the other); (2 buffers, 2, WARPS, ROW) dB, dC terms, also the
     // staging rows; a row of u per warp; per-warp carries, A and dA sums.
@@ -488,13 +512,13 @@ __device__ __forceinline__ void scan_bwd(
 }
 
 extern "C" __global__ void __launch_bounds__(BLOCK, MIN_BLOCKS)
-selective_scan_bwd(const scalar_t* __restrict__ dout, const scalar_t* __restrict__ u,
-                   const scalar_t* __restrict__ delta, const scalar_t* __restrict__ A,
-                   const scalar_t* __restrict__ B, const scalar_t* __restrict__ C,
-                   const scalar_t* __restrict__ D, const scalar_t* __restrict__ z,
+selective_scan_bwd(const data_t* __restrict__ dout, const data_t* __restrict__ u,
+                   const data_t* __restrict__ delta, const scalar_t* __restrict__ A,
+                   const data_t* __restrict__ B, const data_t* __restrict__ C,
+                   const scalar_t* __restrict__ D, const data_t* __restrict__ z,
                    const scalar_t* __restrict__ delta_bias, const scalar_t* __restrict__ hs,
-                   scalar_t* __restrict__ du, scalar_t* __restrict__ ddelta,
-                   scalar_t* __restrict__ dz, scalar_t* __restrict__ dB_part,
+                   data_t* __restrict__ du, data_t* __restrict__ ddelta,
+                   data_t* __restrict__ dz, scalar_t* __restrict__ dB_part,
                    scalar_t* __restrict__ dC_part, scalar_t* __restrict__ dA_part,
                    scalar_t* __restrict__ dD_part, scalar_t* __restrict__ dbias_part,
                    int d_inner, int L, int N, bool has_D, bool has_z, bool has_bias,

@@ -13,7 +13,8 @@ import numpy as np
 
 from ... import backend
 from ...autograd.function import Function, op_error
-from ...kernels.blas import matmul as _mm          # a @ b; cuBLAS directly while capturing
+from ...kernels.matmul import matmul as mm         # 16-bit aware; cuBLAS directly while capturing
+from ...kernels.matmul import same_format
 from .. import functional as F
 from ..module import Module
 from ..parameter import Parameter
@@ -83,12 +84,13 @@ class GroupedLinear(Function):
             raise op_error("grouped_linear", f"bounds {bounds} must be {E + 1} offsets from 0 "
                            f"to the {R} rows of xs {tuple(xs.shape)}")
         xp = backend.array_module(xs)
+        xs, W = same_format(xs, W)                     # 16-bit rows and weights: a 16-bit product
         ctx.bounds = bounds
         M = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
         ctx.uniform = 0 < R == E * M and bounds == tuple(range(0, R + 1, M))
         if ctx.uniform:                     # a static plan: E groups of M rows, (E, M, in) as is
             ctx.save(xs, W)
-            return _mm(xs.reshape(E, M, -1), W).reshape(R, W.shape[2])      # (R, out)
+            return mm(xs.reshape(E, M, -1), W).reshape(R, W.shape[2])      # (R, out)
         ctx.batched = ((BATCHED_ON_CPU or backend.is_cupy_array(xs))
                        and 0 < R and E * M <= BATCHED_MAX_PADDING * R
                        and M * W.shape[1] * W.shape[2] <= BATCHED_MAX_MACS)
@@ -96,41 +98,42 @@ class GroupedLinear(Function):
             pos, M = _padded_rows(bounds, backend.device_of(xs))
             xpad = _pad(xs, pos, E, M)                                        # (E, M, in)
             ctx.save(xpad, W, pos)
-            return xp.matmul(xpad, W).reshape(E * M, W.shape[2])[pos]        # (R, out)
+            return mm(xpad, W).reshape(E * M, W.shape[2])[pos]               # (R, out)
         ctx.save(xs, W)
         ys = xp.empty((R, W.shape[2]), dtype=xp.result_type(xs, W))          # (R, out)
         for e, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
             if b > a:
-                xp.matmul(xs[a:b], W[e], out=ys[a:b])
+                mm(xs[a:b], W[e], out=ys[a:b])
         return ys
 
     @staticmethod
     def backward(ctx, grad):
         gx, gw, _ = ctx.needs_input_grad
         xp = backend.array_module(grad)
+        grad = grad.astype(ctx.saved[1].dtype, copy=False)                   # W's format
         if ctx.uniform:
             xs, W = ctx.saved
             E, n_in = W.shape[0], W.shape[1]
             g3 = grad.reshape(E, -1, grad.shape[-1])                            # (E, M, out)
-            dxs = _mm(g3, W.swapaxes(1, 2)).reshape(xs.shape) if gx else None
-            dW = _mm(xs.reshape(E, -1, n_in).swapaxes(1, 2), g3) if gw else None
+            dxs = mm(g3, W.swapaxes(1, 2)).reshape(xs.shape) if gx else None
+            dW = mm(xs.reshape(E, -1, n_in).swapaxes(1, 2), g3) if gw else None
             return dxs, dW, None
         if ctx.batched:
             xpad, W, pos = ctx.saved
             E, M, n_in = xpad.shape
             gpad = _pad(grad, pos, E, M)                                      # (E, M, out)
-            dxs = xp.matmul(gpad, W.swapaxes(1, 2)).reshape(E * M, n_in)[pos] if gx else None
-            dW = xp.matmul(xpad.swapaxes(1, 2), gpad) if gw else None         # (E, in, out)
+            dxs = mm(gpad, W.swapaxes(1, 2)).reshape(E * M, n_in)[pos] if gx else None
+            dW = mm(xpad.swapaxes(1, 2), gpad) if gw else None                # (E, in, out)
             return dxs, dW, None
         xs, W = ctx.saved
         dxs = xp.empty(xs.shape, dtype=xp.result_type(grad, W)) if gx else None
         dW = xp.empty(W.shape, dtype=xp.result_type(xs, grad)) if gw else None
         for e, (a, b) in enumerate(zip(ctx.bounds[:-1], ctx.bounds[1:])):
             if gx and b > a:
-                xp.matmul(grad[a:b], W[e].T, out=dxs[a:b])
+                mm(grad[a:b], W[e].T, out=dxs[a:b])
             if gw:
                 if b > a:
-                    xp.matmul(xs[a:b].T, grad[a:b], out=dW[e])
+                    mm(xs[a:b].T, grad[a:b], out=dW[e])
                 else:
                     dW[e] = 0                                                 # no rows: no gradient
         return dxs, dW, None

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ... import backend
+from ...dtypes import is_half
 from ...autograd.ops import where
 from .. import functional as F
 from ..linear import Linear
@@ -52,6 +53,15 @@ class Router(Module):
         self.num_experts, self.top_k = num_experts, top_k
         self.aux_loss_weight, self.z_loss_weight = aux_loss_weight, z_loss_weight
         self.gate = Linear(d_model, num_experts, bias=False)
+
+    @staticmethod
+    def scores(linear, x):
+        """x W^T (T, E), in float32 whatever the format of x and W: routing is a softmax over
+        E logits and a discrete top-k of it, where bfloat16's 3 digits flip choices
+        (Switch Transformer's "selective precision", Fedus et al. 2021, sec. 2.4)."""
+        if is_half(x.dtype) or is_half(linear.weight.dtype):
+            return F.linear(x.astype("float32"), linear.weight.astype("float32"))
+        return linear(x)
 
     def _finish(self, expert_index, weights, logits, probs, losses, weights_of_losses):
         """Add the z-loss, weight the losses, build the Routing."""
@@ -101,7 +111,7 @@ class DenseRouter(Router):
         super().__init__(d_model, num_experts, num_experts, **kw)
 
     def forward(self, x, capacity=None):
-        logits = self.gate(x)                                                # (T, E)
+        logits = self.scores(self.gate, x)                                                # (T, E)
         probs = F.softmax(logits, axis=-1)
         xp = backend.array_module(probs.data)
         T, E = probs.shape
@@ -120,7 +130,7 @@ class TopKRouter(Router):
         self.normalize = normalize
 
     def forward(self, x, capacity=None):
-        logits = self.gate(x)                                                # (T, E)
+        logits = self.scores(self.gate, x)                                                # (T, E)
         probs = F.softmax(logits, axis=-1)
         weights, index = F.topk(probs, self.top_k, axis=-1)                  # (T, k) each
         if self.normalize and self.top_k > 1:
@@ -154,7 +164,7 @@ class GShardRouter(Router):
         super().__init__(d_model, num_experts, 2, **kw)
 
     def forward(self, x, capacity=None):
-        logits = self.gate(x)
+        logits = self.scores(self.gate, x)
         probs = F.softmax(logits, axis=-1)                                   # (T, E)
         top, index = F.topk(probs, 2, axis=-1)                               # (T, 2)
         weights = top / top.sum(axis=-1, keepdims=True)                      # g_j / (g1 + g2)
@@ -184,11 +194,11 @@ class NoisyTopKRouter(Router):
         self.noise.weight.data[...] = 0                                      # start with unit noise scale
 
     def forward(self, x, capacity=None):
-        clean = self.gate(x)                                                 # (T, E)  x W_g
+        clean = self.scores(self.gate, x)                                                 # (T, E)  x W_g
         k, E = self.top_k, self.num_experts
         noisy = self.training and k < E
         if noisy:
-            std = F.softplus(self.noise(x))                                  # (T, E)
+            std = F.softplus(self.scores(self.noise, x))                                  # (T, E)
             H = clean + _standard_normal(clean.data) * std                   # eq. 4
         else:
             H = clean
@@ -221,7 +231,7 @@ class ExpertChoiceRouter(Router):
     uses_capacity_in_routing = True
 
     def forward(self, x, capacity=None):
-        logits = self.gate(x)
+        logits = self.scores(self.gate, x)
         probs = F.softmax(logits, axis=-1)                                   # (T, E)
         T, E = probs.shape
         C = capacity if capacity is not None else max(T * self.top_k // E, 1)
@@ -246,7 +256,7 @@ class BaseRouter(Router):
         super().__init__(d_model, num_experts, 1, **kw)
 
     def forward(self, x, capacity=None):
-        logits = self.gate(x)                                                # (T, E)  h_t . w_e
+        logits = self.scores(self.gate, x)                                                # (T, E)  h_t . w_e
         xp = backend.array_module(logits.data)
         if self.training:
             expert = xp.asarray(balanced_assignment(backend.to_numpy(logits.data)))

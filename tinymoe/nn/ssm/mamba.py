@@ -20,6 +20,7 @@ import math
 import numpy as np
 
 from ... import backend
+from ...dtypes import accumulation_dtype
 from ...autograd.grad_mode import no_grad
 from ...kernels.selective_scan import selective_state_update
 from .. import functional as F
@@ -100,11 +101,12 @@ class MambaBlock(Module):
 
     # ----------------------------------------------------------- recurrent mode
     def allocate_state(self, batch: int):
-        """(conv_state (B, d_inner, d_conv), ssm_state (B, d_inner, N)), zeros."""
+        """(conv_state (B, d_inner, d_conv), ssm_state (B, d_inner, N)), zeros; the SSM state
+        in float32 for a 16-bit model (a recurrence accumulates, as the scan's state does)."""
         xp = backend.array_module(self.A_log.data)
         dtype = self.A_log.dtype
         return (xp.zeros((batch, self.d_inner, self.d_conv), dtype),
-                xp.zeros((batch, self.d_inner, self.d_state), dtype))
+                xp.zeros((batch, self.d_inner, self.d_state), accumulation_dtype(dtype)))
 
     def step(self, x_t, state):
         """One token: x_t (B, d_model) -> (B, d_model); `state` is updated in place."""
