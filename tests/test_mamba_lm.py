@@ -76,3 +76,28 @@ def test_lti_mixer_baseline():
     assert logits.shape == (2, 5, 11) and model.layers[1].mixer.ssm.log_dt.grad is not None
     with pytest.raises(ValueError, match="mixer must be 'mamba' or 's4d', got 'rnn'"):
         tiny(mixer="rnn")
+
+
+@pytest.mark.gpu
+def test_gpu_generation_replays_one_captured_graph_per_token():
+    """On a GPU each token is one replay of the captured step (models/decode_graph.py): the
+    same greedy tokens as eager GPU steps and as the CPU (float64), the graph reused across
+    calls, following weights loaded in place, and recorded anew when the arrays are replaced."""
+    model = tiny(n_layer=2).to(dtype=np.float64)
+    prompt = np.random.default_rng(0).integers(0, 11, (3, 5))
+    on_cpu = model.generate(prompt, 12, temperature=0)
+    gpu = model.to("cuda")
+    captured = gpu.generate(prompt, 12, temperature=0)
+    decoder = gpu._decoders[3]
+    assert gpu.generate(prompt, 12, temperature=0).tolist() == captured.tolist()
+    assert gpu._decoders[3] is decoder                                   # reused, states reset
+    gpu._capture_failed = True                                           # eager steps on the GPU
+    eager = gpu.generate(prompt, 12, temperature=0)
+    assert captured.tolist() == eager.tolist() == on_cpu.tolist()
+    gpu._capture_failed = False
+    other = tiny(n_layer=2).to(dtype=np.float64)                         # other weights, in place
+    gpu.load_state_dict(other.state_dict())
+    assert gpu.generate(prompt, 12, temperature=0).tolist() == other.generate(prompt, 12, temperature=0).tolist()
+    gpu.to(dtype=np.float32)                                             # new arrays: a new graph
+    gpu.generate(prompt, 2, temperature=0)
+    assert gpu._decoders[3] is not decoder

@@ -22,6 +22,7 @@ from ..autograd.grad_mode import no_grad
 from ..nn import Embedding, Linear, Module, ModuleList, RMSNorm, recompute
 from ..nn import functional as F
 from ..nn.ssm import MambaBlock, S4DBlock
+from .decode_graph import captured_decoder, check_ids
 from .lm import RemembersLastLoss, generate_by_recompute, host_ids, ids_on, sample_next
 
 
@@ -125,7 +126,8 @@ class MambaLM(RemembersLastLoss, Module):
     def generate(self, ids, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, use_cache: bool = True):
         """Sample max_new_tokens after ids (B, L) with the recurrent step: the prompt is
-        read token by token into the states, then each new token costs O(1).
+        read token by token into the states, then each new token costs O(1); on a GPU each
+        token is one replay of the step captured as a CUDA graph (decode_graph.py).
         use_cache=False reruns the parallel (convolutional/scan) forward over the whole
         sequence for every token instead: O(L) per token, the same samples."""
         if temperature < 0:
@@ -133,16 +135,22 @@ class MambaLM(RemembersLastLoss, Module):
         ids = host_ids(ids)                                                   # (B, L)
         if not use_cache:
             return generate_by_recompute(self, ids, max_new_tokens, temperature, top_k)
-        xp = backend.array_module(self.embedding.weight.data)
-        state = self.allocate_state(ids.shape[0])
+        check_ids(ids, self.config.vocab_size, "generate")
+        decode = captured_decoder(self, ids.shape[0])                  # a GPU: one graph per token
+        if decode is None:                                             # the CPU: step by step
+            xp = backend.array_module(self.embedding.weight.data)
+            state = self.allocate_state(ids.shape[0])
+
+            def decode(ids_t):
+                return self.step(xp.asarray(ids_t), state).data       # (B, V)
         rng = backend.rng("cpu")
         for t in range(ids.shape[1] - 1):                              # read the prompt
-            self.step(xp.asarray(ids[:, t]), state)
+            decode(ids[:, t])
         out = [ids]
         last = ids[:, -1]
         for _ in range(max_new_tokens):
-            logits = self.step(xp.asarray(last), state)                # (B, V)
-            z = backend.to_numpy(logits.data).astype(np.float64)
+            logits = decode(last)                                      # (B, V)
+            z = backend.to_numpy(logits).astype(np.float64)
             last = sample_next(z, temperature, top_k, rng)
             out.append(last[:, None])
         return np.concatenate(out, axis=1)

@@ -143,7 +143,8 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None,
     dA = xp.exp(dt[:, :, None] * A)                              # (b, d, N)
     dBx = (dt * x)[:, :, None] * B[:, None, :]                   # (b, d, N)
     state[...] = dA * state + dBx                                # h_t = dA h_{t-1} + dB x
-    y = xp.einsum("bdn,bn->bd", state, C)                        # y_t = C_t . h_t
+    y = (state * C[:, None, :]).sum(axis=-1)                     # y_t = C_t . h_t (no BLAS:
+                                                                 # a CUDA graph can record it)
     if D is not None:
         y = y + D * x
     return y * silu(z) if z is not None else y

@@ -22,6 +22,7 @@ import numpy as np
 from ... import backend
 from ...dtypes import accumulation_dtype
 from ...autograd.grad_mode import no_grad
+from ...kernels import blas
 from ...kernels.selective_scan import selective_state_update
 from .. import functional as F
 from ..linear import Linear, uniform
@@ -118,7 +119,7 @@ class MambaBlock(Module):
             x_c = self.conv1d.step(x_in, conv_state)               # (B, E)
             x_c = x_c / (1.0 + backend.array_module(x_c).exp(-x_c))  # silu
             x_dbl = self.x_proj(x_c).data                          # (B, R + 2N)
-            dt = x_dbl[:, :R] @ self.dt_proj.weight.data.T         # (B, E)
+            dt = blas.matmul(x_dbl[:, :R], self.dt_proj.weight.data.T)   # (B, E)
             A = -backend.array_module(x_c).exp(self.A_log.data)
             y = selective_state_update(ssm_state, x_c, dt, A, x_dbl[:, R:R + N],
                                        x_dbl[:, R + N:], self.D.data, z,
