@@ -22,23 +22,8 @@ mkdir -p "$OUT"
 FAILED=0
 SUMMARY=""
 
-step() {  # step NAME LIMIT_S command...: under timeout (capped by the time left), output in $OUT/NAME.log
-  local name=$1 limit=$2; shift 2
-  local left=$((BUDGET - SECONDS))
-  if (( left < 20 )); then
-    echo "== $name: skipped, ${left} s left"; SUMMARY+="$name: skipped"$'\n'; FAILED=$((FAILED + 1)); return
-  fi
-  (( limit > left )) && limit=$left
-  echo "== $name (limit ${limit} s, at ${SECONDS} s): $*"
-  local t0=$SECONDS
-  timeout -k 5 "$limit" "$@" > "$OUT/$name.log" 2>&1
-  local rc=$?
-  tail -n "${TAIL:-30}" "$OUT/$name.log"
-  echo "== $name: exit $rc in $((SECONDS - t0)) s"
-  SUMMARY+="$name: exit $rc ($((SECONDS - t0)) s)$([ $rc = 124 ] && echo ', TIMED OUT')"$'\n'
-  (( rc != 0 )) && FAILED=$((FAILED + 1))
-  return 0
-}
+TAIL=${TAIL:-30}
+source "$(dirname "$0")/gpu_step.sh"   # step NAME LIMIT_S command...
 
 step preflight 30 bash -c "nvidia-smi -L; $PY - <<'PY'
 import importlib, sys
