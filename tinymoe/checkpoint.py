@@ -177,9 +177,7 @@ def load_checkpoint(path, model=None, optimizer=None, map_device: str = "cpu",
     A corrupt, truncated or foreign file raises a ValueError naming the file."""
     path = os.fspath(path)
     tensors, metadata = read_safetensors(path)
-    if metadata.get("format") != FORMAT:
-        raise CheckpointError(f"load_checkpoint: {path} is not a tinymoe checkpoint "
-                         f"(format {metadata.get('format')!r}, expected {FORMAT!r})")
+    _check_format(metadata, path)
     if metadata.get("checksum") != _checksum(tensors, metadata):
         raise CorruptCheckpointError(f"load_checkpoint: {path} is corrupt (checksum mismatch: "
                                      f"its bytes changed after it was written)")
@@ -209,6 +207,29 @@ def load_checkpoint(path, model=None, optimizer=None, map_device: str = "cpu",
         "extra": fields["extra"],
         "model_state": {k: backend.to_device(v, map_device) for k, v in model_state.items()},
     }
+
+
+def checkpoint_step(path) -> int:
+    """The step a checkpoint holds, read from its JSON header alone: deciding what a run does
+    (resume or not) needs no tensor; loading it reads them and checks the checksum."""
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        data = f.read(8)
+        if len(data) == 8:
+            data += f.read(min(struct.unpack("<Q", data)[0], MAX_HEADER_BYTES))
+    header, _ = _parse_header(data, path)
+    metadata = header.get("__metadata__") or {}
+    _check_format(metadata, path)
+    try:
+        return int(json.loads(metadata["step"]))
+    except (KeyError, TypeError, ValueError):
+        raise CorruptCheckpointError(f"load_checkpoint: {path} is corrupt (no step in its metadata)") from None
+
+
+def _check_format(metadata: dict, path: str) -> None:
+    if metadata.get("format") != FORMAT:
+        raise CheckpointError(f"load_checkpoint: {path} is not a tinymoe checkpoint "
+                              f"(format {metadata.get('format')!r}, expected {FORMAT!r})")
 
 
 def read_safetensors(path) -> tuple[dict, dict]:

@@ -23,17 +23,8 @@ import argparse
 import sys
 
 from .profile import cli as profile_cli
+from .train_config import MODEL_OPTIONS
 
-# train options that become fields of the model config (argparse dest -> config field)
-MODEL_OPTIONS = {
-    "n_layer": "n_layer", "d_model": "d_model", "n_head": "n_head", "n_kv_head": "n_kv_head",
-    "d_ff": "d_ff", "activation": "activation", "dropout": "dropout", "experts": "num_experts",
-    "top_k": "top_k", "router": "router", "moe_every": "moe_every",
-    "capacity_factor": "capacity_factor", "eval_capacity_factor": "eval_capacity_factor",
-    "shared_experts": "num_shared_experts", "aux_loss_weight": "aux_loss_weight",
-    "z_loss_weight": "z_loss_weight", "recompute": "recompute",
-    "recompute_attention": "recompute_attention",
-}
 # `--quick`: a smoke run in seconds (tests, trying the pipeline)
 QUICK = dict(steps=30, batch_size=4, block_size=32, eval_interval=15, eval_batches=2,
              log_interval=5, checkpoint_interval=15, sample_tokens=60, max_corpus_bytes=300_000)

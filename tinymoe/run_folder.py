@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from .checkpoint import load_checkpoint, prev_path, remove_stale_temporaries
+from .checkpoint import checkpoint_step, prev_path, remove_stale_temporaries
 
 CHECKPOINT = "ckpt.safetensors"
 LOG = "log.jsonl"
@@ -46,8 +46,7 @@ def plan_run(folder: str, resume: bool, overwrite: bool) -> RunPlan:
             hint = (f"; its previous checkpoint {prev_path(ckpt)} can be renamed to {CHECKPOINT}"
                     if os.path.exists(prev_path(ckpt)) else "")
             raise FileNotFoundError(f"train: --resume, but there is no checkpoint at {ckpt}{hint}")
-        info = load_checkpoint(ckpt, restore_rng=False)        # a damaged file is refused here
-        return RunPlan(folder, ckpt, log, resume_step=int(info["step"]))
+        return RunPlan(folder, ckpt, log, resume_step=checkpoint_step(ckpt))   # the header alone
     holds = [f for f in (CHECKPOINT, LOG) if os.path.exists(os.path.join(folder, f))]
     if holds and not overwrite:
         what = "a checkpoint" if CHECKPOINT in holds else "a log"

@@ -53,13 +53,22 @@ class TrainConfig:
     plots: bool = True
 
 
-# model config field -> the train command's flag (where the two names differ)
-MODEL_FLAGS = {"num_experts": "--experts", "num_shared_experts": "--shared-experts"}
+# the train command's options that become fields of the model config (argparse dest -> field)
+MODEL_OPTIONS = {
+    "n_layer": "n_layer", "d_model": "d_model", "n_head": "n_head", "n_kv_head": "n_kv_head",
+    "d_ff": "d_ff", "activation": "activation", "dropout": "dropout", "experts": "num_experts",
+    "top_k": "top_k", "router": "router", "moe_every": "moe_every",
+    "capacity_factor": "capacity_factor", "eval_capacity_factor": "eval_capacity_factor",
+    "shared_experts": "num_shared_experts", "aux_loss_weight": "aux_loss_weight",
+    "z_loss_weight": "z_loss_weight", "recompute": "recompute",
+    "recompute_attention": "recompute_attention",
+}
+_FLAG_OF_FIELD = {field: dest for dest, field in MODEL_OPTIONS.items()}
 
 
 def flag(name: str) -> str:
-    """The command-line flag of a TrainConfig or model config field."""
-    return MODEL_FLAGS.get(name, "--" + name.replace("_", "-"))
+    """The command-line flag of a TrainConfig or model config field (num_experts -> --experts)."""
+    return "--" + _FLAG_OF_FIELD.get(name, name).replace("_", "-")
 
 
 def _need(ok: bool, name: str, rule: str, value) -> None:

@@ -145,12 +145,6 @@ def _same_everywhere(digest: str, comm) -> bool:
     return float(to_numpy(comm.all_reduce(np.array([float(digest == root)]), op="min"))[0]) == 1.0
 
 
-def rank0_says(flag: bool, comm) -> bool:
-    """Rank 0's flag, on every rank: decisions that change the number of collectives (stop
-    at the time limit) must be taken by one clock."""
-    return bool(to_numpy(comm.broadcast(np.array([flag], np.int8), root=0))[0])
-
-
 def step_stats(model, loss, comm) -> dict:
     """The last step's numbers for the log, over all ranks: losses and dropped fraction
     averaged (every rank has B/W rows), tokens per expert summed."""

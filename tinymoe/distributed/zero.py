@@ -31,7 +31,7 @@ from __future__ import annotations
 from tinymoe.backend import array_module
 from tinymoe.distributed.data_parallel import is_expert_parallel
 from tinymoe.nn.parameter import Parameter
-from tinymoe.optim import AdamW
+from tinymoe.optim import AdamW, Optimizer
 
 
 def _as_groups(params) -> list[dict]:
@@ -95,7 +95,7 @@ class ZeroAdamW:
 
     def step(self, found_inf=None):
         """found_inf: a 0-d bool (the step object's guard), the same on every rank; true: no change."""
-        if found_inf is not None and bool(found_inf):
+        if Optimizer._skips(found_inf):
             return
         xp = array_module(self.params[0].data)
         for g, (lo, hi), shard in zip(self.groups, self.slices, self.shards):

@@ -16,8 +16,6 @@ and is recorded anew when a parameter's array is replaced (model.to(...)).
 """
 from __future__ import annotations
 
-import numpy as np
-
 from .. import backend
 
 
@@ -83,9 +81,3 @@ def captured_decoder(model, batch: int):
             return None
     decoder.reset()
     return decoder
-
-
-def check_ids(ids: np.ndarray, vocab: int, who: str) -> None:
-    """Token ids in [0, vocab), checked on the host (a graph does not check its inputs)."""
-    if ids.size and (ids.min() < 0 or ids.max() >= vocab):
-        raise ValueError(f"{who}: token ids in [{ids.min()}, {ids.max()}], outside the vocabulary [0, {vocab})")

@@ -28,6 +28,16 @@ def ids_on(ids, device: str, owner: str, what: str = "ids"):
     return backend.to_device(ids, device)
 
 
+def check_token_ids(ids: np.ndarray, vocab: int, who: str) -> None:
+    """Integer token ids in [0, vocab), checked on the host: a CUDA graph (a captured training
+    step, a captured decoding step) does not check its inputs, so they are checked before the
+    copy into its static buffer."""
+    if ids.dtype.kind not in "iu":
+        raise TypeError(f"{who}: token ids must be integers, got {ids.dtype}")
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+        raise ValueError(f"{who}: token ids in [{ids.min()}, {ids.max()}], outside the vocabulary [0, {vocab})")
+
+
 def host_ids(ids):
     """Token ids (Tensor, NumPy or CuPy array) of shape (L,) or (B, L), L >= 1, as an int64
     (B, L) NumPy array: the prompt that generation appends to."""

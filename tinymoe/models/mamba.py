@@ -22,8 +22,8 @@ from ..autograd.grad_mode import no_grad
 from ..nn import Embedding, Linear, Module, ModuleList, RMSNorm, recompute
 from ..nn import functional as F
 from ..nn.ssm import MambaBlock, S4DBlock
-from .decode_graph import captured_decoder, check_ids
-from .lm import RemembersLastLoss, generate_by_recompute, host_ids, ids_on, sample_next
+from .decode_graph import captured_decoder
+from .lm import RemembersLastLoss, check_token_ids, generate_by_recompute, host_ids, ids_on, sample_next
 
 
 @dataclass
@@ -135,7 +135,7 @@ class MambaLM(RemembersLastLoss, Module):
         ids = host_ids(ids)                                                   # (B, L)
         if not use_cache:
             return generate_by_recompute(self, ids, max_new_tokens, temperature, top_k)
-        check_ids(ids, self.config.vocab_size, "generate")
+        check_token_ids(ids, self.config.vocab_size, "generate")
         decode = captured_decoder(self, ids.shape[0])                  # a GPU: one graph per token
         if decode is None:                                             # the CPU: step by step
             xp = backend.array_module(self.embedding.weight.data)

@@ -40,6 +40,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import backend
+from ..models.lm import check_token_ids
 from .eager import EagerStep, StepResult
 
 
@@ -117,12 +118,7 @@ class CapturedStep:
         for name, a in (("x", x), ("y", y)):
             if backend.is_cupy_array(a) or self.vocab is None:
                 continue                # device ids: checked by the eager ops of the warm-up only
-            a = np.asarray(a)
-            if a.dtype.kind not in "iu":
-                raise TypeError(f"CapturedStep: {name} must hold integer token ids, got {a.dtype}")
-            if a.size and (a.min() < 0 or a.max() >= self.vocab):
-                raise ValueError(f"CapturedStep: {name} has token ids in [{a.min()}, {a.max()}], "
-                                 f"outside the vocabulary [0, {self.vocab})")
+            check_token_ids(np.asarray(a), self.vocab, f"CapturedStep: {name}")
 
     def _on_stream(self, fn):
         """fn() on the capture stream with the graph's pool, ordered after the caller's stream."""

@@ -59,8 +59,9 @@ class EagerStep:
         finite = xp.isfinite(loss.data) & xp.isfinite(norm)                 # the guard's flag
         if self.grad_clip is not None:
             scale_grads_(params, norm, self.grad_clip)                      # g *= min(1, c / n)
-        self.optimizer.step(found_inf=~finite)
-        self.precision.update(~finite)                                      # fp16: the loss scale
+        skip = ~finite
+        self.optimizer.step(found_inf=skip)
+        self.precision.update(skip)                                         # fp16: the loss scale
         return StepResult(loss=loss.data, grad_norm=norm, finite=finite)
 
     def state_dict(self) -> dict:
