@@ -198,6 +198,36 @@ def test_master_weights_state_dict_is_the_float32_runs():
         np.testing.assert_array_equal(arrays2[k], arrays[k])
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_master_weights_flat_path_equals_the_per_parameter_path(dtype):
+    """With the fused AdamW (flat float32 masters), MasterWeights converts gradients and rounds
+    weights through one 16-bit flat buffer (one kernel each way on a GPU): the same numbers as
+    the per-parameter path, bit for bit, over steps with a loss scale, a skipped step and a
+    parameter that gets no gradient."""
+    runs = {}
+    for fused in (False, True):
+        tinymoe.manual_seed(0)
+        model = tinymoe.nn.Sequential(tinymoe.nn.Linear(6, 5), tinymoe.nn.Linear(5, 4))
+        unused = tinymoe.nn.Linear(3, 2)                       # in the optimizer, never in the loss
+        params = list(model.parameters()) + list(unused.parameters())
+        mw = MasterWeights(AdamW(params, lr=1e-2, weight_decay=0.1, fused=fused))
+        model.to(dtype=dtype)
+        unused.to(dtype=dtype)
+        rng = np.random.default_rng(1)
+        for step in range(4):
+            x = Tensor(rng.standard_normal((3, 6)).astype(np.float32).astype(dtypes.as_dtype(dtype)))
+            mw.zero_grad()
+            (model(x).float().sum() * 8.0).backward()
+            masters = mw.grads_to_master(np.array(1 / 8.0, np.float32))
+            assert all(m.grad is None for m in masters[-2:])          # unused: no gradient
+            mw.step(found_inf=np.bool_(step == 2))
+        assert (mw.model_flat is not None) == fused                   # the flat path was taken
+        runs[fused] = [p.data.copy() for p in params] + [m.data.copy() for _, m in mw.pairs]
+    for a, b in zip(runs[False], runs[True]):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a.astype(np.float32), b.astype(np.float32))
+
+
 def test_precision_names():
     assert get_precision("bf16").master_weights and not get_precision("tf32").master_weights
     assert get_precision("fp16").loss_scaling and not get_precision("bf16").loss_scaling

@@ -1,14 +1,21 @@
-"""Matrix products that a CUDA graph can record: cuBLAS called directly (ctypes).
+"""Matrix products through cuBLAS called directly (ctypes): capturable, and in 16 bits.
 
-    c = matmul(a, b)       a (..., M, K) @ b (..., K, N) -> (..., M, N), batch axes broadcast
+    c = matmul(a, b)         a (..., M, K) @ b (..., K, N) -> (..., M, N), batch axes broadcast
+    c = cublas_matmul(a, b)  the same, always through this module's handle (CuPy arrays)
 
-CuPy refuses any cuBLAS call while a stream is being captured (its wrappers raise
-"calling cuBLAS API during stream capture is currently unsupported" before calling the
-library), although cuBLAS itself supports capture when its workspace is fixed (cuBLAS
-documentation, "CUDA Graphs Support"). So while tinymoe captures a step
-(backend.is_capturing()), every product of the autograd ops goes through this module: one
-cuBLAS handle of its own, bound to the capturing stream and to a workspace this module owns,
-and one strided-batched GEMM per product. Otherwise `matmul` is CuPy's (or NumPy's) own.
+Two things CuPy 14 cannot do, and this module does:
+- capture: CuPy refuses any cuBLAS call while a stream is being captured (its wrappers raise
+  "calling cuBLAS API during stream capture is currently unsupported" before calling the
+  library), although cuBLAS itself supports capture when its workspace is fixed (cuBLAS
+  documentation, "CUDA Graphs Support"). So while tinymoe captures a step
+  (backend.is_capturing()), every product of the autograd ops goes through this module: one
+  cuBLAS handle of its own, bound to the capturing stream and to a workspace this module
+  owns, and one strided-batched GEMM per product. Otherwise `matmul` is CuPy's own.
+- batched 16-bit products: CuPy sends a batched bfloat16 product to an integer fallback that
+  fails. cublasGemmStridedBatchedEx takes the operands' format (CUDA_R_16BF, CUDA_R_16F) and
+  a compute type (CUBLAS_COMPUTE_32F: products summed in float32 on the tensor cores, the
+  result rounded once to 16 bits), so every 16-bit product of tinymoe comes here
+  (kernels/matmul.py), 2-D or batched, captured or not.
 
 cuBLAS is column-major; a row-major C = A B is computed as C^T = B^T A^T, where a row-major
 array read column-major *is* its transpose. `gemm_plan` works out, from shapes and strides
@@ -27,6 +34,18 @@ from .. import backend
 
 WORKSPACE_BYTES = 32 * 2**20       # cuBLAS's recommendation for Hopper
 OP_N, OP_T = 0, 1
+CUDA_R_16F, CUDA_R_16BF = 2, 14    # cudaDataType_t of the 16-bit operands (library_types.h)
+CUBLAS_COMPUTE_32F = 68            # cublasComputeType_t: float32 products and sums
+CUBLAS_GEMM_DEFAULT = -1
+
+
+def _half_types():
+    """{dtype: cudaDataType_t} of the 16-bit formats this module multiplies."""
+    from ..dtypes import bfloat16
+    types = {np.dtype(np.float16): CUDA_R_16F}
+    if bfloat16 is not None:
+        types[np.dtype(bfloat16)] = CUDA_R_16BF
+    return types
 
 
 @dataclass
@@ -108,6 +127,10 @@ class _Cublas:
                            c_void, c_int, c_ll, c_int]
         self.gemm = {np.dtype(np.float32): (self.lib.cublasSgemmStridedBatched, ctypes.c_float),
                      np.dtype(np.float64): (self.lib.cublasDgemmStridedBatched, ctypes.c_double)}
+        self.gemm_ex = self.lib.cublasGemmStridedBatchedEx          # 16-bit operands, float32 sums
+        self.gemm_ex.argtypes = [c_void, c_int, c_int, c_int, c_int, c_int, c_void,
+                                 c_void, c_int, c_int, c_ll, c_void, c_int, c_int, c_ll, c_void,
+                                 c_void, c_int, c_int, c_ll, c_int, c_int, c_int]
 
     def set_math_mode(self, tf32: bool):
         """float32 GEMMs on TF32 tensor cores (CUBLAS_TF32_TENSOR_OP_MATH) or exact (DEFAULT)."""
@@ -163,8 +186,9 @@ def cublas_matmul(a, b):
     if a.ndim < 2 or b.ndim < 2 or a.shape[-1] != b.shape[-2] or a.dtype != b.dtype:
         return a @ b                                         # vectors, mixed dtypes: CuPy's rules
     blas = prepare()
-    if a.dtype not in blas.gemm:
-        raise TypeError(f"blas.matmul: no cuBLAS GEMM for {a.dtype} during capture")
+    half = _half_types().get(np.dtype(a.dtype))
+    if a.dtype not in blas.gemm and half is None:
+        raise TypeError(f"blas.matmul: no cuBLAS GEMM for {a.dtype} (float64, float32, float16, bfloat16)")
     batch, M, N, K, pa, pb = gemm_plan(a.shape, a.strides, b.shape, b.strides, a.itemsize)
     if pa is None:
         a = cp.ascontiguousarray(cp.broadcast_to(a, batch + a.shape[-2:]))
@@ -180,9 +204,18 @@ def cublas_matmul(a, b):
         c[...] = 0
         return c
     blas.bind(cp.cuda.get_current_stream().ptr)
+    # C^T (N x M, column-major, ldc = N) = B^T (N x K) A^T (K x M)
+    if half is not None:                      # 16-bit in and out, float32 alpha, beta and sums
+        one, zero = ctypes.c_float(1.0), ctypes.c_float(0.0)
+        status = blas.gemm_ex(blas.handle, pb.op, pa.op, N, M, K, ctypes.byref(one),
+                              ctypes.c_void_p(b.data.ptr), half, pb.ld, pb.stride,
+                              ctypes.c_void_p(a.data.ptr), half, pa.ld, pa.stride, ctypes.byref(zero),
+                              ctypes.c_void_p(c.data.ptr), half, N, M * N, count,
+                              CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)
+        blas._check(status, "gemm (16-bit)")
+        return c
     fn, real = blas.gemm[a.dtype]
     one, zero = real(1.0), real(0.0)
-    # C^T (N x M, column-major, ldc = N) = B^T (N x K) A^T (K x M)
     status = fn(blas.handle, pb.op, pa.op, N, M, K, ctypes.byref(one),
                 ctypes.c_void_p(b.data.ptr), pb.ld, pb.stride,
                 ctypes.c_void_p(a.data.ptr), pa.ld, pa.stride, ctypes.byref(zero),

@@ -108,13 +108,6 @@ class StepPrecision:
             self.scaler.update(found_inf)
 
     @property
-    def capture_blocker(self):
-        """Why a step in this precision is not captured as a CUDA graph (None: it can be)."""
-        if self.master is None and self.scaler is None:
-            return None
-        return "mixed precision (float32 master weights, loss scaling) runs eagerly for now"
-
-    @property
     def loss_scale(self):
         """The current scale S (a 0-d device array), or None without loss scaling."""
         return None if self.scaler is None else self.scaler.scale

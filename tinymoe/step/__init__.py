@@ -24,18 +24,17 @@ def make_step(model, optimizer, grad_clip: float | None = 1.0, comm=None, cuda_g
     graph when the model allows it (a GPU, one process, static shapes: see
     cuda_graph.capture_blocker) and runs eagerly otherwise, saying why in `reason` when the
     model is on a GPU; "on" raises instead of running eagerly; "off" always runs eagerly.
-    precision: the StepPrecision of tinymoe.precision's Precision.apply (None: float32); a
-    16-bit model (master weights, loss scale) runs eagerly for now."""
+    precision: the StepPrecision of tinymoe.precision's Precision.apply (None: float32); its
+    loss scaling and master weights are part of the step, captured or not."""
     from .cuda_graph import CapturedStep, capture_blocker
 
     if cuda_graph not in CUDA_GRAPH:
         raise ValueError(f"make_step: cuda_graph must be one of {CUDA_GRAPH}, got {cuda_graph!r}")
     if cuda_graph == "off":
         return EagerStep(model, optimizer, grad_clip=grad_clip, comm=comm, precision=precision)
-    blocker = precision.capture_blocker if precision is not None else None
-    blocker = blocker or capture_blocker(model, optimizer, comm)
+    blocker = capture_blocker(model, optimizer, comm)
     if blocker is None:
-        return CapturedStep(model, optimizer, grad_clip=grad_clip, comm=comm)
+        return CapturedStep(model, optimizer, grad_clip=grad_clip, comm=comm, precision=precision)
     if cuda_graph == "on":
         raise ValueError(f"cuda_graph='on' (--cuda-graph on): this step cannot be captured: {blocker}")
     step = EagerStep(model, optimizer, grad_clip=grad_clip, comm=comm, precision=precision)

@@ -29,6 +29,10 @@ How (the rules of capture, and what tinymoe does about each):
 - Warm-up: the first `warmup` steps run eagerly on the capture stream with the private pool
   (compiling kernels, creating cuBLAS's workspace, filling the pool); the next is captured on
   that stream and replayed from then on (on the caller's stream).
+- Mixed precision (tinymoe/precision) is recorded with the rest: the loss scale S and its
+  clean-step count are 0-d device arrays updated in place, and a 16-bit model's
+  MasterWeights converts gradients and rounds weights between two flat buffers (one kernel
+  each way) whose addresses never change.
 - What cannot be captured runs eagerly, and `reason` says why once: a model that breaks a
   rule (capture_blocker names the rule), or a capture that failed (the CUDA error). A batch
   of another shape is refused; an optimizer whose state was loaded anew is recorded anew.
@@ -50,7 +54,10 @@ def capture_blocker(model, optimizer, comm=None) -> str | None:
     from ..nn.moe.routers import BaseRouter, ExpertChoiceRouter
     from ..nn.ssm.mamba import MambaBlock
     from ..optim import AdamW
+    from ..optim.master import MasterWeights
 
+    if isinstance(optimizer, MasterWeights):        # a 16-bit model: the masters' optimizer
+        optimizer = optimizer.optimizer
     params = list(model.parameters())
     if not params or not backend.is_cupy_array(params[0].data):
         return "the model is not on a GPU (CUDA graphs record GPU work)"
@@ -78,9 +85,14 @@ def capture_blocker(model, optimizer, comm=None) -> str | None:
 
 
 class CapturedStep:
-    def __init__(self, model, optimizer, grad_clip: float | None = 1.0, comm=None, warmup: int = 2):
-        self.eager = EagerStep(model, optimizer, grad_clip=grad_clip, comm=comm)
-        self.model, self.optimizer = model, optimizer
+    def __init__(self, model, optimizer, grad_clip: float | None = 1.0, comm=None, warmup: int = 2,
+                 precision=None):
+        from ..optim.master import MasterWeights
+        self.eager = EagerStep(model, optimizer, grad_clip=grad_clip, comm=comm, precision=precision)
+        self.model = model
+        # the fused AdamW whose flat buffers the graph reads and writes (a 16-bit model's
+        # MasterWeights wraps it: its masters, gradients and moments are the float32 buffers)
+        self.optimizer = optimizer.optimizer if isinstance(optimizer, MasterWeights) else optimizer
         self.warmup = warmup
         self.reason = capture_blocker(model, optimizer, comm)
         self.graph = None
