@@ -48,6 +48,9 @@ def _half_types():
     return types
 
 
+HALF_TYPES = _half_types()
+
+
 @dataclass
 class Operand:
     op: int           # OP_N: the column-major view of the memory is used as is; OP_T: transposed
@@ -180,13 +183,19 @@ def matmul(a, b):
     return cublas_matmul(a, b)
 
 
-def cublas_matmul(a, b):
-    """a (..., M, K) @ b (..., K, N) with this module's cuBLAS handle (any stream state)."""
+def cublas_matmul(a, b, out=None):
+    """a (..., M, K) @ b (..., K, N) with this module's cuBLAS handle (any stream state).
+    `out`: written in place when it is C-contiguous of the result's shape and dtype (an
+    expert's rows of a grouped product), else filled by a copy."""
     cp = backend.cupy()
     if a.ndim < 2 or b.ndim < 2 or a.shape[-1] != b.shape[-2] or a.dtype != b.dtype:
-        return a @ b                                         # vectors, mixed dtypes: CuPy's rules
+        y = a @ b                                            # vectors, mixed dtypes: CuPy's rules
+        if out is None:
+            return y
+        out[...] = y
+        return out
     blas = prepare()
-    half = _half_types().get(np.dtype(a.dtype))
+    half = HALF_TYPES.get(a.dtype)
     if a.dtype not in blas.gemm and half is None:
         raise TypeError(f"blas.matmul: no cuBLAS GEMM for {a.dtype} (float64, float32, float16, bfloat16)")
     batch, M, N, K, pa, pb = gemm_plan(a.shape, a.strides, b.shape, b.strides, a.itemsize)
@@ -196,7 +205,11 @@ def cublas_matmul(a, b):
         b = cp.ascontiguousarray(cp.broadcast_to(b, batch + b.shape[-2:]))
     if pa is None or pb is None:
         batch, M, N, K, pa, pb = gemm_plan(a.shape, a.strides, b.shape, b.strides, a.itemsize)
-    c = cp.empty(batch + (M, N), a.dtype)
+    shape = batch + (M, N)
+    if out is not None and not (out.shape == shape and out.dtype == a.dtype and out.flags.c_contiguous):
+        out[...] = cublas_matmul(a, b)
+        return out
+    c = cp.empty(shape, a.dtype) if out is None else out
     count = int(np.prod(batch)) if batch else 1
     if c.size == 0:
         return c

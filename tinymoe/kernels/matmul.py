@@ -33,18 +33,11 @@ def same_format(a, b):
 def matmul(a, b, out=None):
     """a @ b (NumPy's broadcasting rules); 16-bit operands accumulate in float32 and the
     result is rounded to their format. `out` as in NumPy."""
-    if is_half(a.dtype) and not backend.is_cupy_array(a):
-        return _widened(a, b, out)
-    if is_half(a.dtype) and a.dtype == b.dtype:
-        y = blas.cublas_matmul(a, b)                      # tensor cores, float32 sums
-    elif out is not None and not backend.is_capturing():
-        return backend.array_module(a).matmul(a, b, out=out)
-    else:
-        y = blas.matmul(a, b)                             # cuBLAS directly while capturing
-    if out is None:
-        return y
-    out[...] = y
-    return out
+    if not backend.is_cupy_array(a):
+        return _widened(a, b, out) if is_half(a.dtype) else np.matmul(a, b, out=out)
+    if (is_half(a.dtype) and a.dtype == b.dtype) or backend.is_capturing():
+        return blas.cublas_matmul(a, b, out=out)          # tensor cores; capturable
+    return backend.cupy().matmul(a, b, out=out)
 
 
 def _widened(a, b, out):

@@ -18,6 +18,7 @@ from .. import backend
 from ..autograd.function import Function
 from ..autograd.ops import sum_to_shape
 from ..dtypes import accumulation_dtype, upcast
+from ..kernels import softmax as fused_softmax
 from ..kernels.matmul import matmul as mm           # 16-bit aware; cuBLAS directly while capturing
 from . import functional as F
 from .linear import Linear
@@ -48,13 +49,25 @@ class CausalAttention(Function):
     P = exp(S - lse) from Q and K: one more Q K^T, and no O(L^2) array between the passes.
 
     Shapes: q (B, Hkv, G, Lq, d), k, v (B, Hkv, 1, Lk, d): the group axis G broadcasts, and
-    the K/V gradients are summed over it (sum_to_shape)."""
+    the K/V gradients are summed over it (sum_to_shape).
+
+    The array code below is the spec (and the CPU's path). On a GPU the softmax and its
+    backward are one kernel each (kernels/softmax.cu: the mask by index, sums in float32),
+    around the same GEMMs: 2 passes over the (Lq, Lk) scores instead of ~14."""
 
     @staticmethod
     def forward(ctx, q, k, v, keep_probs=True):
         ctx.scale = 1.0 / math.sqrt(q.shape[-1])
-        s = CausalAttention._scores(q, k, ctx.scale)                          # (B, Hkv, G, Lq, Lk)
+        ctx.keep_probs = keep_probs
         xp = backend.array_module(q)
+        ctx.fused = backend.is_cupy_array(q) and fused_softmax.supports(q, k, v)
+        if ctx.fused:
+            s = mm(q, xp.swapaxes(k, -1, -2))                                 # (B, Hkv, G, Lq, Lk)
+            p, lse = fused_softmax.causal_softmax_forward(s, ctx.scale, keep_lse=not keep_probs)
+            out = mm(p, v)                                                    # (B, Hkv, G, Lq, d)
+            ctx.save(q, k, v, p if keep_probs else lse, out)
+            return out
+        s = CausalAttention._scores(q, k, ctx.scale)                          # (B, Hkv, G, Lq, Lk)
         m = s.max(axis=-1, keepdims=True)
         s -= m
         p = xp.exp(s, out=s)
@@ -62,7 +75,6 @@ class CausalAttention(Function):
         p /= total                                                            # softmax
         p = p.astype(q.dtype, copy=False)                                     # 16-bit P for P V
         out = mm(p, v)                                                        # (B, Hkv, G, Lq, d)
-        ctx.keep_probs = keep_probs
         if keep_probs:
             ctx.save(q, k, v, p, out)
         else:
@@ -84,6 +96,15 @@ class CausalAttention(Function):
         q, k, v, p, out = ctx.saved
         xp = backend.array_module(grad)
         grad = grad.astype(q.dtype, copy=False)
+        if ctx.fused:
+            if not ctx.keep_probs:                                            # P from S and lse
+                p = fused_softmax.causal_softmax_recompute(mm(q, xp.swapaxes(k, -1, -2)), ctx.scale, p)
+            dv = sum_to_shape(mm(xp.swapaxes(p, -1, -2), grad), v.shape)
+            dp = mm(grad, xp.swapaxes(v, -1, -2))                             # (B, Hkv, G, Lq, Lk)
+            ds = fused_softmax.causal_softmax_backward(dp, p, grad, out, ctx.scale, inplace=True)
+            dq = mm(ds, k)
+            dk = sum_to_shape(mm(xp.swapaxes(ds, -1, -2), q), k.shape)
+            return dq, dk, dv
         if not ctx.keep_probs:                                                # lse was kept:
             s = CausalAttention._scores(q, k, ctx.scale)                      # recompute P
             s -= p
