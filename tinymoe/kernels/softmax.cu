@@ -43,6 +43,10 @@ __device__ __forceinline__ double exp_(double v) { return exp(v); }
 __device__ __forceinline__ float log_(float v) { return logf(v); }
 __device__ __forceinline__ double log_(double v) { return log(v); }
 
+// -inf without <math.h>'s INFINITY (NVRTC, which compiles this at run time, has no such header)
+__device__ __forceinline__ float neg_inf(float) { return __int_as_float(0xff800000); }
+__device__ __forceinline__ double neg_inf(double) { return __longlong_as_double(0xfff0000000000000ULL); }
+
 __device__ __forceinline__ scalar_t warp_sum(scalar_t v) {
 #pragma unroll
     for (int k = WARP / 2; k > 0; k /= 2) v += __shfl_xor_sync(FULL, v, k);
@@ -71,7 +75,7 @@ causal_softmax_fwd(const data_t* __restrict__ s, int rows, int Lq, int Lk, scala
         m = lse[row];
         inv_l = 1;
     } else {
-        scalar_t mx = -INFINITY;                      // pass 1: the row's max
+        scalar_t mx = neg_inf(scalar_t(0));           // pass 1: the row's max
         for (int j = lane; j < seen; j += WARP) mx = max(mx, load(sr[j]) * scale);
         m = warp_max(mx);
         scalar_t l = 0;                               // pass 2: sum of exp(S scale - m)

@@ -15,7 +15,6 @@ from ... import backend
 from ...autograd.function import Function, op_error
 from ...kernels.matmul import matmul as mm         # 16-bit aware; cuBLAS directly while capturing
 from ...kernels.matmul import same_format
-from ...dtypes import is_half
 from .. import functional as F
 from ..module import Module
 from ..parameter import Parameter
@@ -29,13 +28,11 @@ from ..parameter import Parameter
 # loop took 11.3 ms, the batched form 14.5 ms at 8 experts x 4096 rows x 512 x 2048).
 # The CPU has no launch cost to save, so there padding is pure overhead: it loops (the main
 # job's training step took 270 ms looping, 300 ms batched) unless BATCHED_ON_CPU.
-# In 16 bits the products run on tensor cores (kernels/blas.py, batched or not) at ~20x the
-# float32 rate: a 2^33-MAC product takes ~25 us at ~700 TFLOP/s, under the host cost of its
-# launch, so 16-bit products are batched up to BATCHED_MAX_MACS_16 (on an H200, bf16, the
-# shape above: profile in docs/precision.md).
+# The same holds in 16 bits, where the products are ~10x faster: at the shape above in
+# bfloat16 the loop took 3.41 ms and the batched form 4.39 ms, 2 of them in the pad (scatter)
+# and unpad (take) copies (H200, `python benchmarks/bench_moe.py`).
 BATCHED_MAX_PADDING = 1.5          # 0: always loop
 BATCHED_MAX_MACS = 2**27
-BATCHED_MAX_MACS_16 = 2**33
 BATCHED_ON_CPU = False
 
 
@@ -97,10 +94,9 @@ class GroupedLinear(Function):
         if ctx.uniform:                     # a static plan: E groups of M rows, (E, M, in) as is
             ctx.save(xs, W)
             return mm(xs.reshape(E, M, -1), W).reshape(R, W.shape[2])      # (R, out)
-        max_macs = BATCHED_MAX_MACS_16 if is_half(xs.dtype) else BATCHED_MAX_MACS
         ctx.batched = ((BATCHED_ON_CPU or backend.is_cupy_array(xs))
                        and 0 < R and E * M <= BATCHED_MAX_PADDING * R
-                       and M * W.shape[1] * W.shape[2] <= max_macs)
+                       and M * W.shape[1] * W.shape[2] <= BATCHED_MAX_MACS)
         if ctx.batched:
             pos, M = _padded_rows(bounds, backend.device_of(xs))
             xpad = _pad(xs, pos, E, M)                                        # (E, M, in)
