@@ -17,7 +17,7 @@ reserved by its caching allocator, the same notion).
 
 --precisions: the larger MoE GPT (d_model 512, 8 layers, d_ff 2048, 8 experts, top-2, 16 x
 512) in every tinymoe precision (fp32, tf32, bf16, fp16: tinymoe/precision, the trainer's step
-object; 16-bit steps run eagerly) against PyTorch eager float32, TF32 and bfloat16 autocast,
+object, captured as one CUDA graph) against PyTorch eager float32, TF32 and bfloat16 autocast,
 with tinymoe's peak memory next to the estimator's figure
 (tinymoe.accounting.memory.rough_training_step_bytes).
 """
@@ -249,15 +249,18 @@ def tinymoe_precision_run(a, precision):
     model = build_model("moe-gpt", block_size=a.seq, **BIG_MOE).to("cuda")
     opt = tinymoe.optim.AdamW(model.parameters(), lr=1e-4)
     opt, prec = get_precision(precision).apply(model, opt)
-    step_fn = make_step(model, opt, grad_clip=1.0, cuda_graph="off", precision=prec)  # all eager
+    step_fn = make_step(model, opt, grad_clip=1.0, precision=prec)      # captured, as train's
     ids = cp.random.default_rng(0).integers(0, 256, (a.batch, a.seq + 1))
     x, y = ids[:, :-1], ids[:, 1:]
     tps, _ = tokens_per_second(lambda: step_fn(x, y), a.batch * a.seq, a.steps,
                                cp.cuda.Device().synchronize)
+    if getattr(step_fn, "graph", None) is None:
+        print(f"tinymoe {precision}: not captured ({step_fn.reason})")
     value_bytes = 2 if precision in ("bf16", "fp16") else 4
     estimate = rough_training_step_bytes(model, a.batch, a.seq, value_bytes)
     set_tf32(False)
-    return tps, pool.total_bytes(), model.num_parameters(), estimate
+    held = pool.total_bytes() + (step_fn.pool.total_bytes() if getattr(step_fn, "graph", None) is not None else 0)
+    return tps, held, model.num_parameters(), estimate
 
 
 def torch_precision_run(MoEGPT, config, a, mode):

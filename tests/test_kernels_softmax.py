@@ -41,7 +41,7 @@ def test_softmax_cu_compiles_without_spills(dtype, tmp_path):
 def _attention(q, k, v, g, keep_probs):
     """out and (dq, dk, dv) of CausalAttention, as host float64 arrays."""
     qt, kt, vt = (tm.Tensor(a, requires_grad=True) for a in (q, k, v))
-    out = CausalAttention.apply(qt, kt, vt, keep_probs)
+    out = CausalAttention.apply(qt, kt, vt, keep_probs=keep_probs)
     out.backward(g)
     return [backend.to_numpy(a).astype(np.float64) for a in (out.data, qt.grad, kt.grad, vt.grad)]
 
