@@ -63,8 +63,12 @@ def test_fused_attention_equals_the_array_spec(shape, keep_probs, dtype, monkeyp
     fused = _attention(q, k, v, g, keep_probs)
     monkeypatch.setattr(softmax_kernels, "supports", lambda *a: False)
     spec = _attention(q, k, v, g, keep_probs)
+    # dq and dk are sums of terms of size |dP| |k| / sqrt(d) that cancel (with one key
+    # dS = P (dP - sum P dP) is exactly 0): their rounding is relative to those terms.
+    host = lambda a: np.abs(backend.to_numpy(a).astype(np.float64)).max()  # noqa: E731
+    cancelling = host(g) * host(v) * max(host(q), host(k)) / np.sqrt(d)
     for name, a, b in zip(("out", "dq", "dk", "dv"), fused, spec):
-        scale = max(np.abs(b).max(), 1e-30)
+        scale = max(np.abs(b).max(), cancelling if name in ("dq", "dk") else 1e-30)
         assert np.abs(a - b).max() <= TOL[dtype] * scale, (name, np.abs(a - b).max(), scale)
 
 
