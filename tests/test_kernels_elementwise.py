@@ -1,7 +1,11 @@
 """The fused elementwise kernels (tinymoe/kernels/elementwise.py): on a GPU each equals the
 NumPy code it replaces (the same autograd op on the CPU; the AdamW step on the CPU) on odd
-shapes and extreme values, in float32 and float64; without a GPU, elementwise.cu compiles
-with nvcc (when the machine has one) for both dtypes."""
+shapes and extreme values, in float32 and float64; the whole-array activation kernels
+(activation.cu) equal the ElementwiseKernel forms bit for bit, in every dtype, on sizes that
+are and are not multiples of a 16-byte pack, and unaligned or strided arrays take the
+ElementwiseKernel; without a GPU, elementwise.cu and activation.cu compile with nvcc (when
+the machine has one), activation.cu with no spills."""
+import re
 import shutil
 import subprocess
 
@@ -41,6 +45,54 @@ template __global__ void all_ops<double>(double*, int);
                           "-o", str(tmp_path / "k.cubin"), str(wrapper)],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
+
+
+HALF_NAMES = ["float32", "float64", "float16"] + (["bfloat16"] if tm.dtypes.bfloat16 is not None else [])
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found on this machine")
+@pytest.mark.parametrize("dtype", HALF_NAMES)
+@pytest.mark.parametrize("name", list(elementwise.ARRAY_KERNELS))
+def test_activation_cu_compiles_without_spills(name, dtype, tmp_path):
+    source = tmp_path / "activation.cu"
+    source.write_text(elementwise.array_source(dtype))
+    res = subprocess.run([NVCC, "-arch=sm_90", "-cubin", "-Werror", "all-warnings", "-Xptxas", "-v",
+                          *elementwise.array_options(name, dtype), "-o", str(tmp_path / "k.cubin"),
+                          str(source)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    for kernel in ("activation_forward", "activation_backward"):
+        after = res.stderr.split(f"Compiling entry function '{kernel}'")[1]
+        assert int(re.search(r"(\d+) bytes spill stores", after).group(1)) == 0, res.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", HALF_NAMES)
+@pytest.mark.parametrize("name", list(elementwise.ARRAY_KERNELS))
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 4 * 1024 + 3, 3 * 2**20 + 5])
+def test_array_activations_equal_the_elementwise_kernels(n, name, dtype):
+    cp = backend.cupy()
+    dt = tm.dtypes.as_dtype(dtype)
+    rng = np.random.default_rng(n)
+    x = cp.asarray((4 * rng.standard_normal(n)).astype(np.float32)).astype(dt)
+    g = cp.asarray(rng.standard_normal(n).astype(np.float32)).astype(dt)
+    fwd = {"gelu": elementwise.gelu, "gelu_tanh": lambda a: elementwise.gelu(a, "tanh"),
+           "silu": elementwise.silu, "softplus": elementwise.softplus}[name]
+    bwd = {"gelu": elementwise.gelu_backward,
+           "gelu_tanh": lambda g, a: elementwise.gelu_backward(g, a, "tanh"),
+           "silu": elementwise.silu_backward, "softplus": elementwise.softplus_backward}[name]
+    assert elementwise._whole(g, x)
+    y, dx = fwd(x), bwd(g, x)
+    y_ref = elementwise.kernel(name, dt)(x)
+    dx_ref = elementwise.kernel(name + "_backward", dt)(g, x)
+    assert y.dtype == dx.dtype == dt and y.shape == dx.shape == (n,)
+    for got, want in ((y, y_ref), (dx, dx_ref)):
+        np.testing.assert_array_equal(got.view(cp.uint8).get(), want.view(cp.uint8).get())
+    # an unaligned view and a strided one take the ElementwiseKernel, and agree
+    if n > 9:
+        for view in (x[1:], x[::3]):
+            assert not elementwise._whole(view)
+            np.testing.assert_array_equal(fwd(view).view(cp.uint8).get(),
+                                          fwd(view.copy()).view(cp.uint8).get())
 
 
 ACTIVATIONS = {
