@@ -12,7 +12,11 @@ All in one run, float32, dropless top-k routing, forward + backward of the whole
   device-to-device copy bandwidth measured here;
 - precision rows: tinymoe (dispatch "cupy") with TF32 float32 matmuls and in bfloat16
   (weights, activations, gradients; router in float32), and PyTorch's loop with TF32 and
-  under bfloat16 autocast (docs/precision.md).
+  under bfloat16 autocast (docs/precision.md);
+- the layer as a captured training step runs it (float32 and bfloat16): capacity factor
+  1.25 with the static plan (every expert C rows, padding included), eager and recorded as
+  one CUDA graph (docs/cuda_graphs.md). Not the dropless rows' work: tokens over capacity
+  are dropped and the padding rows are computed.
 Timing: CUDA events around back-to-back calls after a warm-up; median of rounds.
 """
 import argparse
@@ -56,9 +60,9 @@ def copy_bandwidth():
     return 2 * x.nbytes / (gpu_ms(lambda: cp.copyto(y, x)) * 1e-3)
 
 
-def tinymoe_layer(a, impl, dtype=None):
+def tinymoe_layer(a, impl, dtype=None, capacity_factor=None):
     tinymoe.manual_seed(0)
-    layer = MoELayer(a.d, a.f, a.experts, a.top_k, capacity_factor=None, dispatch_impl=impl,
+    layer = MoELayer(a.d, a.f, a.experts, a.top_k, capacity_factor=capacity_factor, dispatch_impl=impl,
                      aux_loss_weight=0.0, z_loss_weight=0.0)
     layer.to("cuda", dtype=dtype)
     x = tinymoe.randn(a.tokens, a.d, device="cuda").astype(dtype or "float32").requires_grad_()
@@ -70,6 +74,26 @@ def tinymoe_layer(a, impl, dtype=None):
         out = layer(x)
         out.backward(g)
     return step
+
+
+def captured(step):
+    """`step` recorded once as a CUDA graph (as tinymoe/step/cuda_graph.py records a training
+    step: its own stream and memory pool, two eager warm-up calls); returns the replay."""
+    from tinymoe.kernels import blas
+    blas.prepare()                                       # cuBLAS handle + workspace: not in capture
+    stream, pool = cp.cuda.Stream(non_blocking=True), cp.cuda.MemoryPool()
+    with cp.cuda.using_allocator(pool.malloc), stream:
+        step()
+        step()
+        stream.synchronize()
+        stream.begin_capture()
+        tinymoe.backend.set_capturing(True)
+        try:
+            step()
+        finally:
+            tinymoe.backend.set_capturing(False)
+            graph = stream.end_capture()
+    return lambda: graph.launch(stream=cp.cuda.get_current_stream())
 
 
 def torch_layer(a, mode="fp32"):
@@ -154,6 +178,12 @@ def main():
     rows.append(("tinymoe MoELayer, cupy, bf16, batched", gpu_ms(tinymoe_layer(a, "cupy", bfloat16), reps=3),
                  *[float("nan")] * 4))
     experts.BATCHED_MAX_PADDING, experts.BATCHED_MAX_MACS = limits
+    # what a captured training step runs: capacity 1.25, every expert C rows (static plan)
+    for name, dtype in (("fp32", None), ("bf16", bfloat16)):
+        static = tinymoe_layer(a, "cupy", dtype, capacity_factor=1.25)
+        rows.append((f"tinymoe {name}, capacity 1.25, eager", gpu_ms(static, reps=3), *[float("nan")] * 4))
+        rows.append((f"tinymoe {name}, capacity 1.25, CUDA graph", gpu_ms(captured(static), reps=3),
+                     *[float("nan")] * 4))
     base = float("nan")
     for mode, name in (("fp32", "PyTorch eager per-expert loop"), ("tf32", "  PyTorch loop, TF32"),
                        ("bf16", "  PyTorch loop, bf16 autocast")):

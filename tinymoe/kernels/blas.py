@@ -89,6 +89,10 @@ def gemm_plan(a_shape, a_strides, b_shape, b_strides, itemsize):
     """The cuBLAS arguments of C = A @ B for (broadcast) operands of these shapes and strides
     (bytes): (batch shape, M, N, K, plan of A, plan of B); a plan is None where that operand
     must be copied contiguous (then its plan is the contiguous array's)."""
+    if len(a_shape) == 2 and len(b_shape) == 2:          # one matrix each: no batch to work out
+        la, lb = _matrix_layout(a_shape, a_strides, itemsize), _matrix_layout(b_shape, b_strides, itemsize)
+        return ((), a_shape[0], b_shape[1], a_shape[1],
+                la and Operand(la[0], la[1], 0), lb and Operand(lb[0], lb[1], 0))
     batch = np.broadcast_shapes(tuple(a_shape[:-2]), tuple(b_shape[:-2]))
     M, K = a_shape[-2:]
     N = b_shape[-1]
@@ -158,6 +162,7 @@ class _Cublas:
 
 _cublas = None
 _tf32 = False
+_ONE, _ZERO = ctypes.byref(ctypes.c_float(1.0)), ctypes.byref(ctypes.c_float(0.0))   # alpha, beta
 
 
 def set_tf32(enabled: bool) -> None:
@@ -219,12 +224,9 @@ def cublas_matmul(a, b, out=None):
     blas.bind(cp.cuda.get_current_stream().ptr)
     # C^T (N x M, column-major, ldc = N) = B^T (N x K) A^T (K x M)
     if half is not None:                      # 16-bit in and out, float32 alpha, beta and sums
-        one, zero = ctypes.c_float(1.0), ctypes.c_float(0.0)
-        status = blas.gemm_ex(blas.handle, pb.op, pa.op, N, M, K, ctypes.byref(one),
-                              ctypes.c_void_p(b.data.ptr), half, pb.ld, pb.stride,
-                              ctypes.c_void_p(a.data.ptr), half, pa.ld, pa.stride, ctypes.byref(zero),
-                              ctypes.c_void_p(c.data.ptr), half, N, M * N, count,
-                              CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)
+        status = blas.gemm_ex(blas.handle, pb.op, pa.op, N, M, K, _ONE, b.data.ptr, half, pb.ld,
+                              pb.stride, a.data.ptr, half, pa.ld, pa.stride, _ZERO, c.data.ptr,
+                              half, N, M * N, count, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)
         blas._check(status, "gemm (16-bit)")
         return c
     fn, real = blas.gemm[a.dtype]
