@@ -386,19 +386,6 @@ def gpt_training_step_bytes(model_or_config, batch: int, seq_len: int, precision
     return parts
 
 
-def training_step_bytes(n_params: int, activation_bytes: float,
-                        layout: StateLayout = FP32_ADAM) -> dict:
-    """Peak memory of one training step, estimated as model states + activations."""
-    parts = {
-        "params": n_params * layout.params,
-        "grads": n_params * layout.grads,
-        "optimizer": n_params * layout.optimizer,
-        "activations": activation_bytes,
-    }
-    parts["total"] = sum(parts.values())
-    return parts
-
-
 def counted_exactly(config) -> bool:
     """True for what gpt_activation_bytes counts: a GPT's config (dense or MoE with the top-k
     router, without full recomputation); not Mamba or hybrid models."""
