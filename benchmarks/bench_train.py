@@ -19,7 +19,11 @@ reserved by its caching allocator, the same notion).
 512) in every tinymoe precision (fp32, tf32, bf16, fp16: tinymoe/precision, the trainer's step
 object, captured as one CUDA graph) against PyTorch eager float32, TF32 and bfloat16 autocast,
 with tinymoe's peak memory next to the estimator's figure
-(tinymoe.accounting.memory.rough_training_step_bytes).
+(tinymoe.accounting.memory.gpt_training_step_bytes, by the precision's dtypes on "cuda"): the
+peak held by CuPy's pools (the default one and the graph's own: what the GPU gives up) and the
+peak in use (bytes of live arrays, tinymoe.profile.memory.track_memory; what the estimate
+counts: held minus the pools' cached free blocks). PyTorch's rows: max reserved and max
+allocated, the same two notions.
 """
 import argparse
 import math
@@ -238,29 +242,34 @@ BIG_MOE = dict(d_model=512, n_layer=8, n_head=8, d_ff=2048, num_experts=8, top_k
 
 
 def tinymoe_precision_run(a, precision):
-    """The big MoE GPT in one tinymoe precision, stepped as the trainer steps it."""
-    from tinymoe.accounting.memory import rough_training_step_bytes
+    """The big MoE GPT in one tinymoe precision, stepped as the trainer steps it:
+    (tokens/s, peak bytes held by the pools, peak bytes in use, parameters, estimate)."""
+    import gc
+    from tinymoe.accounting.memory import gpt_training_step_bytes
     from tinymoe.precision import get_precision, set_tf32
+    from tinymoe.profile.memory import track_memory
     from tinymoe.step import make_step
 
+    gc.collect()
     pool = cp.get_default_memory_pool()
     pool.free_all_blocks()
     tinymoe.manual_seed(0)
-    model = build_model("moe-gpt", block_size=a.seq, **BIG_MOE).to("cuda")
-    opt = tinymoe.optim.AdamW(model.parameters(), lr=1e-4)
-    opt, prec = get_precision(precision).apply(model, opt)
-    step_fn = make_step(model, opt, grad_clip=1.0, precision=prec)      # captured, as train's
-    ids = cp.random.default_rng(0).integers(0, 256, (a.batch, a.seq + 1))
-    x, y = ids[:, :-1], ids[:, 1:]
-    tps, _ = tokens_per_second(lambda: step_fn(x, y), a.batch * a.seq, a.steps,
-                               cp.cuda.Device().synchronize)
+    with track_memory("cuda") as mem:
+        model = build_model("moe-gpt", block_size=a.seq, **BIG_MOE).to("cuda")
+        opt = tinymoe.optim.AdamW(model.parameters(), lr=1e-4)
+        opt, prec = get_precision(precision).apply(model, opt)
+        step_fn = make_step(model, opt, grad_clip=1.0, precision=prec)      # captured, as train's
+        if getattr(step_fn, "pool", None) is not None:
+            mem.watch(step_fn.pool)                                         # the graph's own pool
+        ids = cp.random.default_rng(0).integers(0, 256, (a.batch, a.seq + 1))
+        x, y = ids[:, :-1], ids[:, 1:]
+        tps, _ = tokens_per_second(lambda: step_fn(x, y), a.batch * a.seq, a.steps,
+                                   cp.cuda.Device().synchronize)
     if getattr(step_fn, "graph", None) is None:
         print(f"tinymoe {precision}: not captured ({step_fn.reason})")
-    value_bytes = 2 if precision in ("bf16", "fp16") else 4
-    estimate = rough_training_step_bytes(model, a.batch, a.seq, value_bytes)
+    estimate = gpt_training_step_bytes(model, a.batch, a.seq, precision, "cuda")["total"]
     set_tf32(False)
-    held = pool.total_bytes() + (step_fn.pool.total_bytes() if getattr(step_fn, "graph", None) is not None else 0)
-    return tps, held, model.num_parameters(), estimate
+    return tps, mem.peak_held, mem.peak, model.num_parameters(), estimate
 
 
 def torch_precision_run(MoEGPT, config, a, mode):
@@ -285,20 +294,20 @@ def torch_precision_run(MoEGPT, config, a, mode):
     tps, _ = tokens_per_second(step, a.batch * a.seq, a.steps, torch.cuda.synchronize)
     torch.backends.cuda.matmul.allow_tf32 = False
     del model, opt
-    return tps, torch.cuda.max_memory_reserved()
+    return tps, torch.cuda.max_memory_reserved(), torch.cuda.max_memory_allocated()
 
 
 def precisions(a):
     dev = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
     print(f"device {dev}; MoE GPT {BIG_MOE}; batch={a.batch} seq={a.seq} AdamW")
-    print(f"\n{'run':30s} {'params':>10s} {'tokens/s':>10s} {'peak MiB':>9s} "
-          f"{'estimate MiB':>12s} {'est/peak':>8s}", flush=True)
+    print(f"\n{'run':30s} {'params':>10s} {'tokens/s':>10s} {'held MiB':>9s} {'in use MiB':>10s} "
+          f"{'estimate MiB':>12s} {'est/in use':>10s}", flush=True)
     rows = []
 
-    def show(name, tps, peak, params, est):                  # each row as soon as it is measured
+    def show(name, tps, held, in_use, params, est):          # each row as soon as it is measured
         rows.append((name, tps))
-        print(f"{name:30s} {params:10d} {tps:10.0f} {peak / 2**20:9.1f} {est / 2**20:12.1f} "
-              f"{est / peak:8.2f}", flush=True)
+        print(f"{name:30s} {params:10d} {tps:10.0f} {held / 2**20:9.1f} {in_use / 2**20:10.1f} "
+              f"{est / 2**20:12.1f} {est / in_use:10.2f}", flush=True)
     for p in ("fp32", "tf32", "bf16", "fp16"):
         try:
             show(f"tinymoe {p}", *tinymoe_precision_run(a, p))

@@ -33,23 +33,23 @@ BIG_MOE = dict(d_model=512, n_layer=8, n_head=8, d_ff=2048, num_experts=8, top_k
 
 def train_step(a):
     from tinymoe.precision import get_precision
+    from tinymoe.profile.memory import print_memory_breakdown, track_memory
     from tinymoe.step import make_step
     tinymoe.manual_seed(0)
+    mem = track_memory("cuda").__enter__()            # measured from here to the last step
     model = build_model("moe-gpt", block_size=512, **BIG_MOE).to("cuda")
     opt = tinymoe.optim.AdamW(model.parameters(), lr=1e-4)
     opt, prec = get_precision(a.precision).apply(model, opt)
     step = make_step(model, opt, grad_clip=1.0, cuda_graph=a.cuda_graph, precision=prec)
+    if getattr(step, "pool", None) is not None:
+        mem.watch(step.pool)                          # the captured graph's own pool
     print(f"train step: {type(step).__name__}, reason: {step.reason}")
     ids = cp.random.default_rng(0).integers(0, 256, (16, 513))
     x, y = ids[:, :-1], ids[:, 1:]
 
     def memory():
-        from tinymoe.accounting.memory import rough_training_step_bytes
-        pools = cp.get_default_memory_pool().total_bytes() + (
-            step.pool.total_bytes() if getattr(step, "graph", None) is not None else 0)
-        value_bytes = 2 if a.precision in ("bf16", "fp16") else 4
-        estimate = rough_training_step_bytes(model, 16, 512, value_bytes)
-        return f"memory held {pools / 2**20:,.0f} MiB, estimate {estimate / 2**20:,.0f} MiB"
+        mem.__exit__(None, None, None)
+        print_memory_breakdown(model, 16, 512, a.precision, "cuda", mem)
     run = lambda: step(x, y)  # noqa: E731
     run.memory = memory
     return run, 16 * 512
@@ -99,7 +99,7 @@ def profile(name, step, tokens, a):
     print(f"\n== {name} ({a.precision}): wall {wall * 1e3:.2f} ms/step ({tokens / wall:,.0f} tokens/s), "
           f"GPU busy {busy / 1e3:.2f} ms/step, {sum(n for _, n in per_kernel.values()):.0f} kernels/step")
     if hasattr(step, "memory"):
-        print(step.memory())
+        step.memory()
     print(f"{'us/step':>9s} {'share':>6s} {'n/step':>7s}  kernel")
     for k, (t, n) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:a.top]:
         print(f"{t:9.1f} {t / busy:6.1%} {n:7.1f}  {k[:110]}")

@@ -20,11 +20,11 @@ import time
 import numpy as np
 
 from tinymoe.accounting import (
-    FP32_ADAM, MIXED_PRECISION_ADAM, kv_cache_bytes, mamba_state_bytes, model_state_bytes,
+    MIXED_PRECISION_ADAM, kv_cache_bytes, mamba_state_bytes, model_state_bytes,
     transformer_activation_bytes,
 )
 from tinymoe.accounting.memory import (
-    layout_for, measured_state_bytes, tinymoe_gpt_activation_bytes, training_step_bytes,
+    gpt_activation_bytes, gpt_training_step_bytes, layout_for, measured_state_bytes,
 )
 from tinymoe.backend import synchronize
 from tinymoe.models import build_model
@@ -62,19 +62,17 @@ print(f"   Mamba state (d_inner 8192, N 16), any length: "
 print(f"\n4. tinymoe GPT {SMALL_GPT}, batch {BATCH} x {SEQ}, AdamW, float32 ({DEVICE})")
 with track_memory(DEVICE) as mem:
     model = build_model("gpt", block_size=SEQ, **SMALL_GPT).to(DEVICE)
-    opt = AdamW(model.parameters(), lr=1e-3)
+    train_step = make_step(model, AdamW(model.parameters(), lr=1e-3), grad_clip=1.0)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, SMALL_GPT["vocab_size"], (BATCH, SEQ))
-    for step in range(2):
-        if step == 1:
-            mem.reset_peak()                         # measure the second step only
-        opt.zero_grad()
-        _, loss = model(ids, ids)
-        loss.backward()
-        opt.step()
+    for step in range(3):
+        if step == 2:
+            mem.reset_peak()                         # measure the third step only
+        train_step(ids, ids)
+    synchronize(DEVICE)
     peak = mem.peak
-act = tinymoe_gpt_activation_bytes(model.config, BATCH, SEQ)
-est = training_step_bytes(model.num_parameters(), act["total"], FP32_ADAM)
+est = gpt_training_step_bytes(model, BATCH, SEQ, "fp32", DEVICE)
+act = gpt_activation_bytes(model.config, BATCH, SEQ, "fp32", DEVICE)
 for k, v in est.items():
     print(f"   {k:<12} {v / 1e6:8.2f} MB")
 print(f"   measured peak {peak / 1e6:6.2f} MB   (estimate / measured = {est['total'] / peak:.3f})")

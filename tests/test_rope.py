@@ -52,6 +52,16 @@ def test_rope_errors_name_the_op():
         Rotary.apply(tm.tensor(np.zeros((2, 4))), np.zeros((3, 4)), np.zeros((3, 4)))
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_rope_in_16_bits(dtype):
+    from tinymoe.dtypes import as_dtype, eps
+    x = np.random.default_rng(2).standard_normal((2, 5, 8)).astype(np.float32)
+    y16 = apply_rope(tm.tensor(x.astype(as_dtype(dtype))), 3)       # angles in the input's format
+    assert y16.dtype == as_dtype(dtype)
+    want = apply_rope(tm.tensor(x), 3).numpy()
+    np.testing.assert_allclose(y16.numpy().astype(np.float32), want, atol=8 * eps(as_dtype(dtype)) * 4)
+
+
 def test_rope_attention_cached_equals_full():
     tm.manual_seed(0)
     mha = MultiHeadAttention(8, 4, 2, rope_base=100.0).to(dtype=np.float64)

@@ -8,7 +8,7 @@ again from x, this time recording, and the gradient flows through that fresh gra
 
     memory:  per block, one (B, L, d) input instead of everything the block's ops save
              (for a transformer block some 10 B L d + B H L^2 floats: see
-             tinymoe/accounting/memory.py :: tinymoe_gpt_activation_bytes)
+             tinymoe/accounting/memory.py :: gpt_activation_bytes)
     compute: one more forward per block, about 1/3 more FLOPs per training step
              (forward 1, backward 2, recomputed forward 1)
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from .. import backend
 from ..autograd.function import Function, op_error
+from ..dtypes import as_dtype
 
 
 @lru_cache(maxsize=32)
@@ -30,7 +31,7 @@ def rope_angles(start: int, length: int, d_head: int, base: float, dtype: str, d
     m = np.arange(start, start + length, dtype=np.float64)                         # (L,)
     angles = np.outer(m, theta)                                                    # (L, d/2)
     angles = np.concatenate([angles, angles], axis=1)                              # (L, d)
-    cos, sin = (backend.to_device(f(angles).astype(dtype), device) for f in (np.cos, np.sin))
+    cos, sin = (backend.to_device(f(angles).astype(as_dtype(dtype)), device) for f in (np.cos, np.sin))
     return cos, sin
 
 
@@ -68,6 +69,6 @@ class Rotary(Function):
 
 def apply_rope(x, start: int = 0, base: float = 10000.0):
     """Rotate x (..., L, d_head), a Tensor of queries or keys at positions start .. start+L-1."""
-    cos, sin = rope_angles(start, x.shape[-2], x.shape[-1], float(base), x.dtype.str,
+    cos, sin = rope_angles(start, x.shape[-2], x.shape[-1], float(base), x.dtype.name,
                            backend.device_of(x.data))
     return Rotary.apply(x, cos, sin)

@@ -48,7 +48,7 @@ def run(args) -> int:
     import numpy as np
 
     from .. import backend
-    from ..accounting.memory import tinymoe_gpt_activation_bytes, training_step_bytes
+    from ..accounting.memory import counted_exactly, gpt_training_step_bytes
     from ..models import build_model
     from ..optim import AdamW
     from .memory import track_memory
@@ -97,10 +97,8 @@ def run(args) -> int:
           f"(backward / forward = {(flops_all - flops_fwd) / max(flops_fwd, 1):.2f}; 6ND rule: "
           f"{6 * n * args.batch * args.seq_len:.3e})")
     print(f"peak memory of the step (measured): {peak / 1e6:.2f} MB")
-    if getattr(model.config, "num_experts", 1) == 0 and hasattr(model.config, "d_model"):
-        act = tinymoe_gpt_activation_bytes(model.config, args.batch, args.seq_len,
-                                         device=args.device)["total"]
-        est = training_step_bytes(n, act)
+    if counted_exactly(model.config):
+        est = gpt_training_step_bytes(model, args.batch, args.seq_len, "fp32", args.device)
         print("estimate: " + ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in est.items())
               + f"  (estimate / measured = {est['total'] / peak:.3f})")
 
@@ -124,7 +122,8 @@ def _check_fits(model, args) -> None:
     """Refuse, before allocating, a step whose estimated memory exceeds what the device has free."""
     from ..accounting.memory import available_bytes, rough_training_step_bytes
 
-    need, have = rough_training_step_bytes(model, args.batch, args.seq_len), available_bytes(args.device)
+    need = rough_training_step_bytes(model, args.batch, args.seq_len, "fp32", args.device)
+    have = available_bytes(args.device)
     if need > have:
         raise ValueError(f"one training step of {args.model} at --batch {args.batch} --seq-len {args.seq_len} "
                          f"needs about {need / 1e9:.1f} GB (estimate), more than the {have / 1e9:.1f} GB "

@@ -138,24 +138,19 @@ class Gelu(Function):
         if approximate not in ("none", "tanh"):
             raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
         ctx.approximate = approximate
-        ctx.save(x)
+        ctx.save(x)                                       # x alone, in its own format
         if backend.is_cupy_array(x):
             return elementwise.gelu(x, approximate)
         if is_half(x.dtype):                              # 16-bit formats: float32 inside
-            return Gelu.forward(ctx, x.astype(np.float32), approximate).astype(x.dtype)
-        if approximate == "tanh":
-            u = math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)
-            return 0.5 * x * (1 + np.tanh(u))
-        if x.dtype == np.float32:
-            return _gelu_cpu().gelu(x)                    # the same formula, one Numba pass
-        return gelu_exact(x)
+            return _gelu_numpy(x.astype(np.float32), approximate).astype(x.dtype)
+        return _gelu_numpy(x, approximate)
 
     @staticmethod
     def backward(ctx, grad):
         (x,) = ctx.saved
         if backend.is_cupy_array(x):
             return elementwise.gelu_backward(grad, x, ctx.approximate)
-        if is_half(grad.dtype):                           # the float32 path; the engine casts
+        if is_half(x.dtype) or is_half(grad.dtype):       # float32 inside; the engine casts back
             x, grad = x.astype(np.float32), grad.astype(np.float32)
         if ctx.approximate == "tanh":
             c = math.sqrt(2 / math.pi)
@@ -164,6 +159,16 @@ class Gelu(Function):
         if x.dtype == np.float32 and grad.dtype == np.float32:
             return _gelu_cpu().gelu_backward(grad, x)
         return gelu_exact_backward(grad, x)
+
+
+def _gelu_numpy(x, approximate):
+    """GELU of a float32 or float64 NumPy array (the CPU's forward)."""
+    if approximate == "tanh":
+        u = math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)
+        return 0.5 * x * (1 + np.tanh(u))
+    if x.dtype == np.float32:
+        return _gelu_cpu().gelu(x)                        # the same formula, one Numba pass
+    return gelu_exact(x)
 
 
 def gelu_exact(x):
