@@ -13,6 +13,9 @@ All in one run, float32, dropless top-k routing, forward + backward of the whole
 - precision rows: tinymoe (dispatch "cupy") with TF32 float32 matmuls and in bfloat16
   (weights, activations, gradients; router in float32), and PyTorch's loop with TF32 and
   under bfloat16 autocast (docs/precision.md);
+- bfloat16 dropless with the static plan (T*k rows, the experts' row bounds read on the
+  device by the grouped kernels, kernels/grouped_gemm.py), eager and as one CUDA graph; its
+  dispatch + combine share measured the same way (eager, and captured);
 - the layer as a captured training step runs it (float32 and bfloat16): capacity factor
   1.25 with the static plan (every expert C rows, padding included), eager and recorded as
   one CUDA graph (docs/cuda_graphs.md). Not the dropless rows' work: tokens over capacity
@@ -60,10 +63,10 @@ def copy_bandwidth():
     return 2 * x.nbytes / (gpu_ms(lambda: cp.copyto(y, x)) * 1e-3)
 
 
-def tinymoe_layer(a, impl, dtype=None, capacity_factor=None):
+def tinymoe_layer(a, impl, dtype=None, capacity_factor=None, static=False):
     tinymoe.manual_seed(0)
     layer = MoELayer(a.d, a.f, a.experts, a.top_k, capacity_factor=capacity_factor, dispatch_impl=impl,
-                     aux_loss_weight=0.0, z_loss_weight=0.0)
+                     aux_loss_weight=0.0, z_loss_weight=0.0, static_dispatch=static)
     layer.to("cuda", dtype=dtype)
     x = tinymoe.randn(a.tokens, a.d, device="cuda").astype(dtype or "float32").requires_grad_()
     g = cp.random.default_rng(1).standard_normal((a.tokens, a.d), dtype=cp.float32).astype(x.dtype)
@@ -123,26 +126,32 @@ def torch_layer(a, mode="fp32"):
     return step
 
 
-def dispatch_only(a, impl, bw, dtype="float32"):
-    """plan + permute + combine + their backward passes, on the layer's shapes."""
+def dispatch_only(a, impl, bw, dtype="float32", static=False, graph=False):
+    """plan + permute + combine + their backward passes, on the layer's shapes; with static,
+    the dropless static plan (T*k rows, bounds on the device); with graph, as a CUDA graph."""
     rng = cp.random.default_rng(2)
     logits = rng.standard_normal((a.tokens, a.experts), dtype=cp.float32)
     ei = cp.argsort(-logits, axis=1)[:, :a.top_k]
     x = rng.standard_normal((a.tokens, a.d), dtype=cp.float32).astype(dtype)
     w = rng.random((a.tokens, a.top_k), dtype=cp.float32)
 
+    def make_plan():
+        if static:
+            return dispatch.make_static_plan(ei, a.experts, None, impl=impl)
+        return dispatch.make_dispatch_plan(ei, a.experts, impl=impl)
+
     def run():
-        plan = dispatch.make_dispatch_plan(ei, a.experts, impl=impl)
+        plan = make_plan()
         xs = dispatch.permute(x, plan, impl=impl)
         out = dispatch.combine(xs, w, plan, impl=impl)
         dys, dw = dispatch.combine_backward(out, xs, w, plan, impl=impl)
         dispatch.permute_backward(dys, plan, a.tokens, impl=impl)
 
-    plan = dispatch.make_dispatch_plan(ei, a.experts, impl=impl)
+    plan = make_plan()
     perm_ms = gpu_ms(lambda: dispatch.permute(x, plan, impl=impl), reps=20)
-    plan_ms = gpu_ms(lambda: dispatch.make_dispatch_plan(ei, a.experts, impl=impl))
+    plan_ms = gpu_ms(captured(make_plan) if graph else make_plan)
     perm_bw = 2 * plan.num_rows * a.d * x.itemsize / (perm_ms * 1e-3)
-    return gpu_ms(run), plan_ms, perm_ms, perm_bw / bw
+    return gpu_ms(captured(run) if graph else run), plan_ms, perm_ms, perm_bw / bw
 
 
 def main():
@@ -178,9 +187,16 @@ def main():
     rows.append(("tinymoe MoELayer, cupy, bf16, batched", gpu_ms(tinymoe_layer(a, "cupy", bfloat16), reps=3),
                  *[float("nan")] * 4))
     experts.BATCHED_MAX_PADDING, experts.BATCHED_MAX_MACS = limits
+    # dropless with the static plan: T*k rows, the experts' bounds read on the device by the
+    # grouped kernels (kernels/grouped_gemm.py), so the whole layer can be one CUDA graph
+    device_bounds = tinymoe_layer(a, "cupy", bfloat16, static=True)
+    rows.append(("tinymoe bf16 dropless, device bounds", gpu_ms(device_bounds, reps=3),
+                 *dispatch_only(a, "cupy", bw, bfloat16, static=True)))
+    rows.append(("tinymoe bf16 dropless, CUDA graph", gpu_ms(captured(device_bounds), reps=3),
+                 *dispatch_only(a, "cupy", bw, bfloat16, static=True, graph=True)))
     # what a captured training step runs: capacity 1.25, every expert C rows (static plan)
     for name, dtype in (("fp32", None), ("bf16", bfloat16)):
-        static = tinymoe_layer(a, "cupy", dtype, capacity_factor=1.25)
+        static = tinymoe_layer(a, "cupy", dtype, capacity_factor=1.25, static=True)
         rows.append((f"tinymoe {name}, capacity 1.25, eager", gpu_ms(static, reps=3), *[float("nan")] * 4))
         rows.append((f"tinymoe {name}, capacity 1.25, CUDA graph", gpu_ms(captured(static), reps=3),
                      *[float("nan")] * 4))

@@ -87,16 +87,18 @@ def test_captured_steps_equal_eager_steps(name):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-@pytest.mark.parametrize("name", ["moe-gpt", "mamba"])
-def test_captured_16_bit_steps_follow_eager_steps(name, precision):
+@pytest.mark.parametrize("name,config", [("moe-gpt", {}), ("moe-gpt", {"capacity_factor": None}),
+                                         ("mamba", {})], ids=["moe-gpt", "moe-gpt-dropless", "mamba"])
+def test_captured_16_bit_steps_follow_eager_steps(name, config, precision):
     """Mixed precision inside the graph: 16-bit model, float32 masters (two flat buffers),
-    fp16's loss scale. The captured run follows the eager one within 16-bit rounding (an
-    atomic's order can flip one rounding, which the next steps carry along)."""
+    fp16's loss scale; a dropless MoE too (its experts read their row bounds on the device).
+    The captured run follows the eager one within 16-bit rounding (an atomic's order can flip
+    one rounding, which the next steps carry along)."""
     from tinymoe.precision import get_precision
     data = batches(10)
     runs = {}
     for mode in ("off", "on"):
-        model, opt, sched = setup(name)
+        model, opt, sched = setup(name, **config)
         opt, prec = get_precision(precision).apply(model, opt)
         step = make_step(model, opt, grad_clip=1.0, cuda_graph=mode, precision=prec)
         losses = []
@@ -145,7 +147,7 @@ def test_resume_after_captured_steps_continues_the_run(tmp_path):
 def test_dropless_moe_runs_eagerly_and_says_why():
     model, opt, _ = setup("moe-gpt", capacity_factor=None)
     step = make_step(model, opt, cuda_graph="auto")
-    assert isinstance(step, EagerStep) and "dropless" in step.reason
+    assert isinstance(step, EagerStep) and "dropless" in step.reason and "float32" in step.reason
     x, y = batches(1)[0]
     assert bool(step(x, y).finite)
 

@@ -45,7 +45,11 @@ def check_against_reference(module, case, seed, xp, dtype, rtol, static=False):
     ei, x, w, dout = make_case(*case, seed, xp=xp, dtype=dtype)
     host = lambda a: tinymoe.backend.to_numpy(a)  # noqa: E731
     ref_in = [host(a) for a in (ei, x, w, dout)]
-    if static:                                    # C rows per expert (capacity None: T k)
+    if static == "dropless":                      # T k rows, the bounds on the device only
+        plan = module.make_static_plan(ei, E, None)
+        want = reference.make_static_plan(ref_in[0], E, None)
+        assert plan.static and plan.bounds is None and plan.num_rows == T * k
+    elif static:                                  # C rows per expert (capacity None: T k)
         capacity = max(capacity or T * k, 1)
         plan = module.make_static_plan(ei, E, capacity)
         want = reference.make_static_plan(ref_in[0], E, capacity)
@@ -95,6 +99,10 @@ def test_numba_cuda_static_dispatch_in_simulator():
     run_in_simulator(_numba_cases, CASES, True)
 
 
+def test_numba_cuda_dropless_static_dispatch_in_simulator():
+    run_in_simulator(_numba_cases, CASES, "dropless")
+
+
 def test_numba_cuda_dispatch_rejects_bad_input():
     from tinymoe.kernels.dispatch import numba_cuda
     with pytest.raises(ValueError, match=r"make_dispatch_plan: expert_index must be \(T, k\)"):
@@ -129,9 +137,10 @@ def test_gpu_dispatch_matches_reference(impl, dtype, case):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("impl", ["numba_cuda", "cupy"])
+@pytest.mark.parametrize("static", [True, "dropless"])
 @pytest.mark.parametrize("case", GPU_CASES)
-def test_gpu_static_dispatch_matches_reference(impl, case):
-    check_against_reference(_gpu_module(impl), case, 1, tinymoe.backend.cupy(), np.float32, 1e-5, True)
+def test_gpu_static_dispatch_matches_reference(impl, case, static):
+    check_against_reference(_gpu_module(impl), case, 1, tinymoe.backend.cupy(), np.float32, 1e-5, static)
 
 
 @pytest.mark.gpu

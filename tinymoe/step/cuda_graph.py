@@ -70,9 +70,10 @@ def capture_blocker(model, optimizer, comm=None) -> str | None:
         return "the parameters have several dtypes (the fused optimizer needs one flat buffer)"
     for name, m in model.named_modules():
         if isinstance(m, MoELayer):
-            if m.capacity_factor is None:
-                return (f"{name}: dropless MoE (capacity_factor=None): the experts' group sizes "
-                        "depend on the routing, so the shapes change every step")
+            if m.capacity_factor is None and not m.experts.reads_bounds_on_device(params[0].data.dtype):
+                return (f"{name}: dropless MoE (capacity_factor=None) in {params[0].data.dtype}: the "
+                        "experts' matmuls need the group sizes on the host (16-bit experts read "
+                        "them on the device)")
             if m.static_dispatch is False:
                 return f"{name}: static_dispatch=False (the dynamic plan reads its row bounds on the host)"
             if isinstance(m.gate, BaseRouter):

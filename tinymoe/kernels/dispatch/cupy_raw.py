@@ -73,9 +73,11 @@ def make_dispatch_plan(expert_index, num_experts: int, capacity=None) -> Dispatc
                         num_experts=num_experts, capacity=capacity, bounds=bounds)
 
 
-def make_static_plan(expert_index, num_experts: int, capacity: int) -> DispatchPlan:
+def make_static_plan(expert_index, num_experts: int, capacity: int | None) -> DispatchPlan:
     """C = capacity rows per expert (reference.py :: make_static_plan), from the same two
-    kernels with offsets e*C: nothing is read on the host, so a CUDA graph can hold it."""
+    kernels with offsets e*C; or dropless (capacity None): T*k rows, offsets the exclusive
+    scan of the counts, kept on the device. Nothing is read on the host, so a CUDA graph can
+    hold it."""
     cp = cupy()
     check_static(expert_index, num_experts, capacity)
     T, k = expert_index.shape
@@ -87,17 +89,24 @@ def make_static_plan(expert_index, num_experts: int, capacity: int) -> DispatchP
     hist = cp.zeros((chunks, E), cp.int64)                                  # (chunks, E)
     if T * k:
         _kernel("count_chunks")((blocks,), (THREADS,), (ei, *dims, hist))
-    counts = cp.minimum(hist.sum(axis=0), C)                                # (E,) kept
-    offsets = cp.arange(E + 1, dtype=cp.int64) * C                          # (E+1,) static
+    wanted = hist.sum(axis=0)                                               # (E,)
+    if C is None:                                                           # dropless
+        counts = wanted
+        offsets = cp.concatenate([cp.zeros(1, cp.int64), cp.cumsum(counts)])   # (E+1,) on device
+    else:
+        counts = cp.minimum(wanted, C)                                      # (E,) kept
+        offsets = cp.arange(E + 1, dtype=cp.int64) * C                      # (E+1,) static
+    R = T * k if C is None else E * C
     start = cp.cumsum(hist, axis=0) - hist
     slot_row = cp.empty((T, k), cp.int64)
-    row_slot = cp.full(E * C, -1, cp.int64)
+    row_slot = cp.full(R, -1, cp.int64)
     if T * k:
         _kernel("assign_rows")((blocks,), (THREADS,),
                                (ei, *dims, start, counts, offsets, slot_row, row_slot))
     return DispatchPlan(counts=counts, offsets=offsets, slot_row=slot_row,
                         row_token=cp.where(row_slot >= 0, row_slot // k, -1), row_slot=row_slot,
-                        num_experts=E, capacity=C, bounds=tuple(range(0, E * C + 1, C)), static=True)
+                        num_experts=E, capacity=C,
+                        bounds=None if C is None else tuple(range(0, R + 1, C)), static=True)
 
 
 def _permute(x, plan, scale=None):

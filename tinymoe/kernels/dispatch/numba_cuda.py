@@ -160,9 +160,10 @@ def make_dispatch_plan(expert_index, num_experts: int, capacity=None) -> Dispatc
                         num_experts=num_experts, capacity=capacity, bounds=bounds)
 
 
-def make_static_plan(expert_index, num_experts: int, capacity: int) -> DispatchPlan:
+def make_static_plan(expert_index, num_experts: int, capacity: int | None) -> DispatchPlan:
     """C = capacity rows per expert (reference.py :: make_static_plan), from the same two
-    kernels with offsets e*C: nothing is read on the host."""
+    kernels with offsets e*C; or dropless (capacity None): T*k rows, offsets the exclusive
+    scan of the counts, kept on the device. Nothing is read on the host."""
     xp = array_module(expert_index)
     check_static(expert_index, num_experts, capacity)
     T, k = expert_index.shape
@@ -173,16 +174,23 @@ def make_static_plan(expert_index, num_experts: int, capacity: int) -> DispatchP
     hist = xp.zeros((chunks, E), xp.int64)
     if T * k:
         count_chunks[blocks, THREADS](ei, hist)
-    counts = xp.minimum(hist.sum(axis=0), C)                                   # (E,)
-    offsets = xp.arange(E + 1, dtype=xp.int64) * C                             # (E+1,) static
+    wanted = hist.sum(axis=0)                                                  # (E,)
+    if C is None:                                                              # dropless
+        counts = wanted
+        offsets = xp.concatenate([xp.zeros(1, xp.int64), xp.cumsum(counts)])   # (E+1,) on device
+    else:
+        counts = xp.minimum(wanted, C)                                         # (E,)
+        offsets = xp.arange(E + 1, dtype=xp.int64) * C                         # (E+1,) static
+    R = T * k if C is None else E * C
     start = xp.cumsum(hist, axis=0) - hist
     slot_row = xp.empty((T, k), xp.int64)
-    row_slot = xp.full(E * C, -1, xp.int64)
+    row_slot = xp.full(R, -1, xp.int64)
     if T * k:
         assign_rows[blocks, THREADS](ei, start, counts, offsets, slot_row, row_slot)
     return DispatchPlan(counts=counts, offsets=offsets, slot_row=slot_row,
                         row_token=xp.where(row_slot >= 0, row_slot // k, -1), row_slot=row_slot,
-                        num_experts=E, capacity=C, bounds=tuple(range(0, E * C + 1, C)), static=True)
+                        num_experts=E, capacity=C,
+                        bounds=None if C is None else tuple(range(0, R + 1, C)), static=True)
 
 
 def _rows2d(x, op):

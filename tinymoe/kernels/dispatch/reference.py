@@ -21,6 +21,11 @@ without reading the data. Expert e's kept slots fill its first counts[e] rows in
 priority order; the rest are padding rows (row_token = row_slot = -1), which permute fills
 with zeros, the experts map to zeros (no biases; act(0) = 0), and combine never reads. The
 same slots are kept and dropped as in the dynamic plan with that capacity.
+
+A dropless static plan (capacity None) keeps every slot: R = T*k rows, the real ones first,
+grouped by expert as in the dynamic plan; rows offsets[E] : R are padding (one per empty
+slot). Its offsets are data, so they stay on the device (bounds None): the experts read them
+there (kernels/grouped_gemm.py), and the layer still has no shape that depends on routing.
 """
 from __future__ import annotations
 
@@ -39,9 +44,11 @@ class DispatchPlan:
     row_slot: object    # (R,)   int64  flat slot index t*k + j of each row
     num_experts: int
     capacity: int | None
-    bounds: tuple       # (E+1,) offsets as Python ints, fetched once with the plan, so that
-                        # the expert matmuls read row ranges without a device sync
-    static: bool = False    # rows e*C : (e+1)*C per expert, padding rows marked -1
+    bounds: tuple | None  # (E+1,) offsets as Python ints, fetched once with the plan, so that
+                          # the expert matmuls read row ranges without a device sync; None for
+                          # a dropless static plan (the offsets are only on the device)
+    static: bool = False  # R fixed by the shapes: rows e*C : (e+1)*C per expert (capacity C),
+                          # or T*k rows (dropless); padding rows marked -1
 
     @property
     def padding_rows(self):
@@ -73,8 +80,8 @@ def check_static(expert_index, num_experts, capacity, op="make_static_plan"):
     """The checks of a static plan: none reads the data (an index >= num_experts is dropped
     by the kernels instead of raising)."""
     check_expert_index(expert_index, num_experts, None, op, check_range=False)
-    if capacity is None or int(capacity) != capacity or capacity < 1:
-        raise ValueError(f"{op}: capacity must be an int >= 1, got {capacity!r}")
+    if capacity is not None and (int(capacity) != capacity or capacity < 1):
+        raise ValueError(f"{op}: capacity must be an int >= 1 or None (dropless), got {capacity!r}")
 
 
 def check_max_expert(max_index, num_experts, op="make_dispatch_plan"):
@@ -117,12 +124,20 @@ def make_dispatch_plan(expert_index, num_experts: int, capacity: int | None = No
                         bounds=bounds)
 
 
-def make_static_plan(expert_index, num_experts: int, capacity: int) -> DispatchPlan:
-    """The plan with capacity C = `capacity` rows per expert (see the module docstring)."""
+def make_static_plan(expert_index, num_experts: int, capacity: int | None) -> DispatchPlan:
+    """The plan with capacity C = `capacity` rows per expert, or dropless with T*k rows
+    (capacity None); see the module docstring."""
     xp = array_module(expert_index)
     check_static(expert_index, num_experts, capacity)
-    plan = make_dispatch_plan(expert_index, num_experts, capacity)
     T, k = expert_index.shape
+    real = (expert_index >= 0) & (expert_index < num_experts)     # out of range: dropped, as
+    plan = make_dispatch_plan(xp.where(real, expert_index, -1), num_experts, capacity)  # kernels do
+    if capacity is None:                                       # dropless: padding rows at the end
+        row_slot = xp.full(T * k, -1, dtype=xp.int64)
+        row_slot[:plan.num_rows] = plan.row_slot
+        return DispatchPlan(counts=plan.counts, offsets=plan.offsets, slot_row=plan.slot_row,
+                            row_token=xp.where(row_slot >= 0, row_slot // k, -1), row_slot=row_slot,
+                            num_experts=num_experts, capacity=None, bounds=None, static=True)
     E, C = num_experts, capacity
     rows = xp.arange(plan.num_rows)                                            # dynamic rows
     expert_of_row = xp.searchsorted(plan.offsets, rows, side="right") - 1      # (R,)

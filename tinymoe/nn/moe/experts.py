@@ -13,6 +13,7 @@ import numpy as np
 
 from ... import backend
 from ...autograd.function import Function, op_error
+from ...kernels import grouped_gemm
 from ...kernels.matmul import matmul as mm         # 16-bit aware; cuBLAS directly while capturing
 from ...kernels.matmul import same_format
 from .. import functional as F
@@ -34,6 +35,12 @@ from ..parameter import Parameter
 BATCHED_MAX_PADDING = 1.5          # 0: always loop
 BATCHED_MAX_MACS = 2**27
 BATCHED_ON_CPU = False
+
+
+def on_device(bounds, xs, W) -> bool:
+    """True when the products read the row bounds on the device (kernels/grouped_gemm.py):
+    bounds a GPU array (a dropless static plan's offsets), rows and weights 16-bit."""
+    return backend.is_cupy_array(bounds) and grouped_gemm.supports(*same_format(xs, W))
 
 
 def host_bounds(offsets) -> tuple:
@@ -67,8 +74,11 @@ class GroupedLinear(Function):
     """ys[rows of e] = xs[rows of e] @ W[e]   for every expert e;
     dL/dxs[rows of e] = dL/dys[rows] @ W[e]^T,  dL/dW[e] = xs[rows]^T @ dL/dys[rows]
 
-    `bounds` are the row offsets (E+1,), as Python ints (DispatchPlan.bounds) or an array.
-    A static plan's bounds are uniform (every expert M rows, row e*M + r): then the products
+    `bounds` are the row offsets (E+1,), as Python ints (DispatchPlan.bounds) or an array;
+    rows after bounds[E] belong to no expert (a dropless static plan's padding) and map to 0.
+    Offsets on the GPU with 16-bit rows and weights stay there: the grouped kernels read them
+    (kernels/grouped_gemm.py; three launches, no device sync, capturable). A static plan's
+    bounds are uniform (every expert M rows, row e*M + r): then the products
     are one batched matmul over xs seen as (E, M, in), nothing copied. Otherwise two ways to
     compute the same products (BATCHED_MAX_PADDING and _MACS pick):
       loop:    for each expert, one matmul over its rows, written in place (out=);
@@ -78,14 +88,21 @@ class GroupedLinear(Function):
 
     @staticmethod
     def forward(ctx, xs, W, bounds):
-        bounds = host_bounds(bounds)
         if xs.shape[-1] != W.shape[1]:
             raise op_error("grouped_linear", f"rows have {xs.shape[-1]} features, weights "
                            f"{tuple(W.shape)} expect {W.shape[1]}")
         E, R = W.shape[0], xs.shape[0]
-        if len(bounds) != E + 1 or bounds[0] != 0 or bounds[-1] != R:
+        ctx.device = on_device(bounds, xs, W)
+        if ctx.device:
+            if bounds.shape != (E + 1,):
+                raise op_error("grouped_linear", f"bounds {tuple(bounds.shape)} must be {E + 1} offsets")
+            xs, W = same_format(xs, W)
+            ctx.save(xs, W, bounds.astype("int64", copy=False))
+            return grouped_gemm.grouped_rows(xs, W, ctx.saved[2])                     # (R, out)
+        bounds = host_bounds(bounds)
+        if len(bounds) != E + 1 or bounds[0] != 0 or not bounds[-1] <= R:
             raise op_error("grouped_linear", f"bounds {bounds} must be {E + 1} offsets from 0 "
-                           f"to the {R} rows of xs {tuple(xs.shape)}")
+                           f"to at most the {R} rows of xs {tuple(xs.shape)}")
         xp = backend.array_module(xs)
         xs, W = same_format(xs, W)                     # 16-bit rows and weights: a 16-bit product
         ctx.bounds = bounds
@@ -95,7 +112,7 @@ class GroupedLinear(Function):
             ctx.save(xs, W)
             return mm(xs.reshape(E, M, -1), W).reshape(R, W.shape[2])      # (R, out)
         ctx.batched = ((BATCHED_ON_CPU or backend.is_cupy_array(xs))
-                       and 0 < R and E * M <= BATCHED_MAX_PADDING * R
+                       and 0 < R == bounds[-1] and E * M <= BATCHED_MAX_PADDING * R
                        and M * W.shape[1] * W.shape[2] <= BATCHED_MAX_MACS)
         if ctx.batched:
             pos, M = _padded_rows(bounds, backend.device_of(xs))
@@ -104,6 +121,7 @@ class GroupedLinear(Function):
             return mm(xpad, W).reshape(E * M, W.shape[2])[pos]               # (R, out)
         ctx.save(xs, W)
         ys = xp.empty((R, W.shape[2]), dtype=xp.result_type(xs, W))          # (R, out)
+        ys[bounds[-1]:] = 0                                                   # rows of no expert
         for e, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
             if b > a:
                 mm(xs[a:b], W[e], out=ys[a:b])
@@ -114,6 +132,11 @@ class GroupedLinear(Function):
         gx, gw, _ = ctx.needs_input_grad
         xp = backend.array_module(grad)
         grad = grad.astype(ctx.saved[1].dtype, copy=False)                   # W's format
+        if ctx.device:
+            xs, W, offsets = ctx.saved
+            dxs = grouped_gemm.grouped_rows(grad, W, offsets, transpose=True) if gx else None
+            dW = grouped_gemm.grouped_weights(xs, grad, offsets) if gw else None
+            return dxs, dW, None
         if ctx.uniform:
             xs, W = ctx.saved
             E, n_in = W.shape[0], W.shape[1]
@@ -130,6 +153,8 @@ class GroupedLinear(Function):
             return dxs, dW, None
         xs, W = ctx.saved
         dxs = xp.empty(xs.shape, dtype=xp.result_type(grad, W)) if gx else None
+        if gx:
+            dxs[ctx.bounds[-1]:] = 0                                          # rows of no expert
         dW = xp.empty(W.shape, dtype=xp.result_type(xs, grad)) if gw else None
         for e, (a, b) in enumerate(zip(ctx.bounds[:-1], ctx.bounds[1:])):
             if gx and b > a:
@@ -168,14 +193,23 @@ class Experts(Module):
             self.w3 = init((num_experts, d_model, d_ff), d_model)
 
     def forward(self, xs, bounds):
-        # xs (R, d) expert-contiguous, bounds (E+1,) row offsets (DispatchPlan.bounds) -> (R, d)
-        bounds = host_bounds(bounds)                                          # fetched once
+        # xs (R, d) expert-contiguous, bounds (E+1,) row offsets (DispatchPlan.bounds, or its
+        # offsets on the device for a dropless static plan) -> (R, d)
+        if not on_device(bounds, xs.data, self.w1.data):
+            bounds = host_bounds(bounds)                                      # fetched once
         h = grouped_linear(xs, self.w1, bounds)                               # (R, f)
         if self.activation == "swiglu":
             h = F.silu(h) * grouped_linear(xs, self.w3, bounds)               # Shazeer 2020
         else:
             h = F.gelu(h) if self.activation == "gelu" else F.relu(h)
         return grouped_linear(h, self.w2, bounds)                             # (R, d)
+
+    def reads_bounds_on_device(self, dtype) -> bool:
+        """True when, on the GPU, rows of `dtype` let these experts take a dropless static plan's
+        offsets on the device (16-bit weights or rows; d_model and d_ff multiples of 8)."""
+        from ...dtypes import is_half
+        return ((is_half(dtype) or is_half(self.w1.dtype)) and self.d_model % 8 == 0
+                and self.d_ff % 8 == 0)
 
     def extra_repr(self):
         return (f"num_experts={self.num_experts}, d_model={self.d_model}, d_ff={self.d_ff}, "

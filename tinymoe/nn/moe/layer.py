@@ -7,11 +7,15 @@ expert e keeps at most  C = ceil(capacity_factor * T * k / E)  slots (GShard, Sw
 the overflow is dropped, and a dropped token's MoE output is 0, so it goes on through
 the residual connection only. capacity_factor=None routes every slot ("dropless").
 
-Static dispatch (static_dispatch=True; None = on a GPU whenever there is a capacity): every
-expert gets exactly C rows, padding included (kernels/dispatch :: make_static_plan), so no
-shape depends on the routing and nothing is read on the host: the layer can be captured in
-a CUDA graph. The same slots are kept as with the dynamic plan; the padding is counted in
-the statistics ("padding_fraction"). Dropless routing has no C: it stays dynamic (eager).
+Static dispatch (static_dispatch=True): no shape depends on the routing and nothing is read
+on the host, so the layer can be captured in a CUDA graph (kernels/dispatch ::
+make_static_plan). With a capacity every expert gets exactly C rows, padding included; the
+same slots are kept as with the dynamic plan, and the padding is counted in the statistics
+("padding_fraction"). Dropless, the plan has T*k rows (every slot) and the experts' row
+bounds stay on the device, where the grouped kernels read them (kernels/grouped_gemm.py:
+16-bit experts; otherwise the bounds are fetched once, as the dynamic plan does).
+static_dispatch=None picks it on a GPU whenever it saves the host read: with a capacity, or
+dropless with experts that read their bounds on the device (Experts.reads_bounds_on_device).
 """
 from __future__ import annotations
 
@@ -69,19 +73,18 @@ class MoELayer(Module):
         routing = self.gate(flat, capacity)
         static = self.static_dispatch
         if static is None:
-            static = capacity is not None and backend.is_cupy_array(flat.data)
+            static = backend.is_cupy_array(flat.data) and (
+                capacity is not None or self.experts.reads_bounds_on_device(flat.dtype))
         if static:
-            if capacity is None:
-                raise ValueError("MoELayer: static_dispatch=True needs a capacity_factor "
-                                 "(dropless routing has data-dependent group sizes)")
-            plan = make_static_plan(routing.expert_index, self.num_experts, max(capacity, 1),
+            plan = make_static_plan(routing.expert_index, self.num_experts,
+                                    None if capacity is None else max(capacity, 1),
                                     impl=self.dispatch_impl)
         else:
             plan = make_dispatch_plan(routing.expert_index, self.num_experts,
                                       None if self.gate.uses_capacity_in_routing else capacity,
                                       impl=self.dispatch_impl)
         xs = permute(flat, plan, self.dispatch_impl)                          # (R, d)
-        ys = self.experts(xs, plan.bounds)                                    # (R, d)
+        ys = self.experts(xs, plan.offsets if plan.bounds is None else plan.bounds)   # (R, d)
         out = combine(ys, routing.weights, plan, self.dispatch_impl)          # (T, d)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat, (0, T))
