@@ -31,6 +31,12 @@ def test_grouped_gemm_cu_compiles_without_spills(dtype, tmp_path):
         assert re.search(r"0 bytes spill stores, 0 bytes spill loads", report), report
 
 
+def test_grouped_gemm_cu_needs_no_wmma_header():
+    """CuPy compiles with NVRTC against the headers of NVIDIA's pip wheels, whose mma.h includes
+    a crt/mma.h they do not ship (H100, cupy-cuda13x): the kernels use PTX mma.sync instead."""
+    assert "<mma.h>" not in grouped_gemm.SOURCE.read_text().replace("No <mma.h>", "")
+
+
 def test_grouped_kernels_refuse_what_they_cannot_take():
     xs, W = np.zeros((4, 8), np.float32), np.zeros((2, 8, 8), np.float32)
     with pytest.raises(ValueError, match=r"grouped_rows: needs .* float32\(4, 8\)"):

@@ -12,8 +12,10 @@
 //   weights:  C[e] = A[rows of e]^T @ G[rows of e]        A (R, M), G (R, N), C (E, M, N)
 //             (dW = X^T dY: the group is the sum's axis; an empty group gives C[e] = 0)
 //
-// One block computes a BM x BN tile of C with WMMA (16x16x16 tensor-core fragments), products
-// summed in float32 and rounded once to data_t, as cuBLAS's CUBLAS_COMPUTE_32F does. The
+// One block computes a BM x BN tile of C on the tensor cores (PTX mma.sync m16n8k16, operands
+// loaded from shared memory by ldmatrix), products summed in float32 and rounded once to
+// data_t, as cuBLAS's CUBLAS_COMPUTE_32F does. (No <mma.h>: the CUDA headers that come with
+// CuPy's wheels lack the crt/mma.h it includes, so NVRTC could not compile WMMA code.) The
 // operands go through shared memory BK columns at a time, two stages: cp.async copies stage
 // s+1 while the warps multiply stage s. Row tiles of the `rows` kernels are numbered across
 // the groups (tile t of expert e covers BM of its rows), so the grid is sized by the bound
@@ -21,17 +23,20 @@
 // Requirements (grouped_gemm.py checks): K and N multiples of 8 (16-byte rows), C-contiguous
 // operands with 16-byte aligned bases.
 //
-// Compile-time constants (-D, grouped_gemm.py): data_t (__half or __nv_bfloat16).
+// Compile-time constants (-D, grouped_gemm.py): data_t (__half or __nv_bfloat16) and
+// MMA_TYPE, its PTX name (f16 or bf16).
 
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
-#include <mma.h>
-
-using namespace nvcuda;
 
 #ifndef data_t
 #define data_t __nv_bfloat16
 #endif
+#ifndef MMA_TYPE
+#define MMA_TYPE bf16       // the PTX name of data_t: bf16 or f16
+#endif
+#define STR_(x) #x
+#define STR(x) STR_(x)
 
 #define BM 128              // tile rows
 #define BN 128              // tile columns
@@ -39,29 +44,34 @@ using namespace nvcuda;
 #define WARPS_M 2           // 8 warps: 2 x 4, each a 64 x 32 piece of the tile
 #define WARPS_N 4
 #define THREADS (32 * WARPS_M * WARPS_N)
-#define FRAG_M ((BM / WARPS_M) / 16)     // 4 fragments down
-#define FRAG_N ((BN / WARPS_N) / 16)     // 2 fragments across
-#define PAD 8               // shared rows padded by 16 bytes: fragment loads avoid bank conflicts
+#define FRAG_M ((BM / WARPS_M) / 16)     // 4 fragments of 16 rows down
+#define FRAG_N ((BN / WARPS_N) / 8)      // 4 fragments of 8 columns across
+#define PAD 8               // shared rows padded by 16 bytes: ldmatrix reads avoid bank conflicts
 #define CHUNK 8             // elements per 16-byte copy
 #define STAGE_ELEMS (BM * (BK + PAD) > BK * (BN + PAD) ? BM * (BK + PAD) : BK * (BN + PAD))
 
 typedef long long i64;
 
-template <bool COL> struct Layout { typedef wmma::row_major type; };
-template <> struct Layout<true> { typedef wmma::col_major type; };
-
-__device__ __forceinline__ __half to_data(float v, __half) { return __float2half_rn(v); }
-__device__ __forceinline__ __nv_bfloat16 to_data(float v, __nv_bfloat16) {
-    return __float2bfloat16_rn(v);
+__device__ __forceinline__ unsigned pack2(float lo, float hi, __half) {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *(unsigned*)&v;
+}
+__device__ __forceinline__ unsigned pack2(float lo, float hi, __nv_bfloat16) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *(unsigned*)&v;
 }
 
 // --- copies ---------------------------------------------------------------------------------
 
+__device__ __forceinline__ unsigned shared_address(const void* p) {
+    return (unsigned)__cvta_generic_to_shared(p);
+}
+
 __device__ __forceinline__ void copy16(data_t* smem, const data_t* gmem, bool valid) {
     // 16 bytes global -> shared, asynchronously; an invalid source fills zeros (src-size 0).
-    unsigned dst = (unsigned)__cvta_generic_to_shared(smem);
     int bytes = valid ? 16 : 0;
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(bytes));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address(smem)),
+                 "l"(gmem), "r"(bytes));
 }
 __device__ __forceinline__ void copies_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> __device__ __forceinline__ void copies_wait() {
@@ -88,60 +98,87 @@ __device__ __forceinline__ void load_k_by_cols(data_t* s, const data_t* g, i64 l
     }
 }
 
+// --- tensor-core fragments (PTX mma.sync m16n8k16, operands through ldmatrix) ----------------
+//
+// Lane l of a warp holds, of a 16x16 A fragment, A[l/4 (+8)][2(l%4) .. +1 (+8)] (4 registers of
+// two 16-bit values); of a 16x8 B fragment, B[2(l%4) .. +1 (+8)][l/4] (2 registers); of the
+// 16x8 float32 accumulator, C[l/4 (+8)][2(l%4) .. +1]. ldmatrix.x4 gives four 8x8 pieces,
+// lanes 8i .. 8i+7 naming the 8 rows of piece i; .trans transposes each piece on the way,
+// so an operand stored the other way round (k-major) loads as the same fragment.
+
+__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const data_t* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(shared_address(p)));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], const data_t* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(shared_address(p)));
+}
+__device__ __forceinline__ void mma_16x8x16(float (&c)[4], const unsigned (&a)[4], unsigned b0,
+                                            unsigned b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." STR(MMA_TYPE) "." STR(MMA_TYPE) ".f32 "
+                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
 // --- the tile's product -----------------------------------------------------------------------
 
-// A fragment layout: row_major when the stage holds A as [BM][BK + PAD], col_major when it
-// holds A^T's source rows as [BK][BM + PAD]. B likewise: row_major [BK][BN + PAD], col_major
-// [BN][BK + PAD] (B^T's rows).
-template <bool A_COL, bool B_COL>
+// A_KMAJOR: the stage holds A^T's source rows, [BK][BM + PAD] (else A as [BM][BK + PAD]).
+// B_NMAJOR: the stage holds B^T's rows, [BN][BK + PAD] (else B as [BK][BN + PAD]).
+template <bool A_KMAJOR, bool B_NMAJOR>
 struct Tile {
-    typedef typename Layout<A_COL>::type LA;
-    typedef typename Layout<B_COL>::type LB;
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[FRAG_M][FRAG_N];
+    float acc[FRAG_M][FRAG_N][4];      // this warp's 64 x 32 piece, float32
 
     __device__ void zero() {
         for (int i = 0; i < FRAG_M; ++i)
-            for (int j = 0; j < FRAG_N; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+            for (int j = 0; j < FRAG_N; ++j)
+                for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.0f;
     }
 
-    // acc += As (BM x BK) @ Bs (BK x BN), this warp's 64 x 32 piece.
+    // acc += As (BM x BK) @ Bs (BK x BN), this warp's piece.
     __device__ void multiply(const data_t* As, const data_t* Bs, int wm, int wn) {
+        int lane = threadIdx.x % 32, piece = lane / 8, row = lane % 8;
         for (int kk = 0; kk < BK; kk += 16) {
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, data_t, LA> a[FRAG_M];
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, data_t, LB> b[FRAG_N];
+            unsigned a[FRAG_M][4], b[FRAG_N][2];
             for (int i = 0; i < FRAG_M; ++i) {
                 int m = wm * (BM / WARPS_M) + i * 16;
-                if (A_COL) wmma::load_matrix_sync(a[i], As + kk * (BM + PAD) + m, BM + PAD);
-                else wmma::load_matrix_sync(a[i], As + m * (BK + PAD) + kk, BK + PAD);
+                // pieces: (m 0-7, k 0-7), (m 8-15, k 0-7), (m 0-7, k 8-15), (m 8-15, k 8-15)
+                if (A_KMAJOR)
+                    ldmatrix_x4_trans(a[i], As + (kk + (piece / 2) * 8 + row) * (BM + PAD) + m + (piece % 2) * 8);
+                else
+                    ldmatrix_x4(a[i], As + (m + lane % 16) * (BK + PAD) + kk + (lane / 16) * 8);
             }
-            for (int j = 0; j < FRAG_N; ++j) {
-                int n = wn * (BN / WARPS_N) + j * 16;
-                if (B_COL) wmma::load_matrix_sync(b[j], Bs + n * (BK + PAD) + kk, BK + PAD);
-                else wmma::load_matrix_sync(b[j], Bs + kk * (BN + PAD) + n, BN + PAD);
+            for (int jj = 0; jj < FRAG_N / 2; ++jj) {
+                int n = wn * (BN / WARPS_N) + jj * 16;
+                unsigned r[4];   // pieces: (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15)
+                if (B_NMAJOR)
+                    ldmatrix_x4(r, Bs + (n + (piece / 2) * 8 + row) * (BK + PAD) + kk + (piece % 2) * 8);
+                else
+                    ldmatrix_x4_trans(r, Bs + (kk + (piece % 2) * 8 + row) * (BN + PAD) + n + (piece / 2) * 8);
+                b[2 * jj][0] = r[0];
+                b[2 * jj][1] = r[1];
+                b[2 * jj + 1][0] = r[2];
+                b[2 * jj + 1][1] = r[3];
             }
             for (int i = 0; i < FRAG_M; ++i)
-                for (int j = 0; j < FRAG_N; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+                for (int j = 0; j < FRAG_N; ++j) mma_16x8x16(acc[i][j], a[i], b[j][0], b[j][1]);
         }
     }
 
     // C[r, c] = acc rounded to data_t for r < rows, c < cols of the tile; C row-major, ld.
-    // Each fragment goes through a 16 x 16 float32 scratch of this warp's, then lane l
-    // writes 8 consecutive elements of row l / 2 (one 16-byte store when all are inside).
-    __device__ void store(data_t* C, i64 ld, int rows, int cols, float* scratch, int wm, int wn) {
-        int lane = threadIdx.x % 32, r = lane / 2, c = (lane % 2) * 8;
+    // Each lane writes its pairs of neighbours straight from registers (4-byte stores).
+    __device__ void store(data_t* C, i64 ld, int rows, int cols, int wm, int wn) {
+        int lane = threadIdx.x % 32;
         for (int i = 0; i < FRAG_M; ++i)
             for (int j = 0; j < FRAG_N; ++j) {
-                wmma::store_matrix_sync(scratch, acc[i][j], 16, wmma::mem_row_major);
-                __syncwarp();
-                int row = wm * (BM / WARPS_M) + i * 16 + r, col = wn * (BN / WARPS_N) + j * 16 + c;
-                if (row < rows) {
-                    __align__(16) data_t v[8];
-                    for (int q = 0; q < 8; ++q) v[q] = to_data(scratch[r * 16 + c + q], data_t());
-                    data_t* dst = C + row * ld + col;
-                    if (col + 8 <= cols) *(uint4*)dst = *(uint4*)v;
-                    else for (int q = 0; col + q < cols; ++q) dst[q] = v[q];
-                }
-                __syncwarp();
+                int row = wm * (BM / WARPS_M) + i * 16 + lane / 4;
+                int col = wn * (BN / WARPS_N) + j * 8 + (lane % 4) * 2;
+                if (col >= cols) continue;        // cols is a multiple of 8: col + 1 < cols too
+                if (row < rows)
+                    *(unsigned*)(C + row * ld + col) = pack2(acc[i][j][0], acc[i][j][1], data_t());
+                if (row + 8 < rows)
+                    *(unsigned*)(C + (row + 8) * ld + col) = pack2(acc[i][j][2], acc[i][j][3], data_t());
             }
     }
 };
@@ -206,7 +243,7 @@ __device__ void grouped_rows(const data_t* A, const data_t* B, const i64* offset
         tile.multiply(stage_a[s % 2], stage_b[s % 2], wm, wn);
         __syncthreads();
     }
-    tile.store(C + s_row0 * N + n0, N, rows, cols, (float*)stage_a[0] + warp * 256, wm, wn);
+    tile.store(C + s_row0 * N + n0, N, rows, cols, wm, wn);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS)
@@ -234,7 +271,7 @@ grouped_weights(const data_t* A, const data_t* G, const i64* offsets, data_t* C,
     if (count <= 0) { store_zeros(c, N, rows, cols); return; }
     const data_t* a = A + first * M + m0;                         // A^T's source: [BK][BM] tiles
     const data_t* g = G + first * N + n0;
-    Tile<true, false> tile;
+    Tile<true, false> tile;   // A^T from A's rows (k-major), G as [BK][BN]
     tile.zero();
     int warp = threadIdx.x / 32, wm = warp / WARPS_N, wn = warp % WARPS_N;
     int K = (int)count, steps = (K + BK - 1) / BK;
@@ -256,5 +293,5 @@ grouped_weights(const data_t* A, const data_t* G, const i64* offsets, data_t* C,
         tile.multiply(stage_a[s % 2], stage_g[s % 2], wm, wn);
         __syncthreads();
     }
-    tile.store(c, N, rows, cols, (float*)stage_a[0] + warp * 256, wm, wn);
+    tile.store(c, N, rows, cols, wm, wn);
 }

@@ -28,12 +28,13 @@ from ..dtypes import as_dtype, is_half
 SOURCE = Path(__file__).with_name("grouped_gemm.cu")
 BM = BN = 128            # the tile of C one block computes (grouped_gemm.cu)
 THREADS = 256
-CTYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16"}
+CTYPES = {"float16": ("__half", "f16"), "bfloat16": ("__nv_bfloat16", "bf16")}   # C, PTX
 
 
 def nvcc_options(dtype):
     """The -D defines that specialise grouped_gemm.cu (also used by the compile test)."""
-    return (f"-Ddata_t={CTYPES[as_dtype(dtype).name]}",)
+    ctype, ptx = CTYPES[as_dtype(dtype).name]
+    return (f"-Ddata_t={ctype}", f"-DMMA_TYPE={ptx}")
 
 
 @lru_cache(maxsize=None)
