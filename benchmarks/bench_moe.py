@@ -161,6 +161,8 @@ def main():
     p.add_argument("--f", type=int, default=2048)
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--bf16-only", action="store_true",
+                   help="only the bfloat16 rows (and PyTorch's fp32 loop, the ratios' base)")
     a = p.parse_args()
     dev = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
     bw = copy_bandwidth()
@@ -168,19 +170,20 @@ def main():
     print(f"device {dev}; copy bandwidth {bw / 1e12:.2f} TB/s; tokens={a.tokens} d={a.d} "
           f"f={a.f} experts={a.experts} top-{a.top_k} float32, dropless")
     rows = []
-    for impl in ("cupy", "numba_cuda", "reference"):
+    for impl in () if a.bf16_only else ("cupy", "numba_cuda", "reference"):
         layer_ms = gpu_ms(tinymoe_layer(a, impl), reps=3)
         dc_ms, plan_ms, perm_ms, perm_frac = dispatch_only(a, impl, bw)
         rows.append((f"tinymoe MoELayer, dispatch={impl}", layer_ms, dc_ms, plan_ms, perm_ms, perm_frac))
     limits = experts.BATCHED_MAX_PADDING, experts.BATCHED_MAX_MACS
-    experts.BATCHED_MAX_PADDING, experts.BATCHED_MAX_MACS = float("inf"), float("inf")
-    rows.insert(1, ("tinymoe MoELayer, cupy, batched experts", gpu_ms(tinymoe_layer(a, "cupy"), reps=3),
-                    *[float("nan")] * 4))
-    experts.BATCHED_MAX_PADDING, experts.BATCHED_MAX_MACS = limits
-    set_tf32(True)
-    rows.append(("tinymoe MoELayer, cupy, TF32", gpu_ms(tinymoe_layer(a, "cupy"), reps=3),
-                 *[float("nan")] * 4))
-    set_tf32(False)
+    if not a.bf16_only:
+        experts.BATCHED_MAX_PADDING, experts.BATCHED_MAX_MACS = float("inf"), float("inf")
+        rows.insert(1, ("tinymoe MoELayer, cupy, batched experts", gpu_ms(tinymoe_layer(a, "cupy"), reps=3),
+                        *[float("nan")] * 4))
+        experts.BATCHED_MAX_PADDING, experts.BATCHED_MAX_MACS = limits
+        set_tf32(True)
+        rows.append(("tinymoe MoELayer, cupy, TF32", gpu_ms(tinymoe_layer(a, "cupy"), reps=3),
+                     *[float("nan")] * 4))
+        set_tf32(False)
     bf16_ms = gpu_ms(tinymoe_layer(a, "cupy", bfloat16), reps=3)
     rows.append(("tinymoe MoELayer, cupy, bf16", bf16_ms, *dispatch_only(a, "cupy", bw, bfloat16)))
     experts.BATCHED_MAX_PADDING, experts.BATCHED_MAX_MACS = float("inf"), float("inf")
@@ -195,7 +198,7 @@ def main():
     rows.append(("tinymoe bf16 dropless, CUDA graph", gpu_ms(captured(device_bounds), reps=3),
                  *dispatch_only(a, "cupy", bw, bfloat16, static=True, graph=True)))
     # what a captured training step runs: capacity 1.25, every expert C rows (static plan)
-    for name, dtype in (("fp32", None), ("bf16", bfloat16)):
+    for name, dtype in (("bf16", bfloat16),) if a.bf16_only else (("fp32", None), ("bf16", bfloat16)):
         static = tinymoe_layer(a, "cupy", dtype, capacity_factor=1.25, static=True)
         rows.append((f"tinymoe {name}, capacity 1.25, eager", gpu_ms(static, reps=3), *[float("nan")] * 4))
         rows.append((f"tinymoe {name}, capacity 1.25, CUDA graph", gpu_ms(captured(static), reps=3),
@@ -203,6 +206,8 @@ def main():
     base = float("nan")
     for mode, name in (("fp32", "PyTorch eager per-expert loop"), ("tf32", "  PyTorch loop, TF32"),
                        ("bf16", "  PyTorch loop, bf16 autocast")):
+        if a.bf16_only and mode == "tf32":
+            continue
         try:
             rows.append((name, gpu_ms(torch_layer(a, mode), reps=3), *[float("nan")] * 4))
             base = rows[-1][1] if mode == "fp32" else base
