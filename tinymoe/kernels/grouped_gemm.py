@@ -50,13 +50,10 @@ def supports(xs, W) -> bool:
             and xs.ndim == 2 and W.ndim == 3 and W.shape[1] % 8 == 0 and W.shape[2] % 8 == 0)
 
 
-def _operand(op, name, a):
+def _operand(a):
     """C-contiguous with a 16-byte aligned base (the kernels' 16-byte copies); copied if not."""
-    cp = cupy()
     if not a.flags.c_contiguous or a.data.ptr % 16:
-        a = cp.ascontiguousarray(a)
-        if a.data.ptr % 16:
-            raise ValueError(f"{op}: {name} {tuple(a.shape)} is not 16-byte aligned")
+        a = a.copy(order="C")                    # a new allocation: 256-byte aligned
     return a
 
 
@@ -77,7 +74,7 @@ def grouped_rows(xs, W, offsets, transpose: bool = False):
     op = "grouped_rows"
     _check(op, xs, W, offsets, 2 if transpose else 1)
     cp = cupy()
-    xs, W, offsets = _operand(op, "xs", xs), _operand(op, "W", W), cp.ascontiguousarray(offsets)
+    xs, W, offsets = _operand(xs), _operand(W), cp.ascontiguousarray(offsets)
     E, R, K = W.shape[0], xs.shape[0], xs.shape[1]
     N = W.shape[1] if transpose else W.shape[2]
     out = cp.empty((R, N), xs.dtype)
@@ -106,7 +103,7 @@ def grouped_weights(xs, dy, offsets):
     if offsets.dtype != np.int64 or offsets.ndim != 1 or offsets.shape[0] < 2:
         raise ValueError(f"{op}: offsets must be int64 (E+1,), got {offsets.dtype}{tuple(offsets.shape)}")
     cp, E = cupy(), offsets.shape[0] - 1
-    xs, dy, offsets = _operand(op, "xs", xs), _operand(op, "dy", dy), cp.ascontiguousarray(offsets)
+    xs, dy, offsets = _operand(xs), _operand(dy), cp.ascontiguousarray(offsets)
     M, N = xs.shape[1], dy.shape[1]
     out = cp.empty((E, M, N), xs.dtype)
     if out.size:
