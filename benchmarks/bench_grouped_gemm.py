@@ -14,7 +14,6 @@ bfloat16, both timed by CUDA events over back-to-back calls; TFLOP/s counts 2 R 
 """
 import argparse
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -23,26 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-import tinymoe  # noqa: E402
+from bench_moe import cp, gpu_ms  # noqa: E402  (CUDA events around back-to-back calls)
 from tinymoe.dtypes import bfloat16  # noqa: E402
 from tinymoe.kernels import grouped_gemm  # noqa: E402
 from tinymoe.kernels.matmul import matmul  # noqa: E402
-
-cp = tinymoe.backend.cupy()
-
-
-def gpu_ms(fn, reps=20, rounds=5):
-    fn()
-    times = []
-    for _ in range(rounds):
-        start, stop = cp.cuda.Event(), cp.cuda.Event()
-        start.record()
-        for _ in range(reps):
-            fn()
-        stop.record()
-        stop.synchronize()
-        times.append(cp.cuda.get_elapsed_time(start, stop) / reps)
-    return statistics.median(times)
 
 
 def main():
@@ -98,7 +81,7 @@ def main():
     total = [0.0, 0.0]
     for name, grouped, loop, k, n in cases:
         flops = 2 * R * k * n
-        g_ms, l_ms = gpu_ms(grouped), gpu_ms(loop)
+        g_ms, l_ms = gpu_ms(grouped, reps=20), gpu_ms(loop, reps=20)
         total[0] += g_ms
         total[1] += l_ms
         print(f"{name:16s} {g_ms:10.3f} {flops / g_ms / 1e9:8.1f} {l_ms:14.3f} {flops / l_ms / 1e9:8.1f} "

@@ -52,6 +52,10 @@
 
 typedef long long i64;
 
+// The loaders below serve either operand: a [BM][.] tile of A's rows or a [BN][.] one of B^T's,
+// a [.][BN] tile of B or a [.][BM] one of A^T's source rows.
+static_assert(BM == BN, "square tiles: one loader per layout");
+
 __device__ __forceinline__ unsigned pack2(float lo, float hi, __half) {
     __half2 v = __floats2half2_rn(lo, hi);
     return *(unsigned*)&v;
@@ -166,6 +170,23 @@ struct Tile {
         }
     }
 
+    // acc = As-slices @ Bs-slices summed over K in BK steps, two stages: load(stage, k0) issues
+    // (and commits) the cp.async copies of the slice at k0 while the warps multiply the other.
+    template <typename Load>
+    __device__ void sum_over_k(int K, Load load, data_t (*As)[STAGE_ELEMS],
+                               data_t (*Bs)[STAGE_ELEMS], int wm, int wn) {
+        zero();
+        int steps = (K + BK - 1) / BK;
+        load(0, 0);
+        for (int s = 0; s < steps; ++s) {
+            if (s + 1 < steps) { load((s + 1) % 2, (s + 1) * BK); copies_wait<1>(); }
+            else copies_wait<0>();
+            __syncthreads();
+            multiply(As[s % 2], Bs[s % 2], wm, wn);
+            __syncthreads();
+        }
+    }
+
     // C[r, c] = acc rounded to data_t for r < rows, c < cols of the tile; C row-major, ld.
     // Each lane writes its pairs of neighbours straight from registers (4-byte stores).
     __device__ void store(data_t* C, i64 ld, int rows, int cols, int wm, int wn) {
@@ -226,23 +247,13 @@ __device__ void grouped_rows(const data_t* A, const data_t* B, const i64* offset
     const data_t* a = A + s_row0 * K;
     const data_t* b = B + (i64)e * K * N + (TRANS_B ? (i64)n0 * K : n0);
     Tile<false, TRANS_B> tile;
-    tile.zero();
     int warp = threadIdx.x / 32, wm = warp / WARPS_N, wn = warp % WARPS_N;
-    int steps = (K + BK - 1) / BK;
-    auto load = [&](int s, int k0) {
+    tile.sum_over_k(K, [&](int s, int k0) {
         load_rows_by_k(stage_a[s], a, K, rows, k0, K);
         if (TRANS_B) load_rows_by_k(stage_b[s], b, K, cols, k0, K);   // B^T's rows: [BN][BK]
         else load_k_by_cols(stage_b[s], b, N, K, k0, cols);
         copies_commit();
-    };
-    load(0, 0);
-    for (int s = 0; s < steps; ++s) {
-        if (s + 1 < steps) { load((s + 1) % 2, (s + 1) * BK); copies_wait<1>(); }
-        else copies_wait<0>();
-        __syncthreads();
-        tile.multiply(stage_a[s % 2], stage_b[s % 2], wm, wn);
-        __syncthreads();
-    }
+    }, stage_a, stage_b, wm, wn);
     tile.store(C + s_row0 * N + n0, N, rows, cols, wm, wn);
 }
 
@@ -272,26 +283,12 @@ grouped_weights(const data_t* A, const data_t* G, const i64* offsets, data_t* C,
     const data_t* a = A + first * M + m0;                         // A^T's source: [BK][BM] tiles
     const data_t* g = G + first * N + n0;
     Tile<true, false> tile;   // A^T from A's rows (k-major), G as [BK][BN]
-    tile.zero();
     int warp = threadIdx.x / 32, wm = warp / WARPS_N, wn = warp % WARPS_N;
-    int K = (int)count, steps = (K + BK - 1) / BK;
-    auto load = [&](int s, int k0) {
-        // stage_a as [BK][BM + PAD]: the BM columns of A's rows k0 .. k0 + BK
-        for (int q = threadIdx.x; q < BK * BM / CHUNK; q += THREADS) {
-            int k = q / (BM / CHUNK), m = (q % (BM / CHUNK)) * CHUNK;
-            bool ok = k0 + k < K && m < rows;
-            copy16(stage_a[s] + k * (BM + PAD) + m, ok ? a + (i64)(k0 + k) * M + m : a, ok);
-        }
+    int K = (int)count;
+    tile.sum_over_k(K, [&](int s, int k0) {
+        load_k_by_cols(stage_a[s], a, M, K, k0, rows);   // [BK][BM + PAD]: A's rows k0 .. k0 + BK
         load_k_by_cols(stage_g[s], g, N, K, k0, cols);
         copies_commit();
-    };
-    load(0, 0);
-    for (int s = 0; s < steps; ++s) {
-        if (s + 1 < steps) { load((s + 1) % 2, (s + 1) * BK); copies_wait<1>(); }
-        else copies_wait<0>();
-        __syncthreads();
-        tile.multiply(stage_a[s % 2], stage_g[s % 2], wm, wn);
-        __syncthreads();
-    }
+    }, stage_a, stage_g, wm, wn);
     tile.store(c, N, rows, cols, wm, wn);
 }

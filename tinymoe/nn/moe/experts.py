@@ -13,6 +13,7 @@ import numpy as np
 
 from ... import backend
 from ...autograd.function import Function, op_error
+from ...dtypes import is_half
 from ...kernels import grouped_gemm
 from ...kernels.matmul import matmul as mm         # 16-bit aware; cuBLAS directly while capturing
 from ...kernels.matmul import same_format
@@ -35,12 +36,6 @@ from ..parameter import Parameter
 BATCHED_MAX_PADDING = 1.5          # 0: always loop
 BATCHED_MAX_MACS = 2**27
 BATCHED_ON_CPU = False
-
-
-def on_device(bounds, xs, W) -> bool:
-    """True when the products read the row bounds on the device (kernels/grouped_gemm.py):
-    bounds a GPU array (a dropless static plan's offsets), rows and weights 16-bit."""
-    return backend.is_cupy_array(bounds) and grouped_gemm.supports(*same_format(xs, W))
 
 
 def host_bounds(offsets) -> tuple:
@@ -92,11 +87,13 @@ class GroupedLinear(Function):
             raise op_error("grouped_linear", f"rows have {xs.shape[-1]} features, weights "
                            f"{tuple(W.shape)} expect {W.shape[1]}")
         E, R = W.shape[0], xs.shape[0]
-        ctx.device = on_device(bounds, xs, W)
+        xs, W = same_format(xs, W)                     # 16-bit rows and weights: a 16-bit product
+        # bounds on the GPU (a dropless static plan's offsets) and 16-bit operands: the grouped
+        # kernels read them there
+        ctx.device = backend.is_cupy_array(bounds) and grouped_gemm.supports(xs, W)
         if ctx.device:
             if bounds.shape != (E + 1,):
                 raise op_error("grouped_linear", f"bounds {tuple(bounds.shape)} must be {E + 1} offsets")
-            xs, W = same_format(xs, W)
             ctx.save(xs, W, bounds.astype("int64", copy=False))
             return grouped_gemm.grouped_rows(xs, W, ctx.saved[2])                     # (R, out)
         bounds = host_bounds(bounds)
@@ -104,7 +101,6 @@ class GroupedLinear(Function):
             raise op_error("grouped_linear", f"bounds {bounds} must be {E + 1} offsets from 0 "
                            f"to at most the {R} rows of xs {tuple(xs.shape)}")
         xp = backend.array_module(xs)
-        xs, W = same_format(xs, W)                     # 16-bit rows and weights: a 16-bit product
         ctx.bounds = bounds
         M = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
         ctx.uniform = 0 < R == E * M and bounds == tuple(range(0, R + 1, M))
@@ -195,7 +191,7 @@ class Experts(Module):
     def forward(self, xs, bounds):
         # xs (R, d) expert-contiguous, bounds (E+1,) row offsets (DispatchPlan.bounds, or its
         # offsets on the device for a dropless static plan) -> (R, d)
-        if not on_device(bounds, xs.data, self.w1.data):
+        if not (backend.is_cupy_array(bounds) and self.reads_bounds_on_device(xs.dtype)):
             bounds = host_bounds(bounds)                                      # fetched once
         h = grouped_linear(xs, self.w1, bounds)                               # (R, f)
         if self.activation == "swiglu":
@@ -206,8 +202,9 @@ class Experts(Module):
 
     def reads_bounds_on_device(self, dtype) -> bool:
         """True when, on the GPU, rows of `dtype` let these experts take a dropless static plan's
-        offsets on the device (16-bit weights or rows; d_model and d_ff multiples of 8)."""
-        from ...dtypes import is_half
+        offsets on the device (16-bit weights or rows; d_model and d_ff multiples of 8: the
+        operands kernels/grouped_gemm.py :: supports takes once same_format has made them one
+        16-bit format)."""
         return ((is_half(dtype) or is_half(self.w1.dtype)) and self.d_model % 8 == 0
                 and self.d_ff % 8 == 0)
 
