@@ -19,6 +19,13 @@ NVCC = shutil.which("nvcc")
 FORMATS = ["float16"] + (["bfloat16"] if bfloat16 is not None else [])
 
 
+# the default pipeline (slices of 64, two buffers, 8 warps) and deeper rings, shorter slices,
+# 4 warps: K = 8 is one slice, so a ring of 3 or 4 is never full; K = 136 is two 64-slices and
+# a partial one, four 32-slices and a partial one
+PIPELINES = [grouped_gemm.DEFAULT, grouped_gemm.Pipeline(bk=32, stages=4, warps=8),
+             grouped_gemm.Pipeline(bk=64, stages=3, warps=4)]
+
+
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found on this machine")
 @pytest.mark.parametrize("dtype", FORMATS)
 def test_grouped_gemm_cu_compiles_without_spills(dtype, tmp_path):
@@ -77,10 +84,18 @@ SHAPES = [  # (group sizes, tail rows, K, N)
 ]
 
 
+def test_ring_fits_two_blocks_per_multiprocessor():
+    """Two blocks of the default ring share an H100/H200 multiprocessor's 227 KiB."""
+    assert 2 * grouped_gemm.DEFAULT.shared_bytes() <= 227 * 1024
+    assert grouped_gemm.Pipeline(bk=32, stages=4).shared_bytes() == 4 * 2 * 128 * 40 * 2
+    assert grouped_gemm.Pipeline(bk=64, stages=2).shared_bytes() == 2 * 2 * 128 * 72 * 2
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("pipeline", PIPELINES, ids=lambda p: f"{p.bk}x{p.stages}x{p.warps}")
 @pytest.mark.parametrize("dtype", FORMATS)
 @pytest.mark.parametrize("sizes,tail,K,N", SHAPES)
-def test_grouped_products_equal_their_float64_reference(sizes, tail, K, N, dtype):
+def test_grouped_products_equal_their_float64_reference(sizes, tail, K, N, dtype, pipeline):
     cp = tm.backend.cupy()
     rng = np.random.default_rng(len(sizes) * K + N)
     offsets, R = _groups(sizes, tail)
@@ -95,9 +110,10 @@ def test_grouped_products_equal_their_float64_reference(sizes, tail, K, N, dtype
         dx_ref[a:b], dx_bound[a:b] = dy64[a:b] @ w64[e].T, np.abs(dy64[a:b]) @ np.abs(w64[e]).T
         dw_ref[e], dw_bound[e] = x64[a:b].T @ dy64[a:b], np.abs(x64[a:b]).T @ np.abs(dy64[a:b])
     d_off = cp.asarray(offsets)
-    y = grouped_gemm.grouped_rows(cp.asarray(xs), cp.asarray(W), d_off).get()
-    dx = grouped_gemm.grouped_rows(cp.asarray(dy), cp.asarray(W), d_off, transpose=True).get()
-    dw = grouped_gemm.grouped_weights(cp.asarray(xs), cp.asarray(dy), d_off).get()
+    y = grouped_gemm.grouped_rows(cp.asarray(xs), cp.asarray(W), d_off, pipeline=pipeline).get()
+    dx = grouped_gemm.grouped_rows(cp.asarray(dy), cp.asarray(W), d_off, transpose=True,
+                                   pipeline=pipeline).get()
+    dw = grouped_gemm.grouped_weights(cp.asarray(xs), cp.asarray(dy), d_off, pipeline=pipeline).get()
     assert y.dtype == dx.dtype == dw.dtype == xs.dtype
     _close(y, y_ref, y_bound, dtype)
     _close(dx, dx_ref, dx_bound, dtype)

@@ -16,15 +16,22 @@
 // loaded from shared memory by ldmatrix), products summed in float32 and rounded once to
 // data_t, as cuBLAS's CUBLAS_COMPUTE_32F does. (No <mma.h>: the CUDA headers that come with
 // CuPy's wheels lack the crt/mma.h it includes, so NVRTC could not compile WMMA code.) The
-// operands go through shared memory BK columns at a time, two stages: cp.async copies stage
-// s+1 while the warps multiply stage s. Row tiles of the `rows` kernels are numbered across
-// the groups (tile t of expert e covers BM of its rows), so the grid is sized by the bound
-// ceil(R / BM) + E + 1 and a block finds its expert from the offsets; spare blocks return.
+// operands go through shared memory BK columns at a time in a ring of STAGES buffers: cp.async
+// copies the slices s+1 .. s+STAGES-1 while the warps multiply slice s, so the copies' latency
+// hides behind STAGES-1 slices of arithmetic. Row tiles of the `rows` kernels are numbered
+// across the groups (tile t of expert e covers BM of its rows), so the grid's y is sized by the
+// bound ceil(R / BM) + E + 1 and a block finds its expert from the offsets; spare blocks
+// return. The grid's x runs over column tiles: the blocks resident at one time share a few
+// row tiles of A (read from DRAM once, then from L2) instead of all of A sharing one column.
 // Requirements (grouped_gemm.py checks): K and N multiples of 8 (16-byte rows), C-contiguous
 // operands with 16-byte aligned bases.
 //
-// Compile-time constants (-D, grouped_gemm.py): data_t (__half or __nv_bfloat16) and
-// MMA_TYPE, its PTX name (f16 or bf16).
+// Compile-time constants (-D, grouped_gemm.py): data_t (__half or __nv_bfloat16), MMA_TYPE,
+// its PTX name (f16 or bf16); BK, STAGES and WARPS (the defaults below; bench_grouped_gemm.py
+// --configs compares others). The ring lives in dynamic shared memory: STAGES * 2 * STAGE_ELEMS * 2
+// bytes (72 KiB for the default), more than the static 48 KiB, so the launcher raises the
+// kernel's limit. (bench_grouped_gemm.py --configs, one H100 run: slices of 64 take 7% less
+// time than slices of 32 in a ring of 4; deeper rings and 4 warps of 64 x 64 change it < 1%.)
 
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
@@ -40,12 +47,23 @@
 
 #define BM 128              // tile rows
 #define BN 128              // tile columns
-#define BK 32               // the sum's step per stage
-#define WARPS_M 2           // 8 warps: 2 x 4, each a 64 x 32 piece of the tile
-#define WARPS_N 4
+// BK, STAGES, WARPS: grouped_gemm.py's DEFAULT pipeline unless -D says otherwise
+#ifndef BK
+#define BK 64               // the sum's step per stage
+#endif
+#ifndef STAGES
+#define STAGES 2            // shared buffers in the copy ring
+#endif
+#ifndef WARPS
+#define WARPS 8             // 8 warps: 2 x 4, each a 64 x 32 piece of the tile (4: 2 x 2, 64 x 64)
+#endif
+#define WARPS_M 2
+#define WARPS_N (WARPS / 2)
 #define THREADS (32 * WARPS_M * WARPS_N)
 #define FRAG_M ((BM / WARPS_M) / 16)     // 4 fragments of 16 rows down
-#define FRAG_N ((BN / WARPS_N) / 8)      // 4 fragments of 8 columns across
+#define FRAG_N ((BN / WARPS_N) / 8)      // 4 (8 with 4 warps) fragments of 8 columns across
+#define BLOCKS_PER_SM 2     // __launch_bounds__: registers capped so that two blocks fit (128
+                            // a thread with 8 warps), one computing while the other copies
 #define PAD 8               // shared rows padded by 16 bytes: ldmatrix reads avoid bank conflicts
 #define CHUNK 8             // elements per 16-byte copy
 #define STAGE_ELEMS (BM * (BK + PAD) > BK * (BN + PAD) ? BM * (BK + PAD) : BK * (BN + PAD))
@@ -170,21 +188,28 @@ struct Tile {
         }
     }
 
-    // acc = As-slices @ Bs-slices summed over K in BK steps, two stages: load(stage, k0) issues
-    // (and commits) the cp.async copies of the slice at k0 while the warps multiply the other.
+    // acc = sum over the K / BK slices of As @ Bs. load(buffer, k0) issues the cp.async copies
+    // of the slice at k0 into ring buffer `buffer`; every step commits one group of copies
+    // (empty past the end), so "slice s has landed" is "at most STAGES-2 groups in flight".
     template <typename Load>
     __device__ void sum_over_k(int K, Load load, data_t (*As)[STAGE_ELEMS],
                                data_t (*Bs)[STAGE_ELEMS], int wm, int wn) {
         zero();
         int steps = (K + BK - 1) / BK;
-        load(0, 0);
-        for (int s = 0; s < steps; ++s) {
-            if (s + 1 < steps) { load((s + 1) % 2, (s + 1) * BK); copies_wait<1>(); }
-            else copies_wait<0>();
-            __syncthreads();
-            multiply(As[s % 2], Bs[s % 2], wm, wn);
-            __syncthreads();
+        for (int s = 0; s < STAGES - 1; ++s) {          // fill the ring
+            if (s < steps) load(s, s * BK);
+            copies_commit();
         }
+        for (int s = 0; s < steps; ++s) {
+            copies_wait<STAGES - 2>();                    // slice s is in buffer s % STAGES
+            __syncthreads();                              // ... for every thread, and all warps are
+            int next = s + STAGES - 1;                    // done with slice s-1, whose buffer
+            if (next < steps) load(next % STAGES, next * BK);   // the copies of `next` reuse
+            copies_commit();
+            multiply(As[s % STAGES], Bs[s % STAGES], wm, wn);
+        }
+        copies_wait<0>();
+        __syncthreads();                                  // the ring may be reused after this
     }
 
     // C[r, c] = acc rounded to data_t for r < rows, c < cols of the tile; C row-major, ld.
@@ -232,16 +257,19 @@ __device__ void find_tile(const i64* offsets, int E, i64 R, i64 t, int* expert, 
     *rows = (int)max((i64)0, min((i64)BM, R - *row0));
 }
 
+// The ring: STAGES buffers for each operand, in dynamic shared memory (grouped_gemm.py sizes it).
+extern __shared__ __align__(128) unsigned char ring[];
+#define RING_A ((data_t(*)[STAGE_ELEMS])ring)
+#define RING_B ((data_t(*)[STAGE_ELEMS])ring + STAGES)
+
 template <bool TRANS_B>
 __device__ void grouped_rows(const data_t* A, const data_t* B, const i64* offsets, data_t* C,
                              int E, i64 R, int K, int N) {
-    __shared__ __align__(128) data_t stage_a[2][STAGE_ELEMS];
-    __shared__ __align__(128) data_t stage_b[2][STAGE_ELEMS];
     __shared__ int s_expert, s_rows;
     __shared__ i64 s_row0;
-    if (threadIdx.x == 0) find_tile(offsets, E, R, blockIdx.x, &s_expert, &s_row0, &s_rows);
+    if (threadIdx.x == 0) find_tile(offsets, E, R, blockIdx.y, &s_expert, &s_row0, &s_rows);
     __syncthreads();
-    int e = s_expert, rows = s_rows, n0 = blockIdx.y * BN, cols = min(BN, N - n0);
+    int e = s_expert, rows = s_rows, n0 = blockIdx.x * BN, cols = min(BN, N - n0);
     if (rows <= 0) return;                                         // a spare block
     if (e < 0) { store_zeros(C + s_row0 * N + n0, N, rows, cols); return; }
     const data_t* a = A + s_row0 * K;
@@ -249,21 +277,20 @@ __device__ void grouped_rows(const data_t* A, const data_t* B, const i64* offset
     Tile<false, TRANS_B> tile;
     int warp = threadIdx.x / 32, wm = warp / WARPS_N, wn = warp % WARPS_N;
     tile.sum_over_k(K, [&](int s, int k0) {
-        load_rows_by_k(stage_a[s], a, K, rows, k0, K);
-        if (TRANS_B) load_rows_by_k(stage_b[s], b, K, cols, k0, K);   // B^T's rows: [BN][BK]
-        else load_k_by_cols(stage_b[s], b, N, K, k0, cols);
-        copies_commit();
-    }, stage_a, stage_b, wm, wn);
+        load_rows_by_k(RING_A[s], a, K, rows, k0, K);
+        if (TRANS_B) load_rows_by_k(RING_B[s], b, K, cols, k0, K);   // B^T's rows: [BN][BK]
+        else load_k_by_cols(RING_B[s], b, N, K, k0, cols);
+    }, RING_A, RING_B, wm, wn);
     tile.store(C + s_row0 * N + n0, N, rows, cols, wm, wn);
 }
 
-extern "C" __global__ void __launch_bounds__(THREADS)
+extern "C" __global__ void __launch_bounds__(THREADS, BLOCKS_PER_SM)
 grouped_rows_nn(const data_t* A, const data_t* B, const i64* offsets, data_t* C, int E, i64 R,
                 int K, int N) {
     grouped_rows<false>(A, B, offsets, C, E, R, K, N);
 }
 
-extern "C" __global__ void __launch_bounds__(THREADS)
+extern "C" __global__ void __launch_bounds__(THREADS, BLOCKS_PER_SM)
 grouped_rows_nt(const data_t* A, const data_t* B, const i64* offsets, data_t* C, int E, i64 R,
                 int K, int N) {
     grouped_rows<true>(A, B, offsets, C, E, R, K, N);
@@ -271,11 +298,9 @@ grouped_rows_nt(const data_t* A, const data_t* B, const i64* offsets, data_t* C,
 
 // --- weights: C[e] = A[rows of e]^T @ G[rows of e] ---------------------------------------------
 
-extern "C" __global__ void __launch_bounds__(THREADS)
+extern "C" __global__ void __launch_bounds__(THREADS, BLOCKS_PER_SM)
 grouped_weights(const data_t* A, const data_t* G, const i64* offsets, data_t* C, int M, int N) {
-    __shared__ __align__(128) data_t stage_a[2][STAGE_ELEMS];
-    __shared__ __align__(128) data_t stage_g[2][STAGE_ELEMS];
-    int e = blockIdx.z, m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
+    int e = blockIdx.z, m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
     int rows = min(BM, M - m0), cols = min(BN, N - n0);
     i64 first = offsets[e], count = offsets[e + 1] - first;      // the sum runs over the group
     data_t* c = C + (i64)e * M * N + (i64)m0 * N + n0;
@@ -286,9 +311,8 @@ grouped_weights(const data_t* A, const data_t* G, const i64* offsets, data_t* C,
     int warp = threadIdx.x / 32, wm = warp / WARPS_N, wn = warp % WARPS_N;
     int K = (int)count;
     tile.sum_over_k(K, [&](int s, int k0) {
-        load_k_by_cols(stage_a[s], a, M, K, k0, rows);   // [BK][BM + PAD]: A's rows k0 .. k0 + BK
-        load_k_by_cols(stage_g[s], g, N, K, k0, cols);
-        copies_commit();
-    }, stage_a, stage_g, wm, wn);
+        load_k_by_cols(RING_A[s], a, M, K, k0, rows);   // [BK][BM + PAD]: A's rows k0 .. k0 + BK
+        load_k_by_cols(RING_B[s], g, N, K, k0, cols);
+    }, RING_A, RING_B, wm, wn);
     tile.store(c, N, rows, cols, wm, wn);
 }
