@@ -163,7 +163,7 @@ def test_gpu_row_kernels_take_rows_that_are_not_16_byte_aligned(dtype):
     w = cp.asarray(rng.random((T, k)), np.float32)
     flat = cp.asarray(rng.standard_normal(T * k * d + 1), dtype)
     x = flat[1:1 + T * d].reshape(T, d)                    # base one element in
-    assert x.data.ptr % 16 and not cupy_raw._packed(d, x)
+    assert x.data.ptr % 16 and cupy_raw._pack_width(d, x) == 1
     plan = cupy_raw.make_dispatch_plan(ei, E)
     same = lambda a, b: np.testing.assert_array_equal(a.get(), b.get())  # noqa: E731
     same(cupy_raw.permute(x, plan), cupy_raw.permute(x.copy(), plan))

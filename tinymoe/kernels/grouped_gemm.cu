@@ -207,9 +207,7 @@ struct Tile {
             if (next < steps) load(next % STAGES, next * BK);   // the copies of `next` reuse
             copies_commit();
             multiply(As[s % STAGES], Bs[s % STAGES], wm, wn);
-        }
-        copies_wait<0>();
-        __syncthreads();                                  // the ring may be reused after this
+        }   // the groups still in flight are empty: the epilogue stores from registers
     }
 
     // C[r, c] = acc rounded to data_t for r < rows, c < cols of the tile; C row-major, ld.

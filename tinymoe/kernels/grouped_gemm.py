@@ -46,7 +46,7 @@ class Pipeline(NamedTuple):
 
 
 # bench_grouped_gemm.py --configs on an H100 (docs/kernels.md): 64x2x8, 64x3x8 and 64x3x4 within
-# 1% of each other, 8-16% faster than slices of 32; 64x2x8 has the smallest ring and no spills.
+# 1% of each other, 7-12% faster than slices of 32; 64x2x8 has the smallest ring and no spills.
 DEFAULT = Pipeline()
 
 

@@ -42,14 +42,20 @@ def _kernel(name, dtype="float32"):
     return _module(as_dtype(dtype).name).get_function(name)
 
 
-def _packed(d, *arrays):
-    """True when rows of d elements can move in 16-byte packs (dispatch.cu's PACK): d a
-    multiple of the pack and every array's base 16-byte aligned, so every row is too."""
-    return bool(d % (16 // arrays[0].itemsize) == 0 and all(a.data.ptr % 16 == 0 for a in arrays))
+def _pack_width(d, *arrays):
+    """Elements per thread in the row kernels: a 16-byte pack (dispatch.cu's PACK) when d is a
+    multiple of it and every array's base is 16-byte aligned, so every row is too; else 1."""
+    pack = 16 // arrays[0].itemsize
+    return pack if d % pack == 0 and all(a.data.ptr % 16 == 0 for a in arrays) else 1
 
 
-def _blocks(units):
-    return (max(1, -(-units // THREADS)),)
+def _row_launch(name, storage, rows_in, out, args):
+    """Launch a row kernel over out (rows, d), one thread per pack: `args` are the kernel's
+    arguments before its `packed` flag and `out`; rows_in the input rows it reads."""
+    rows, d = out.shape
+    width = _pack_width(d, rows_in, out)
+    blocks = max(1, -(-rows * (d // width) // THREADS))
+    _kernel(name, storage)((blocks,), (THREADS,), (*args, np.bool_(width > 1), out))
 
 
 def make_dispatch_plan(expert_index, num_experts: int, capacity=None) -> DispatchPlan:
@@ -127,12 +133,9 @@ def _permute(x, plan, scale=None):
     out = cp.empty((plan.num_rows, x2.shape[1]), storage)
     if out.size:
         s = cp.ones(1, compute) if scale is None else cp.ascontiguousarray(scale.reshape(-1), compute)
-        R, d = out.shape
-        packed = _packed(d, x2, out)
-        _kernel("permute_rows", storage)(
-            _blocks(R * (d // (16 // out.itemsize) if packed else d)), (THREADS,),
-            (x2, plan.row_token, s, plan.row_slot, np.bool_(scale is not None), np.int64(R),
-             np.int32(d), np.bool_(packed), out))
+        _row_launch("permute_rows", storage, x2, out,
+                    (x2, plan.row_token, s, plan.row_slot, np.bool_(scale is not None),
+                     np.int64(out.shape[0]), np.int32(out.shape[1])))
     return out.reshape((plan.num_rows,) + x.shape[1:])
 
 
@@ -143,12 +146,9 @@ def _combine(ys, plan, weights, num_tokens, storage):
     out = cp.empty((num_tokens, y2.shape[1]), storage)
     if out.size:
         w = cp.ones((1, 1), compute) if weights is None else cp.ascontiguousarray(weights, compute)
-        d = out.shape[1]
-        packed = _packed(d, y2, out)
-        _kernel("combine_rows", storage)(
-            _blocks(num_tokens * (d // (16 // out.itemsize) if packed else d)), (THREADS,),
-            (y2, plan.slot_row, np.int32(plan.slot_row.shape[1]), w, np.bool_(weights is not None),
-             np.int64(num_tokens), np.int32(d), np.bool_(packed), out))
+        _row_launch("combine_rows", storage, y2, out,
+                    (y2, plan.slot_row, np.int32(plan.slot_row.shape[1]), w,
+                     np.bool_(weights is not None), np.int64(num_tokens), np.int32(out.shape[1])))
     return out.reshape((num_tokens,) + ys.shape[1:])
 
 
@@ -192,6 +192,6 @@ def combine_backward(dout, ys, weights, plan: DispatchPlan):
     if T * k:
         _kernel("slot_dot", storage)((-(-T * k // SLOT_WARPS),), (SLOT_WARPS * WARP,),
                                        (d2, y2, plan.slot_row, np.int32(T), np.int32(k),
-                                        np.int32(d2.shape[1]), np.bool_(_packed(d2.shape[1], d2, y2)),
-                                        dweights))
+                                        np.int32(d2.shape[1]),
+                                        np.bool_(_pack_width(d2.shape[1], d2, y2) > 1), dweights))
     return dys, dweights.astype(weights.dtype, copy=False)
