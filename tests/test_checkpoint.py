@@ -8,7 +8,7 @@ import pytest
 import safetensors.numpy
 
 import tinymoe
-from tinymoe import backend
+from tinymoe import backend, safetensors_file
 from tinymoe.checkpoint import load_checkpoint, save_checkpoint
 from tinymoe.nn import F, Dropout, Embedding, LayerNorm, Linear, Module
 from tinymoe.optim import AdamW, WarmupCosine, clip_grad_norm_
@@ -183,12 +183,12 @@ def test_crash_during_save_keeps_previous_checkpoint(saved, monkeypatch):
     path, model, opt = saved
     before = path.read_bytes()
 
-    def crash_half_way(tensors, filename, metadata=None):
+    def crash_half_way(filename, tensors, metadata=None):
         with open(filename, "wb") as f:
             f.write(b"half a file")
         raise KeyboardInterrupt  # the process dies mid-write
 
-    monkeypatch.setattr(safetensors.numpy, "save_file", crash_half_way)
+    monkeypatch.setattr(safetensors_file, "save", crash_half_way)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(path, model, opt, step=99)
     assert path.read_bytes() == before

@@ -308,3 +308,27 @@ def test_python_dash_m_tinymoe_without_a_command_prints_help_and_exits_2(tmp_pat
     r = subprocess.run([sys.executable, "-m", "tinymoe"], capture_output=True, text=True, timeout=120,
                        cwd=tmp_path, env=_env())
     assert r.returncode == 2 and r.stdout.startswith("usage: tinymoe") and "train" in r.stdout
+
+
+@pytest.mark.parametrize("model", ["moe-gpt", "mamba"])
+def test_train_and_generate_run_without_the_safetensors_package(tmp_path, model):
+    """tinymoe writes and reads its checkpoints itself (tinymoe/safetensors_file.py): a machine
+    without the `safetensors` package (which has a compiled extension) still trains, resumes and
+    generates. The package is hidden from the process as if it were not installed."""
+    def tinymoe_without_safetensors(*argv):
+        code = ("import runpy, sys; sys.modules['safetensors'] = None; "
+                f"sys.argv = ['tinymoe', *{list(argv)!r}]; runpy.run_module('tinymoe', run_name='__main__')")
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              timeout=300, cwd=tmp_path, env=_env())
+
+    out = tmp_path / "out"
+    r = tinymoe_without_safetensors("train", *TINY, "--model", model, "--out-dir", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (out / model / "ckpt.safetensors").exists()
+    r = tinymoe_without_safetensors("train", *TINY, "--model", model, "--out-dir", str(out),
+                                    "--resume", "--steps", "3")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert load_checkpoint(out / model / "ckpt.safetensors", restore_rng=False)["step"] == 3
+    r = tinymoe_without_safetensors("generate", "--checkpoint", str(out / model), "--prompt", "def ",
+                                    "--max-new-tokens", "4")
+    assert r.returncode == 0 and r.stdout.startswith("def "), r.stderr[-2000:]

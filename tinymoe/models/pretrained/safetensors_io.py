@@ -2,9 +2,10 @@
 `model.safetensors.index.json`. Data only: nothing in the files is ever executed.
 
 A safetensors file is  [8 bytes: n, little endian] [n bytes: JSON header] [raw data]; the header
-maps each name to {"dtype", "shape", "data_offsets": [begin, end]} within the raw data. The
-reader is those few lines, so that bfloat16 (the usual dtype of published LLMs, which NumPy
-lacks) arrives as float32: a bfloat16 is the top 16 bits of a float32.
+maps each name to {"dtype", "shape", "data_offsets": [begin, end]} within the raw data
+(tinymoe/safetensors_file.py writes it). This reader memory-maps the data, so a published
+model is not read twice, and widens bfloat16 (the usual dtype of published LLMs) to float32:
+a bfloat16 is the top 16 bits of a float32.
 """
 from __future__ import annotations
 
@@ -12,12 +13,11 @@ import json
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import save_file
+
+from ...safetensors_file import DTYPES, save
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
-DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64,
-          "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9                 # Hugging Face's historical default, 5 GB
 
 
@@ -40,7 +40,7 @@ def read_safetensors(path: Path) -> dict:
             array = data.view(DTYPES[info["dtype"]])
         else:
             raise ValueError(f"{path.name}: tensor {name!r} has dtype {info['dtype']}, which "
-                             f"tinymoe does not read (it reads {', '.join(['BF16', *DTYPES])})")
+                             f"tinymoe does not read (it reads {', '.join(sorted({'BF16', *DTYPES}))})")
         tensors[name] = array.reshape(info["shape"])
     return tensors
 
@@ -78,11 +78,11 @@ def write_folder(folder: Path, tensors: dict, max_shard_bytes: int | None = None
     for stale in [folder / SINGLE, folder / INDEX, *folder.glob("model-*-of-*.safetensors")]:
         stale.unlink(missing_ok=True)
     if len(shards) == 1:
-        save_file(shards[0], str(folder / SINGLE), metadata={"format": "pt"})
+        save(folder / SINGLE, shards[0], metadata={"format": "pt"})
         return [SINGLE]
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for name, shard in zip(names, shards):
-        save_file(shard, str(folder / name), metadata={"format": "pt"})
+        save(folder / name, shard, metadata={"format": "pt"})
     index = {"metadata": {"total_size": sum(a.nbytes for a in tensors.values())},
              "weight_map": {t: name for name, shard in zip(names, shards) for t in shard}}
     (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
