@@ -22,7 +22,7 @@ import pytest
 import tinymoe.distributed as dist
 from tinymoe.checkpoint import load_checkpoint
 from tinymoe.cli import build_parser, main
-from tinymoe.train import set_blas_threads
+from tinymoe.backend import set_blas_threads
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--quick", "--no-progress", "--steps", "2", "--block-size", "16", "--batch-size", "2",

@@ -5,6 +5,8 @@ runs on both devices (the Chainer idea). Devices have two names: "cpu" and "cuda
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 try:  # CuPy is an optional extra (tinymoe[cuda12] / tinymoe[cuda13]).
@@ -213,3 +215,26 @@ def set_rng_state(state: dict) -> None:
 
 def default_float_dtype():
     return np.float32
+
+
+def set_blas_threads(n: int) -> bool:
+    """Use n threads in NumPy's BLAS (OpenBLAS). Its idle threads busy-wait, so on a machine
+    where other processes run, 2 threads made a training step 5-8x *slower* than 1 thread
+    (docs/moe.md). Returns False when the BLAS library was not found (nothing changed)."""
+    try:
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(n, user_api="blas")
+        return True
+    except ImportError:
+        pass
+    import ctypes
+    import glob
+    for path in glob.glob(os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs",
+                                       "*openblas*")):
+        lib = ctypes.CDLL(path)
+        for name in ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
+                     "openblas_set_num_threads64_", "openblas_set_num_threads"):
+            if hasattr(lib, name):
+                getattr(lib, name)(ctypes.c_int(n))
+                return True
+    return False

@@ -147,7 +147,7 @@ def add_generate_arguments(p):
 def run_generate(args):
     from .backend import manual_seed
     from .data import decode, prompt_ids
-    from .train import load_model
+    from .models import load_model
 
     for name, value, low in (("max-new-tokens", args.max_new_tokens, 0), ("temperature", args.temperature, 0),
                              ("top-k", args.top_k, 1), ("seed", args.seed, 0)):

@@ -35,7 +35,7 @@ from .data import BatchSampler, check_length, decode, eval_batches, load_corpus,
 from .distributed import training as ep
 from .distributed.communicator import SingleProcess
 from .distributed.mesh import Mesh
-from .models import build_model
+from .models import build_model, load_model
 from .nn import functional as F
 from .nn.moe import MoELayer
 from .optim import AdamW, WarmupCosine
@@ -48,29 +48,6 @@ from .step import DivergenceGuard, make_step
 from .train_config import TrainConfig, flag, validate_config
 
 __all__ = ["TrainConfig", "train", "load_model", "read_log", "plot_run", "evaluate", "make_optimizer"]
-
-
-def set_blas_threads(n: int) -> bool:
-    """Use n threads in NumPy's BLAS (OpenBLAS). Its idle threads busy-wait, so on a machine
-    where other processes run, 2 threads made a training step 5-8x *slower* than 1 thread
-    (docs/moe.md). Returns False when the BLAS library was not found (nothing changed)."""
-    try:
-        from threadpoolctl import threadpool_limits
-        threadpool_limits(n, user_api="blas")
-        return True
-    except ImportError:
-        pass
-    import ctypes
-    import glob
-    for path in glob.glob(os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs",
-                                       "*openblas*")):
-        lib = ctypes.CDLL(path)
-        for name in ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
-                     "openblas_set_num_threads64_", "openblas_set_num_threads"):
-            if hasattr(lib, name):
-                getattr(lib, name)(ctypes.c_int(n))
-                return True
-    return False
 
 
 def run_dir(cfg: TrainConfig) -> str:
@@ -150,7 +127,7 @@ def train(cfg: TrainConfig) -> dict:
 
     backend.manual_seed(cfg.seed)                       # the same on every rank: the same init
     if cfg.threads is not None:
-        set_blas_threads(cfg.threads)
+        backend.set_blas_threads(cfg.threads)
     model = build_model(cfg.model, block_size=cfg.block_size, **cfg.model_config).to(cfg.device, dtype=cfg.dtype)
     optimizer = make_optimizer(model, cfg)              # before sharding: the one-process parameter order
     sampler = BatchSampler(corpus.train, cfg.batch_size, cfg.block_size, seed=cfg.seed)
@@ -307,18 +284,3 @@ def _progress(cfg, initial, lead=True):
         def set_postfix(self, **values): pass
         def close(self): pass
     return _Silent()
-
-
-def load_model(checkpoint_path, device: str = "cpu"):
-    """The model saved by `train` in a checkpoint (the file, or the run folder that holds
-    it), rebuilt from its config, in eval mode."""
-    if os.path.isdir(checkpoint_path):                 # a run folder: its checkpoint
-        checkpoint_path = os.path.join(checkpoint_path, "ckpt.safetensors")
-    info = load_checkpoint(checkpoint_path, restore_rng=False, map_device=device)
-    name = (info["extra"] or {}).get("model_name")
-    if name is None:
-        raise ValueError(f"load_model: {checkpoint_path} was not written by tinymoe.train "
-                         f"(no model name in its metadata)")
-    model = build_model(name, **info["config"]).to(device)
-    model.load_state_dict(info["model_state"])
-    return model.eval()

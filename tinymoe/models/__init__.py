@@ -3,6 +3,7 @@ from .gpt import GPT, GPTConfig
 from .hybrid import HybridConfig, HybridLM
 from .mamba import MambaConfig, MambaLM
 from .pretrained import from_pretrained, save_pretrained
+from .saved import load_model
 
 # name -> (model class, config class, defaults that make the variant)
 MODELS = {
@@ -28,4 +29,4 @@ def build_model(name: str, **config):
 
 
 __all__ = ["GPT", "GPTConfig", "MambaLM", "MambaConfig", "HybridLM", "HybridConfig", "MODELS",
-           "build_model", "from_pretrained", "save_pretrained"]
+           "build_model", "load_model", "from_pretrained", "save_pretrained"]
